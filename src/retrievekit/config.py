@@ -1,0 +1,143 @@
+"""The pipeline's configuration: one frozen tree of dataclasses, to and from dict / TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .chunking import ChunkConfig
+from .embedding import EmbedderConfig
+from .errors import ConfigError
+from .fusion import validate_rrf_params
+from .rerank import RerankConfig
+from .sparse import SparseConfig
+from .store import StoreConfig
+from .tokenize import TokenizerConfig
+
+MODES = ("hybrid", "dense", "sparse")
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Everything a `HybridRetriever` needs.
+
+    Args:
+        embedder, store, sparse, chunking: the parts' settings.
+        reranker: None for no reranking.
+        mode: default search mode ("hybrid", "dense" or "sparse").
+        candidates: how many candidates each side (dense, BM25) contributes to fusion.
+        rrf_k: the RRF constant; weights: per-side weights {"dense": w, "sparse": w}.
+        collapse_chunks: return one hit per parent document (its best chunk).
+        cache_dir: directory of an on-disk embedding cache (None: no cache).
+    """
+
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    chunking: ChunkConfig = field(default_factory=ChunkConfig)
+    reranker: RerankConfig | None = None
+    mode: str = "hybrid"
+    candidates: int = 50
+    rrf_k: float = 60
+    weights: Mapping[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 1.0})
+    collapse_chunks: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
+                or self.candidates < 1:
+            raise ConfigError(f"candidates must be an int >= 1, got {self.candidates!r}")
+        weights = dict(self.weights)
+        unknown = set(weights) - {"dense", "sparse"}
+        if unknown:
+            raise ConfigError(f"weights may name 'dense' and 'sparse' only, got {sorted(unknown)}")
+        validate_rrf_params(self.rrf_k, weights)
+        object.__setattr__(self, "weights", {"dense": 1.0, "sparse": 1.0, **weights})
+
+    # -- conversions -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain nested dict (JSON/TOML-safe, auth tokens left out)."""
+        return {
+            "embedder": self.embedder.to_dict(),
+            "store": self.store.to_dict(),
+            "sparse": self.sparse.to_dict(),
+            "chunking": self.chunking.to_dict(),
+            "reranker": self.reranker.to_dict() if self.reranker else None,
+            "mode": self.mode,
+            "candidates": self.candidates,
+            "rrf_k": self.rrf_k,
+            "weights": dict(self.weights),
+            "collapse_chunks": self.collapse_chunks,
+            "cache_dir": self.cache_dir,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RetrieverConfig":
+        """Build from a nested dict; unknown keys are an error that lists the valid ones."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a dict, got {type(data).__name__}")
+        data = dict(data)
+        parts = {"embedder": EmbedderConfig, "store": StoreConfig, "sparse": SparseConfig,
+                 "chunking": ChunkConfig, "reranker": RerankConfig}
+        kwargs: dict[str, Any] = {}
+        top = {f.name for f in dataclasses.fields(cls)}
+        _reject_unknown("config", data, top)
+        for key, value in data.items():
+            if key in parts and value is not None and not dataclasses.is_dataclass(value):
+                kwargs[key] = _build(parts[key], value, key)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "RetrieverConfig":
+        """Read a TOML file whose tables mirror `to_dict()` ([embedder], [store], ...)."""
+        import tomllib
+
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "RetrieverConfig":
+        """A copy with top-level fields changed; nested parts may be given as dicts."""
+        d = self.to_dict()
+        d["store"]["auth_token"] = self.store.auth_token
+        for key, value in changes.items():
+            if dataclasses.is_dataclass(value):
+                value = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+            if isinstance(value, Mapping) and isinstance(d.get(key), dict):
+                d[key] = {**d[key], **value}
+            else:
+                d[key] = value
+        return RetrieverConfig.from_dict(d)
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], valid: set[str]) -> None:
+    unknown = set(data) - valid
+    if unknown:
+        raise ConfigError(f"unknown {where} keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+
+
+def _build(kind: type, value: Any, where: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config.{where} must be a table/dict, got {type(value).__name__}")
+    _reject_unknown(where, value, {f.name for f in dataclasses.fields(kind)})
+    value = dict(value)
+    if kind is SparseConfig and isinstance(value.get("tokenizer"), Mapping):
+        tok = dict(value["tokenizer"])
+        _reject_unknown("sparse.tokenizer", tok,
+                        {f.name for f in dataclasses.fields(TokenizerConfig)})
+        value["tokenizer"] = TokenizerConfig(**tok)
+    try:
+        return kind(**value)
+    except TypeError as exc:
+        raise ConfigError(f"config.{where}: {exc}") from exc

@@ -1,0 +1,547 @@
+"""`HybridRetriever`: dense (Chroma) + BM25, fused by RRF, optionally reranked.
+
+Writes go Chroma first, derived state (the BM25 index) after, and every write is an
+idempotent upsert by id. A change marker in the collection's metadata tells any reader whose
+BM25 index was saved before the last write that it must catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .chunking import chunk_id, split_text
+from .config import MODES, RetrieverConfig
+from .embedding import Embedder
+from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
+                     StoreMismatchError)
+from .fusion import reciprocal_rank_fusion
+from .rerank import RerankConfig, Reranker
+from .sparse import BM25Index
+from .store import CHUNK_KEY, PARENT_KEY, ChromaStore, clean_metadata, public_metadata
+from .types import Document, Hit, text_id
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+HASH_KEY = "_rk_hash"
+START_KEY = "_rk_start"
+END_KEY = "_rk_end"
+
+
+def _hash_record(text: str, metadata: Mapping[str, Any]) -> str:
+    h = hashlib.sha256(text.encode("utf-8"))
+    h.update(repr(sorted(metadata.items())).encode("utf-8"))
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class _Record:
+    id: str
+    parent: str
+    position: int
+    text: str
+    metadata: dict[str, Any]
+
+
+class HybridRetriever:
+    """Hybrid BM25 + dense retrieval over a Chroma collection.
+
+    Args:
+        config: a `RetrieverConfig`, a dict, or a path to a TOML file (default settings if None).
+        embedder / reranker: ready-made parts to use instead of building them from the config;
+            `reranker` may also be a model name.
+        path, host, port, collection, model, truncate_dim, mode, candidates: shortcuts for the
+            most used settings.
+    """
+
+    def __init__(self, config: RetrieverConfig | Mapping[str, Any] | str | None = None, *,
+                 embedder: Embedder | None = None,
+                 reranker: Reranker | RerankConfig | str | None = None,
+                 path: str | None = None, host: str | None = None, port: int | None = None,
+                 collection: str | None = None, model: str | None = None,
+                 truncate_dim: int | None = None, mode: str | None = None,
+                 candidates: int | None = None) -> None:
+        cfg = _as_config(config)
+        store_changes = {k: v for k, v in
+                         {"path": path, "host": host, "port": port, "collection": collection
+                          }.items() if v is not None}
+        emb_changes = {k: v for k, v in {"model": model, "truncate_dim": truncate_dim}.items()
+                       if v is not None}
+        top = {k: v for k, v in {"mode": mode, "candidates": candidates}.items() if v is not None}
+        if isinstance(reranker, str):
+            top["reranker"] = {**(cfg.reranker.to_dict() if cfg.reranker else {}),
+                               "model": reranker}
+        elif isinstance(reranker, RerankConfig):
+            top["reranker"] = reranker
+        elif isinstance(reranker, Reranker):
+            top["reranker"] = reranker.config
+        if embedder is not None:
+            emb_changes = {**embedder.config.to_dict(), **emb_changes}
+        if store_changes or emb_changes or top:
+            changes: dict[str, Any] = dict(top)
+            if store_changes:
+                changes["store"] = store_changes
+            if emb_changes:
+                changes["embedder"] = emb_changes
+            cfg = cfg.replace(**changes)
+        self.config = cfg
+        self._write_lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self.embedder = embedder if embedder is not None and embedder.config == cfg.embedder \
+            else Embedder(cfg.embedder)
+        if cfg.cache_dir:
+            from .cache import EmbeddingCache
+
+            self.embedder.cache = EmbeddingCache(Path(cfg.cache_dir) / "embeddings.sqlite")
+        if isinstance(reranker, Reranker):
+            self.reranker: Reranker | None = reranker
+        else:
+            self.reranker = Reranker(cfg.reranker) if cfg.reranker else None
+        self.store = ChromaStore(cfg.store)
+        try:
+            self._check_settings()
+            self.sparse = self._open_sparse()
+        except BaseException:
+            self.store.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str = ".retrievekit", *, collection: str = "retrievekit",
+             host: str | None = None, port: int = 8000, **changes: Any) -> "HybridRetriever":
+        """Open an existing store with the settings recorded in it (model, prefixes, ...).
+
+        `changes` may set query-time options (mode, candidates, reranker, rrf_k, weights).
+        """
+        store_cfg: dict[str, Any] = {"path": path, "collection": collection}
+        if host is not None:
+            store_cfg.update(host=host, port=port)
+        probe = ChromaStore(RetrieverConfig.from_dict({"store": store_cfg}).store)
+        try:
+            recorded = probe.read_settings()
+        finally:
+            probe.close()
+        if recorded is None:
+            raise StoreError(f"no retrievekit store in collection {collection!r} at "
+                             f"{host + ':' + str(port) if host else path!r}; create one with "
+                             "HybridRetriever(path=...) and add_documents")
+        emb = recorded["embedder"]
+        cfg = {
+            "store": store_cfg,
+            "embedder": {"model": emb["model"], "truncate_dim": emb["truncate_dim"],
+                         "normalize": emb["normalize"], "query_prefix": emb["query_prefix"],
+                         "document_prefix": emb["document_prefix"]},
+            "sparse": {k: v for k, v in recorded["sparse"].items() if k != "format"},
+            "chunking": recorded.get("chunking", {}),
+        }
+        reranker = changes.pop("reranker", None)
+        cfg.update(changes)
+        return cls(RetrieverConfig.from_dict(cfg), reranker=reranker)
+
+    def _settings(self) -> dict[str, Any]:
+        return {"format": STORE_FORMAT, "embedder": self.embedder.identity(),
+                "sparse": BM25Index(self.config.sparse).signature(),
+                "chunking": self.config.chunking.to_dict()}
+
+    def _check_settings(self) -> None:
+        ours = self._settings()
+        recorded = self.store.read_settings()
+        if recorded is None:
+            n = self.store.count()
+            if n:
+                raise StoreMismatchError(
+                    f"collection {self.config.store.collection!r} holds {n} records that "
+                    "retrievekit did not write (no recorded settings); use another "
+                    "store.collection name")
+            self.store.write_settings(ours, marker="")
+            return
+        diffs = _diff(recorded, ours)
+        if diffs:
+            lines = "; ".join(f"{k}: store has {a!r}, this retriever has {b!r}"
+                              for k, a, b in diffs)
+            raise StoreMismatchError(
+                f"the store at collection {self.config.store.collection!r} was made with other "
+                f"settings ({lines}). Open it with HybridRetriever.open(path) to use its "
+                "settings, or choose another store.path/collection for the new ones")
+
+    def _open_sparse(self) -> BM25Index:
+        marker = self.store.read_marker()
+        local = self.store.local_dir
+        index = BM25Index.load(local / "sparse", self.config.sparse) if local else None
+        if index is not None and index.marker == marker and len(index) == self.store.count():
+            return index
+        if index is not None:
+            logger.info("BM25 index is out of step with Chroma; catching up")
+        index = index or BM25Index(self.config.sparse)
+        self._catch_up(index, marker)
+        return index
+
+    def _catch_up(self, index: BM25Index, marker: str) -> None:
+        """Make `index` equal to what Chroma holds, fetching only changed records."""
+        remote: dict[str, str] = {}
+        for batch in self.store.iter_records(include=["metadatas"]):
+            for rid, meta in zip(batch["ids"], batch["metadatas"]):
+                remote[rid] = str((meta or {}).get(HASH_KEY, ""))
+        local = index.hashes()
+        stale = [rid for rid in local if rid not in remote]
+        changed = [rid for rid, h in remote.items() if local.get(rid) != h]
+        if stale:
+            index.delete(stale)
+        step = self.store.max_batch
+        for s in range(0, len(changed), step):
+            got = self.store.get(ids=changed[s:s + step], include=["documents", "metadatas"])
+            index.upsert(got["ids"], got["documents"],
+                         [str((m or {}).get(HASH_KEY, "")) for m in got["metadatas"]])
+        index.marker = marker
+        if self.store.local_dir is not None and (stale or changed or not
+                                                 (self.store.local_dir / "sparse").exists()):
+            index.save(self.store.local_dir / "sparse", marker)
+        if stale or changed:
+            logger.info("BM25 caught up with Chroma: %d removed, %d added or changed",
+                        len(stale), len(changed))
+
+    def _sync(self) -> None:
+        """Before a search against a server: catch up with writes made by other clients."""
+        if not self.config.store.is_server:
+            return
+        marker = self.store.read_marker()
+        if marker != self.sparse.marker:
+            with self._sync_lock:
+                if marker != self.sparse.marker:
+                    self._catch_up(self.sparse, marker)
+
+    # -- writes ----------------------------------------------------------------------------
+    def _records(self, docs: Sequence[Document]) -> list[_Record]:
+        ch = self.config.chunking
+        emb = self.embedder
+        window = ch.max_tokens
+        if window is None:
+            prefix_tokens = len(emb.tokenizer(emb.prefixes.document, add_special_tokens=False)
+                                ["input_ids"])
+            window = emb.max_seq_length - 2 - prefix_tokens
+        overlap = min(ch.overlap_tokens, window // 2)
+        lengths = [len(ids) for ids in emb.tokenizer(
+            [d.text for d in docs], add_special_tokens=False, truncation=False,
+            verbose=False)["input_ids"]]
+        out: list[_Record] = []
+        for doc, n in zip(docs, lengths):
+            meta = dict(doc.metadata)
+            if n <= window:
+                out.append(_Record(doc.id, doc.id, 0, doc.text,
+                                   {**meta, PARENT_KEY: doc.id, CHUNK_KEY: 0}))
+                continue
+            if not ch.enabled:
+                raise InvalidInputError(
+                    f"document {doc.id!r} has {n} tokens, more than the model reads ({window}); "
+                    "enable chunking (chunking.enabled=true) or split it before adding")
+            spans = split_text(doc.text, emb.tokenizer, window, overlap)
+            for pos, (begin, end) in enumerate(spans):
+                out.append(_Record(chunk_id(doc.id, pos), doc.id, pos, doc.text[begin:end],
+                                   {**meta, PARENT_KEY: doc.id, CHUNK_KEY: pos,
+                                    START_KEY: begin, END_KEY: end}))
+        return out
+
+    def add_documents(self, documents: Iterable[Document | str | Mapping[str, Any]], *,
+                      progress: bool | None = None) -> list[str]:
+        """Insert or replace documents by id; returns their ids in input order.
+
+        Unchanged documents (same text and metadata under the same id) are skipped without
+        re-encoding. The whole batch is validated and embedded before anything is written.
+        """
+        docs = _normalize_documents(documents)
+        if not docs:
+            return []
+        ids = [d.id for d in docs]
+        unique: dict[str, Document] = {}
+        for d in docs:
+            prev = unique.get(d.id)
+            if prev is not None and (prev.text != d.text or dict(prev.metadata) != dict(d.metadata)):
+                raise InvalidInputError(
+                    f"documents has two different entries with id {d.id!r}; ids must be unique "
+                    "within a batch (drop one, or give them different ids)")
+            unique[d.id] = d
+        records = self._records(list(unique.values()))
+        for r in records:
+            r.metadata[HASH_KEY] = _hash_record(r.text, public_metadata(r.metadata))
+        with self._write_lock:
+            existing = self._existing(list(unique))
+            new_ids = {r.id for r in records}
+            stale = [rid for rid in existing if rid not in new_ids]
+            todo = [r for r in records if existing.get(r.id) != r.metadata[HASH_KEY]]
+            if not todo and not stale:
+                return ids
+            vectors = self.embedder.embed_documents([r.text for r in todo], progress=progress)
+            marker = self.store.new_marker()
+            self.store.upsert([r.id for r in todo], vectors, [r.text for r in todo],
+                              [r.metadata for r in todo])
+            if stale:
+                self.store.delete(stale)
+            self.sparse.upsert([r.id for r in todo], [r.text for r in todo],
+                               [r.metadata[HASH_KEY] for r in todo])
+            self.sparse.delete(stale)
+            self._save_sparse(marker)
+        return ids
+
+    def _existing(self, parents: Sequence[str]) -> dict[str, str]:
+        """Records now stored for these parent ids: record id -> content hash."""
+        out: dict[str, str] = {}
+        step = 1000
+        for s in range(0, len(parents), step):
+            part = list(parents[s:s + step])
+            got = self.store.get(where={PARENT_KEY: {"$in": part}}, include=["metadatas"])
+            for rid, meta in zip(got["ids"], got["metadatas"]):
+                out[rid] = str((meta or {}).get(HASH_KEY, ""))
+        return out
+
+    def _save_sparse(self, marker: str) -> None:
+        self.sparse.marker = marker
+        if self.store.local_dir is not None:
+            self.sparse.save(self.store.local_dir / "sparse", marker)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete documents (and all their chunks) by id; returns how many records went.
+        Unknown ids are ignored, so a repeated delete is safe."""
+        if isinstance(ids, str):
+            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
+        ids = list(ids)
+        for i, x in enumerate(ids):
+            if not isinstance(x, str) or not x:
+                raise InvalidInputError(f"ids[{i}] must be a non-empty str, got {x!r}")
+        if not ids:
+            return 0
+        with self._write_lock:
+            records = list(self._existing(ids))
+            if not records:
+                return 0
+            marker = self.store.new_marker()
+            self.store.delete(records)
+            self.sparse.delete(records)
+            self._save_sparse(marker)
+        return len(records)
+
+    # -- reads -----------------------------------------------------------------------------
+    def count(self) -> int:
+        """Number of stored records (chunks count one each)."""
+        return self.store.count()
+
+    def get(self, ids: Sequence[str]) -> list[Document]:
+        """Documents by id (chunked ones are put back together); unknown ids are skipped."""
+        ids = list(ids)
+        if not ids:
+            return []
+        got = self.store.get(where={PARENT_KEY: {"$in": ids}}, include=["documents", "metadatas"])
+        parts: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
+        for text, meta in zip(got["documents"], got["metadatas"]):
+            parts.setdefault(meta[PARENT_KEY], []).append((int(meta.get(CHUNK_KEY, 0)), text, meta))
+        out = []
+        for doc_id in ids:
+            if doc_id not in parts:
+                continue
+            pieces = sorted(parts[doc_id], key=lambda p: p[0])
+            text = pieces[0][1]
+            end = pieces[0][2].get(END_KEY, len(text))
+            for _, piece, meta in pieces[1:]:
+                text += piece[end - meta[START_KEY]:]
+                end = meta[END_KEY]
+            out.append(Document(text=text, id=doc_id, metadata=public_metadata(pieces[0][2])))
+        return out
+
+    def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
+               mode: str | None = None, rerank: bool | None = None,
+               candidates: int | None = None) -> list[Hit]:
+        """Search; returns at most `k` hits, best first.
+
+        Args:
+            query: the query text.
+            k: hits to return (clamped to what the store holds).
+            where: a Chroma metadata filter, applied to the dense and the BM25 side alike.
+            mode: "hybrid" (default from config), "dense" or "sparse".
+            rerank: rerank with the configured cross-encoder (default: when one is configured).
+            candidates: per-side candidates for fusion (default from config).
+        """
+        _check_query(query)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        if where is not None and not isinstance(where, Mapping):
+            raise InvalidInputError(
+                f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
+                f"{type(where).__name__}")
+        where = dict(where) if where else None
+        if rerank and self.reranker is None:
+            raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
+                              "or set config.reranker")
+        use_rerank = self.reranker is not None if rerank is None else bool(rerank)
+        n = candidates if candidates is not None else self.config.candidates
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidInputError(f"candidates must be an int >= 1, got {n!r}")
+        want = max(k, self.reranker.config.candidates if use_rerank and self.reranker else k)
+        n = max(n, want)
+        self._sync()
+        total = len(self.sparse)
+        n = min(n, total)
+        if n == 0:
+            return []
+
+        texts: dict[str, tuple[str, dict[str, Any]]] = {}
+        lists: dict[str, list[tuple[str, float]]] = {}
+        if mode in ("hybrid", "dense"):
+            vec = self.embedder.embed_query(query)
+            try:
+                dense = self.store.query(vec, n, where)
+            except ValueError as exc:
+                raise InvalidInputError(f"where={where!r} is not a valid Chroma filter: {exc}") from exc
+            lists["dense"] = [(rid, sim) for rid, sim, _, _ in dense]
+            texts.update({rid: (t, m) for rid, _, t, m in dense})
+        if mode in ("hybrid", "sparse"):
+            allowed = None
+            if where is not None:
+                try:
+                    allowed = self.store.get(where=where, include=[])["ids"]
+                except ValueError as exc:
+                    raise InvalidInputError(
+                        f"where={where!r} is not a valid Chroma filter: {exc}") from exc
+            lists["sparse"] = self.sparse.search(query, n, allowed=allowed)
+
+        if mode == "hybrid":
+            weights = {s: self.config.weights[s] for s in lists}
+            fused = reciprocal_rank_fusion(lists, k=self.config.rrf_k, weights=weights)
+            ranked = [(f.id, f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
+                      for r, f in enumerate(fused, start=1)]
+        else:
+            side = mode
+            ranked = [(rid, s, {side: r}, {side: s})
+                      for r, (rid, s) in enumerate(lists[side], start=1)]
+
+        hits = self._to_hits(ranked, texts, limit=want)
+        if use_rerank and self.reranker is not None:
+            hits = self.reranker.rerank(query, hits[:self.reranker.config.candidates])
+        return hits[:k]
+
+    def _to_hits(self, ranked: list[tuple[str, float, dict[str, int], dict[str, float]]],
+                 texts: dict[str, tuple[str, dict[str, Any]]], limit: int) -> list[Hit]:
+        collapse = self.config.collapse_chunks
+        missing = [rid for rid, *_ in ranked if rid not in texts]
+        if missing:
+            got = self.store.get(ids=missing, include=["documents", "metadatas"])
+            texts.update({rid: (t, m or {}) for rid, t, m in
+                          zip(got["ids"], got["documents"], got["metadatas"])})
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        for rid, score, ranks, scores in ranked:
+            if rid not in texts:  # deleted between the two reads
+                continue
+            text, meta = texts[rid]
+            parent = str(meta.get(PARENT_KEY, rid))
+            if collapse:
+                if parent in seen:
+                    continue
+                seen.add(parent)
+            doc_id = parent if collapse else rid
+            hits.append(Hit(Document(text=text, id=doc_id, metadata=public_metadata(meta)),
+                            score=float(score), ranks=ranks, scores=scores, chunk_id=rid,
+                            chunk_index=int(meta.get(CHUNK_KEY, 0))))
+            if len(hits) >= limit:
+                break
+        return hits
+
+    async def asearch(self, query: str, k: int = 10, **kwargs: Any) -> list[Hit]:
+        """`search` run in a worker thread, so the event loop is not blocked."""
+        return await asyncio.to_thread(self.search, query, k, **kwargs)
+
+    async def aadd_documents(self, documents: Iterable[Document | str | Mapping[str, Any]],
+                             **kwargs: Any) -> list[str]:
+        docs = list(documents)
+        return await asyncio.to_thread(self.add_documents, docs, **kwargs)
+
+    async def adelete(self, ids: Sequence[str]) -> int:
+        return await asyncio.to_thread(self.delete, list(ids))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What the store holds and its settings."""
+        return {"records": self.store.count(), "bm25_records": len(self.sparse),
+                "store": self.config.store.to_dict(), "settings": self.store.read_settings()}
+
+    def close(self) -> None:
+        """Release the store (and its directory lock)."""
+        if self.store.client is not None:
+            self.store.close()
+        cache = getattr(self.embedder, "cache", None)
+        if cache is not None:
+            cache.close()
+
+    def __enter__(self) -> "HybridRetriever":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> RetrieverConfig:
+    if config is None:
+        return RetrieverConfig()
+    if isinstance(config, RetrieverConfig):
+        return config
+    if isinstance(config, Mapping):
+        return RetrieverConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return RetrieverConfig.from_toml(config)
+    raise ConfigError(f"config must be a RetrieverConfig, a dict or a TOML path, got "
+                      f"{type(config).__name__}")
+
+
+def _check_query(query: Any) -> None:
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+    if not query.strip():
+        raise InvalidInputError("query is empty or whitespace; pass the text to search for")
+
+
+def _normalize_documents(documents: Any) -> list[Document]:
+    if isinstance(documents, (str, Document)) or isinstance(documents, Mapping):
+        raise InvalidInputError("documents must be a list; wrap the single document in a list")
+    out: list[Document] = []
+    for i, d in enumerate(documents):
+        if isinstance(d, str):
+            d = Document(text=d)
+        elif isinstance(d, Mapping):
+            unknown = set(d) - {"text", "id", "metadata"}
+            if unknown or "text" not in d:
+                raise InvalidInputError(
+                    f"documents[{i}] must have keys 'text' and optionally 'id', 'metadata'; "
+                    f"got {sorted(d)}")
+            d = Document(text=d["text"], id=d.get("id"), metadata=d.get("metadata") or {})
+        elif not isinstance(d, Document):
+            raise InvalidInputError(
+                f"documents[{i}] must be a Document, a str or a dict, got {type(d).__name__}")
+        if not isinstance(d.text, str) or not d.text.strip():
+            raise InvalidInputError(f"documents[{i}].text must be a non-empty str, got {d.text!r:.40}")
+        if d.id is not None and (not isinstance(d.id, str) or not d.id):
+            raise InvalidInputError(f"documents[{i}].id must be a non-empty str or None, got {d.id!r}")
+        meta = clean_metadata(d.metadata, f"documents[{i}]")
+        out.append(Document(text=d.text, id=d.id if d.id is not None else text_id(d.text),
+                            metadata=meta))
+    return out
+
+
+def _diff(recorded: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = ""
+          ) -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(recorded) | set(ours)):
+        a, b = recorded.get(key), ours.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out

@@ -1,0 +1,311 @@
+"""The Chroma store: the truth (ids, texts, metadata, vectors) and the recorded settings.
+
+Embedded `PersistentClient(path)` by default, `EphemeralClient` for in-memory use, or
+`HttpClient(host, port)` for a Chroma server. Cosine space set explicitly, vectors always
+passed in, writes batched by `get_max_batch_size()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, InvalidInputError, StoreError, StoreLockedError
+
+logger = logging.getLogger(__name__)
+
+#: Metadata keys reserved for retrievekit's own bookkeeping on each record.
+RESERVED_PREFIX = "_rk_"
+PARENT_KEY = "_rk_parent"
+CHUNK_KEY = "_rk_chunk"
+_SETTINGS_KEY = "rk_settings"
+_MARKER_KEY = "rk_marker"
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where the vectors live and how they are indexed.
+
+    Args:
+        path: directory of the embedded store, or ":memory:" for an in-memory one.
+        host, port, ssl: a Chroma server (then `path` is not used for Chroma itself).
+        auth_token: a token for a server started with token authentication.
+        collection: the Chroma collection name (3-512 chars of [a-zA-Z0-9._-]).
+        hnsw_m, hnsw_ef_construction, hnsw_ef_search: HNSW graph settings; the defaults
+            favour recall (Chroma's own defaults lose recall past ~50k vectors).
+    """
+
+    path: str = ".retrievekit"
+    host: str | None = None
+    port: int = 8000
+    ssl: bool = False
+    auth_token: str | None = None
+    collection: str = "retrievekit"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 200
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.collection, str) or not _NAME_RE.match(self.collection) \
+                or ".." in self.collection:
+            raise ConfigError(
+                f"store.collection must be 3-512 characters of letters, digits, '.', '_' or "
+                f"'-', starting and ending with a letter or digit; got {self.collection!r}")
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "port"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"store.{name} must be a positive int, got {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["auth_token"] = None  # never written out with the config
+        return d
+
+    @property
+    def is_server(self) -> bool:
+        return self.host is not None
+
+    @property
+    def is_memory(self) -> bool:
+        return self.host is None and self.path == ":memory:"
+
+    def __repr__(self) -> str:  # keep the token out of logs and tracebacks
+        d = asdict(self)
+        if d["auth_token"]:
+            d["auth_token"] = "***"
+        return "StoreConfig(" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + ")"
+
+
+def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Validate user metadata for Chroma: flat str/int/float/bool values (or non-empty lists
+    of one of those types); None values are dropped. Raises InvalidInputError otherwise."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidInputError(f"{where}.metadata must be a dict, got {type(metadata).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidInputError(f"{where}.metadata keys must be non-empty str, got {key!r}")
+        if key.startswith(RESERVED_PREFIX):
+            raise InvalidInputError(
+                f"{where}.metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}; "
+                "rename it")
+        if value is None:
+            continue
+        if isinstance(value, (str, bool, int, float)):
+            if isinstance(value, float) and value != value:
+                raise InvalidInputError(f"{where}.metadata[{key!r}] is NaN; use a number or drop it")
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            if not value:
+                raise InvalidInputError(
+                    f"{where}.metadata[{key!r}] is an empty list, which Chroma rejects; "
+                    "drop the key or give at least one value")
+            kinds = {type(v) for v in value}
+            if len(kinds) != 1 or not kinds <= {str, int, float, bool}:
+                raise InvalidInputError(
+                    f"{where}.metadata[{key!r}] must be a list of one scalar type "
+                    f"(str, int, float or bool), got {value!r}")
+            out[key] = list(value)
+        else:
+            raise InvalidInputError(
+                f"{where}.metadata[{key!r}] has type {type(value).__name__}; Chroma takes "
+                "str, int, float, bool or a list of one of those. Flatten nested dicts "
+                "(e.g. 'author.name') or json.dumps the value")
+    return out
+
+
+def public_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metadata without retrievekit's reserved keys."""
+    return {k: v for k, v in (metadata or {}).items() if not k.startswith(RESERVED_PREFIX)}
+
+
+class ChromaStore:
+    """One Chroma collection plus the settings recorded in its metadata."""
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config or StoreConfig()
+        self._lock_file = None
+        self.client = self._make_client()
+        self.collection = self._open_collection()
+
+    # -- connection ------------------------------------------------------------------------
+    def _settings(self):
+        from chromadb.config import Settings
+
+        kwargs: dict[str, Any] = {"anonymized_telemetry": False}
+        if self.config.auth_token:
+            kwargs["chroma_client_auth_provider"] = \
+                "chromadb.auth.token_authn.TokenAuthClientProvider"
+            kwargs["chroma_client_auth_credentials"] = self.config.auth_token
+        return Settings(**kwargs)
+
+    def _make_client(self):
+        import chromadb
+
+        cfg = self.config
+        if cfg.is_server:
+            try:
+                client = chromadb.HttpClient(host=cfg.host, port=cfg.port, ssl=cfg.ssl,
+                                             settings=self._settings())
+                client.heartbeat()
+            except Exception as exc:
+                raise StoreError(
+                    f"could not reach the Chroma server at {cfg.host}:{cfg.port} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); start it with "
+                    f"`chroma run --host {cfg.host} --port {cfg.port}` or fix store.host/port"
+                ) from exc
+            return client
+        if cfg.is_memory:
+            return chromadb.EphemeralClient(settings=self._settings())
+        path = Path(cfg.path).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(
+                f"store.path={str(path)!r} is not a writable directory ({exc.strerror}); "
+                "choose another path or fix its permissions") from exc
+        self._acquire_lock(path)
+        try:
+            return chromadb.PersistentClient(path=str(path), settings=self._settings())
+        except Exception:
+            self._release_lock()
+            raise
+
+    def _acquire_lock(self, path: Path) -> None:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(path / "retrievekit.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout as exc:
+            raise StoreLockedError(
+                f"the store at {str(path)!r} is open for writing in another process; close "
+                "it there, or serve the store with `chroma run --path ...` and connect every "
+                "process with store.host/port") from exc
+        self._lock_file = lock
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.release()
+            self._lock_file = None
+
+    def _open_collection(self):
+        cfg = self.config
+        configuration = {"hnsw": {"space": "cosine", "max_neighbors": cfg.hnsw_m,
+                                  "ef_construction": cfg.hnsw_ef_construction,
+                                  "ef_search": cfg.hnsw_ef_search}}
+        try:
+            return self.client.get_or_create_collection(
+                cfg.collection, configuration=configuration, embedding_function=None)
+        except Exception as exc:
+            raise StoreError(f"could not open collection {cfg.collection!r}: {exc}") from exc
+
+    def close(self) -> None:
+        self._release_lock()
+        self.client = None
+        self.collection = None
+
+    @property
+    def local_dir(self) -> Path | None:
+        """Where derived state may be kept beside an embedded store (None otherwise)."""
+        if self.config.is_server or self.config.is_memory:
+            return None
+        return Path(self.config.path).expanduser() / "retrievekit" / self.config.collection
+
+    # -- recorded settings and change marker ----------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        if self.config.is_server:  # another client may have changed it
+            self.collection = self.client.get_collection(self.config.collection,
+                                                         embedding_function=None)
+        return dict(self.collection.metadata or {})
+
+    def read_settings(self) -> dict[str, Any] | None:
+        raw = self._metadata().get(_SETTINGS_KEY)
+        return json.loads(raw) if raw else None
+
+    def read_marker(self) -> str:
+        return str(self._metadata().get(_MARKER_KEY, ""))
+
+    def write_settings(self, settings: Mapping[str, Any], marker: str | None = None) -> None:
+        meta = self._metadata()
+        meta[_SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
+        if marker is not None:
+            meta[_MARKER_KEY] = marker
+        self.collection.modify(metadata=meta)
+
+    def new_marker(self) -> str:
+        """Record that a write is starting; derived state saved with an older marker is stale."""
+        marker = uuid.uuid4().hex
+        meta = self._metadata()
+        meta[_MARKER_KEY] = marker
+        self.collection.modify(metadata=meta)
+        return marker
+
+    # -- records ---------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> int:
+        try:
+            return int(self.client.get_max_batch_size())
+        except Exception:  # older servers
+            return 5000
+
+    def count(self) -> int:
+        return int(self.collection.count())
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str],
+               metadatas: Sequence[Mapping[str, Any]]) -> None:
+        step = self.max_batch
+        for s in range(0, len(ids), step):
+            self.collection.upsert(
+                ids=list(ids[s:s + step]), embeddings=np.asarray(vectors[s:s + step]),
+                documents=list(texts[s:s + step]),
+                metadatas=[dict(m) for m in metadatas[s:s + step]])
+
+    def delete(self, ids: Sequence[str]) -> None:
+        step = self.max_batch
+        for s in range(0, len(ids), step):
+            self.collection.delete(ids=list(ids[s:s + step]))
+
+    def get(self, ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
+            include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
+        return self.collection.get(ids=list(ids) if ids is not None else None,
+                                   where=dict(where) if where else None, include=list(include))
+
+    def iter_records(self, include: Sequence[str] = ("documents", "metadatas"),
+                     page: int = 5000, where: Mapping[str, Any] | None = None
+                     ) -> Iterator[dict[str, Any]]:
+        """All records in pages (ids plus `include`)."""
+        offset = 0
+        while True:
+            batch = self.collection.get(include=list(include), limit=page, offset=offset,
+                                        where=dict(where) if where else None)
+            if not batch["ids"]:
+                return
+            yield batch
+            offset += len(batch["ids"])
+
+    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
+              ) -> list[tuple[str, float, str, dict[str, Any]]]:
+        """Nearest records by cosine similarity: [(id, similarity, text, metadata)]."""
+        if n <= 0:
+            return []
+        res = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
+                                    n_results=n, where=dict(where) if where else None,
+                                    include=["distances", "documents", "metadatas"])
+        # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
+        return [(i, 1.0 - float(d), t, m or {}) for i, d, t, m in
+                zip(res["ids"][0], res["distances"][0], res["documents"][0],
+                    res["metadatas"][0])]

@@ -1,0 +1,104 @@
+"""The BM25 tokenizer: lowercase, unicode words, CJK characters one by one, optional
+stopwords and Snowball stemming. Its settings are recorded in the store."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+from .errors import ConfigError, MissingDependencyError
+
+# Han, Hiragana, Katakana and Hangul have no spaces between words: index them one
+# character at a time (unigrams), which is what Lucene's CJK-less analyzers fall back to.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+", re.UNICODE)
+
+# The English stopword list of bm25s/sklearn-style analyzers (short, common function words).
+ENGLISH_STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further
+had has have having he her here hers herself him himself his how i if in into is it its itself
+just me more most my myself no nor not now of off on once only or other our ours ourselves out
+over own same she should so some such than that the their theirs them themselves then there
+these they this those through to too under until up very was we were what when where which
+while who whom why will with would you your yours yourself yourselves
+""".split())
+
+_STEMMER_LANGS = ("english", "porter", "german", "french", "spanish", "italian", "dutch",
+                  "portuguese", "russian", "swedish", "norwegian", "danish", "finnish")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How text becomes BM25 tokens.
+
+    Args:
+        lowercase: fold case before matching.
+        stopwords: None, "en" for the built-in English list, or a tuple of words.
+        stemmer: None or a Snowball language for PyStemmer ("english", "porter", ...).
+        min_token_len: drop tokens shorter than this (after stemming).
+    """
+
+    lowercase: bool = True
+    stopwords: str | tuple[str, ...] | None = "en"
+    stemmer: str | None = "english"
+    min_token_len: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stopwords, list):
+            object.__setattr__(self, "stopwords", tuple(self.stopwords))
+        if self.stopwords is not None and not isinstance(self.stopwords, tuple) \
+                and self.stopwords != "en":
+            raise ConfigError(
+                f"tokenizer.stopwords must be None, 'en' or a list of words, got {self.stopwords!r}")
+        if self.stemmer is not None and self.stemmer not in _STEMMER_LANGS:
+            raise ConfigError(
+                f"tokenizer.stemmer must be None or one of {list(_STEMMER_LANGS)}, "
+                f"got {self.stemmer!r}")
+        if not isinstance(self.min_token_len, int) or self.min_token_len < 1:
+            raise ConfigError(
+                f"tokenizer.min_token_len must be an int >= 1, got {self.min_token_len!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(self.stopwords, tuple):
+            d["stopwords"] = list(self.stopwords)
+        return d
+
+
+class Tokenizer:
+    """Turns text into a list of terms according to a `TokenizerConfig`."""
+
+    def __init__(self, config: TokenizerConfig | None = None) -> None:
+        self.config = config or TokenizerConfig()
+
+    @cached_property
+    def _stopwords(self) -> frozenset[str]:
+        sw = self.config.stopwords
+        if sw is None:
+            return frozenset()
+        return ENGLISH_STOPWORDS if sw == "en" else frozenset(w.lower() for w in sw)
+
+    @cached_property
+    def _stem(self):
+        if self.config.stemmer is None:
+            return None
+        try:
+            import Stemmer  # PyStemmer
+        except ImportError as exc:  # pragma: no cover - installed with the package
+            raise MissingDependencyError(
+                "tokenizer.stemmer needs PyStemmer: pip install PyStemmer") from exc
+        return Stemmer.Stemmer(self.config.stemmer).stemWords
+
+    def __call__(self, text: str) -> list[str]:
+        if self.config.lowercase:
+            text = text.lower()
+        tokens = _TOKEN_RE.findall(text)
+        if self._stopwords:
+            tokens = [t for t in tokens if t not in self._stopwords]
+        if self._stem is not None and tokens:
+            tokens = self._stem(tokens)
+        n = self.config.min_token_len
+        return [t for t in tokens if len(t) >= n] if n > 1 else tokens

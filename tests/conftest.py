@@ -1,0 +1,88 @@
+"""Shared fixtures: offline hub, one torch thread, the bundled model loaded once per session,
+a tiny cross-encoder built from it, and stores in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+import pytest  # noqa: E402
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+CORPUS = [
+    ("cats", "Cats are small domesticated carnivorous mammals that purr and hunt mice.",
+     {"topic": "animals", "lang": "en", "year": 2020}),
+    ("dogs", "Dogs are loyal companions descended from wolves and kept as pets.",
+     {"topic": "animals", "lang": "en", "year": 2021}),
+    ("python", "Python is a programming language known for readable syntax and a large "
+     "standard library.", {"topic": "code", "lang": "en", "year": 2022}),
+    ("rust", "Rust is a systems programming language that guarantees memory safety without "
+     "a garbage collector.", {"topic": "code", "lang": "en", "year": 2023}),
+    ("bread", "Sourdough bread is leavened with a fermented starter of flour and water.",
+     {"topic": "food", "lang": "en", "year": 2020}),
+    ("chat", "Le chat dort sur le canapé toute la journée.",
+     {"topic": "animals", "lang": "fr", "year": 2022}),
+    ("xq7", "The error code XQ7-42 means the flux capacitor overheated.",
+     {"topic": "code", "lang": "en", "year": 2024}),
+    ("tea", "Green tea contains catechins and less caffeine than coffee.",
+     {"topic": "food", "lang": "en", "year": 2021}),
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    # two threads collapse under load on this 2-core machine (15 ms -> 500 ms per query)
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The bundled all-MiniLM-L6-v2, loaded once for the session."""
+    from retrievekit.embedding import Embedder
+
+    e = Embedder(model=MODEL)
+    _ = e.model
+    return e
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_path(tmp_path_factory):
+    """A cross-encoder built from the bundled MiniLM checkpoint with a fresh 1-label head.
+
+    Its scores are not meaningful; it exercises the reranking code paths for real."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from retrievekit.models import resolve_model
+
+    path = tmp_path_factory.mktemp("tiny-ce")
+    torch.manual_seed(0)
+    ce = CrossEncoder(resolve_model(MODEL).load_from, num_labels=1, max_length=128,
+                      local_files_only=True)
+    ce.save(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def corpus_docs():
+    from retrievekit.types import Document
+
+    return [Document(text=t, id=i, metadata=m) for i, t, m in CORPUS]
+
+
+@pytest.fixture
+def retriever(tmp_path, embedder, corpus_docs):
+    """A HybridRetriever over a persistent Chroma store in tmp_path, with CORPUS indexed."""
+    from retrievekit.pipeline import HybridRetriever
+
+    r = HybridRetriever(path=str(tmp_path / "store"), embedder=embedder)
+    r.add_documents(corpus_docs)
+    yield r
+    r.close()
