@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from retrievekit.config import RetrieverConfig
+from retrievekit.errors import ConfigError
+
+
+def test_round_trip_dict_and_toml(tmp_path):
+    cfg = RetrieverConfig.from_dict({
+        "embedder": {"model": "intfloat/e5-small-v2", "truncate_dim": 256},
+        "store": {"path": str(tmp_path / "s"), "collection": "docs", "hnsw_ef_search": 100},
+        "sparse": {"k1": 1.2, "tokenizer": {"stemmer": None, "stopwords": ["a", "the"]}},
+        "reranker": {"model": "cross-encoder/ms-marco-MiniLM-L-6-v2", "top_n": 5},
+        "weights": {"sparse": 0.5}, "candidates": 30, "mode": "dense",
+    })
+    d = cfg.to_dict()
+    assert RetrieverConfig.from_dict(d) == cfg
+    assert d["weights"] == {"dense": 1.0, "sparse": 0.5}
+    toml = tmp_path / "rk.toml"
+    toml.write_text(f"""
+mode = "dense"
+candidates = 30
+[embedder]
+model = "intfloat/e5-small-v2"
+truncate_dim = 256
+[store]
+path = "{tmp_path / 's'}"
+collection = "docs"
+hnsw_ef_search = 100
+[sparse]
+k1 = 1.2
+[sparse.tokenizer]
+stemmer = false
+""".replace("stemmer = false", 'stopwords = ["a", "the"]'))
+    from_toml = RetrieverConfig.from_toml(toml)
+    assert from_toml.embedder.truncate_dim == 256
+    assert from_toml.sparse.tokenizer.stopwords == ("a", "the")
+    assert from_toml.store.collection == "docs"
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ({"nope": 1}, "unknown config keys"),
+    ({"embedder": {"modle": "x"}}, "unknown embedder keys"),
+    ({"mode": "fuzzy"}, "mode must be one of"),
+    ({"candidates": 0}, "candidates"),
+    ({"embedder": {"truncate_dim": 0}}, "truncate_dim"),
+    ({"store": {"collection": "ab"}}, "store.collection"),
+    ({"weights": {"bm25": 1}}, "weights"),
+    ({"rrf_k": -5}, "rrf_k"),
+    ({"sparse": {"tokenizer": {"stemmer": "klingon"}}}, "tokenizer.stemmer"),
+])
+def test_bad_config_names_the_setting(data, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        RetrieverConfig.from_dict(data)
+
+
+def test_auth_token_never_serialized():
+    cfg = RetrieverConfig.from_dict({"store": {"host": "127.0.0.1", "auth_token": "s3cret"}})
+    assert "s3cret" not in repr(cfg.store)
+    assert cfg.to_dict()["store"]["auth_token"] is None
+    assert cfg.replace(mode="dense").store.auth_token == "s3cret"

@@ -1,0 +1,68 @@
+"""RRF with hand-computed expected numbers (k=60, ranks from 1)."""
+
+from __future__ import annotations
+
+import pytest
+
+from retrievekit.errors import ConfigError
+from retrievekit.fusion import reciprocal_rank_fusion
+
+
+def test_two_lists_hand_computed():
+    dense = [("a", 0.9), ("b", 0.8), ("c", 0.7)]
+    sparse = [("c", 12.0), ("a", 10.0), ("d", 3.0)]
+    fused = reciprocal_rank_fusion({"dense": dense, "sparse": sparse}, k=60)
+    got = {f.id: f.score for f in fused}
+    assert got["a"] == pytest.approx(1 / 61 + 1 / 62)
+    assert got["c"] == pytest.approx(1 / 63 + 1 / 61)
+    assert got["b"] == pytest.approx(1 / 62)
+    assert got["d"] == pytest.approx(1 / 63)
+    assert [f.id for f in fused] == ["a", "c", "b", "d"]
+    a = fused[0]
+    assert a.ranks == {"dense": 1, "sparse": 2}
+    assert a.scores == {"dense": 0.9, "sparse": 10.0}
+
+
+def test_weights_change_the_order():
+    dense = [("a", 1.0), ("b", 0.5)]
+    sparse = [("b", 5.0), ("a", 1.0)]
+    even = reciprocal_rank_fusion({"dense": dense, "sparse": sparse})
+    # a and b tie at 1/61 + 1/62; both best single rank 1 -> id order
+    assert [f.id for f in even] == ["a", "b"]
+    tilted = reciprocal_rank_fusion({"dense": dense, "sparse": sparse},
+                                    weights={"dense": 0.5, "sparse": 2.0})
+    assert [f.id for f in tilted] == ["b", "a"]
+    assert tilted[0].score == pytest.approx(0.5 / 62 + 2.0 / 61)
+
+
+def test_tie_break_best_single_rank_then_id():
+    # x: ranks 1 and 4 -> 1/61 + 1/64 ; y: ranks 2 and 3 -> 1/62 + 1/63
+    # 1/61+1/64 = 0.0320184..., 1/62+1/63 = 0.0319995...: not a tie, x first
+    l1 = [("x", 1), ("y", 1), ("p", 1), ("q", 1)]
+    l2 = [("p", 1), ("q", 1), ("y", 1), ("x", 1)]
+    fused = reciprocal_rank_fusion({"l1": l1, "l2": l2}, k=0)
+    # with k=0: x = 1 + 1/4 = 1.25, p = 1/3 + 1 = 1.333, y = 1/2 + 1/3, q = 1/4 + 1/2
+    assert [f.id for f in fused] == ["p", "x", "y", "q"]
+    # exact tie: same score and same best rank -> by id
+    tie = reciprocal_rank_fusion({"l1": [("b", 1), ("a", 1)], "l2": [("a", 1), ("b", 1)]})
+    assert [f.id for f in tie] == ["a", "b"]
+
+
+def test_dedup_by_id_keeps_first_occurrence():
+    fused = reciprocal_rank_fusion({"l": [("a", 3.0), ("a", 2.0), ("b", 1.0)]})
+    assert [(f.id, f.ranks["l"]) for f in fused] == [("a", 1), ("b", 2)]
+    assert fused[1].score == pytest.approx(1 / 62)
+
+
+def test_missing_from_list_adds_zero_and_empty_lists():
+    fused = reciprocal_rank_fusion({"a": [("x", 1.0)], "b": []})
+    assert fused[0].score == pytest.approx(1 / 61)
+    assert reciprocal_rank_fusion({"a": [], "b": []}) == []
+
+
+@pytest.mark.parametrize("bad", [{"k": -1}, {"k": "60"}, {"weights": {"l": -1.0}},
+                                 {"weights": {"nope": 1.0}}])
+def test_bad_parameters_are_named(bad):
+    with pytest.raises(ConfigError) as err:
+        reciprocal_rank_fusion({"l": [("a", 1.0)]}, **bad)
+    assert ("rrf_k" in str(err.value)) or ("weight" in str(err.value))
