@@ -94,6 +94,8 @@ class HybridRetriever:
             cfg = cfg.replace(**changes)
         self.config = cfg
         self._write_lock = threading.RLock()
+        #: what the last add_documents did: records written, unchanged (skipped), removed
+        self.last_add_stats: dict[str, int] = {"written": 0, "unchanged": 0, "removed": 0}
         self._sync_lock = threading.Lock()
         self.embedder = embedder if embedder is not None and embedder.config == cfg.embedder \
             else Embedder(cfg.embedder)
@@ -276,6 +278,8 @@ class HybridRetriever:
             new_ids = {r.id for r in records}
             stale = [rid for rid in existing if rid not in new_ids]
             todo = [r for r in records if existing.get(r.id) != r.metadata[HASH_KEY]]
+            self.last_add_stats = {"written": len(todo), "unchanged": len(records) - len(todo),
+                                   "removed": len(stale)}
             if not todo and not stale:
                 return ids
             vectors = self.embedder.embed_documents([r.text for r in todo], progress=progress)
