@@ -366,7 +366,9 @@ class EvalResult:
 # --------------------------------------------------------------------------------------
 
 
-def _validate_ks_metrics(ks: Iterable[int], metrics: Iterable[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _validate_ks_metrics(
+    ks: Iterable[int], metrics: Iterable[str]
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
     if isinstance(ks, int):
         ks = (ks,)
     ks_t = tuple(ks)
@@ -397,13 +399,14 @@ def _rank(qid: str, results: Mapping[str, float] | Sequence[str]) -> list[str]:
             f"run[{qid!r}] is a string; give a {{doc_id: score}} dict or a list of doc ids"
         )
     ranking = [str(d) for d in results]
-    if len(set(ranking)) != len(ranking):
-        seen: set[str] = set()
-        dup = next(d for d in ranking if d in seen or seen.add(d))  # type: ignore[func-returns-value]
-        raise InvalidInputError(
-            f"run[{qid!r}] lists document {dup!r} more than once; each document may appear "
-            "once per query (deduplicate by id before evaluating)"
-        )
+    seen: set[str] = set()
+    for doc_id in ranking:
+        if doc_id in seen:
+            raise InvalidInputError(
+                f"run[{qid!r}] lists document {doc_id!r} more than once; each document may "
+                "appear once per query (deduplicate by id before evaluating)"
+            )
+        seen.add(doc_id)
     return ranking
 
 
@@ -445,7 +448,9 @@ def _score_query(
 
 def _means(per_query: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> dict[str, float]:
     n = len(per_query)
-    return {name: (math.fsum(v[name] for v in per_query.values()) / n if n else 0.0) for name in names}
+    if n == 0:
+        return {name: 0.0 for name in names}
+    return {name: math.fsum(v[name] for v in per_query.values()) / n for name in names}
 
 
 def evaluate_run(
@@ -494,7 +499,9 @@ def evaluate_run(
         per_query[qid] = _score_query(ranking, relevant, ks_t, metrics_t)
     if missing:
         logger.warning("%d judged queries are absent from the run; they score 0", missing)
-    return EvalResult(means=_means(per_query, names), per_query=per_query, num_queries=len(per_query))
+    return EvalResult(
+        means=_means(per_query, names), per_query=per_query, num_queries=len(per_query)
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -225,7 +225,8 @@ c.close()
 def test_processes_share_the_file(tmp_path: Path) -> None:
     path = tmp_path / "emb.sqlite"
     EmbeddingCache(path).close()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     procs = [
         subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(w)], env=env,
                          stderr=subprocess.PIPE, text=True)

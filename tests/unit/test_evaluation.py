@@ -367,7 +367,8 @@ def test_evaluate_accepts_hit_objects_and_default_ks() -> None:
         return [_FakeHit("d1", 2.0), _FakeHit("d3", 1.0)][:k]
 
     res = evaluate(search, ds, k=20, progress=False)
-    assert set(res.means) == {f"{m}@{c}" for m in ("ndcg", "recall", "mrr", "map") for c in (10, 20)}
+    names = {f"{m}@{c}" for m in ("ndcg", "recall", "mrr", "map") for c in (10, 20)}
+    assert set(res.means) == names
     assert res.per_query["q2"]["mrr@10"] == pytest.approx(0.5)
     assert res.per_query["1"]["mrr@10"] == pytest.approx(1.0)
 
@@ -389,7 +390,8 @@ def test_import_stays_light() -> None:
         "('sentence_transformers', 'langchain', 'langchain_core', 'llama_index')]\n"
         "print(heavy)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
