@@ -31,6 +31,9 @@ class RetrieverConfig:
         rrf_k: the RRF constant; weights: per-side weights {"dense": w, "sparse": w}.
         collapse_chunks: return one hit per parent document (its best chunk).
         cache_dir: directory of an on-disk embedding cache (None: no cache).
+        funnel_dim: Matryoshka funnel: index only the leading `funnel_dim` dims in Chroma and
+            rescore the stage-1 candidates with the full vectors (None: off).
+        funnel_candidates: stage-1 candidates to rescore (default: 4 x the dense candidates).
     """
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -44,6 +47,8 @@ class RetrieverConfig:
     weights: Mapping[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 1.0})
     collapse_chunks: bool = True
     cache_dir: str | None = None
+    funnel_dim: int | None = None
+    funnel_candidates: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -51,6 +56,10 @@ class RetrieverConfig:
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
                 or self.candidates < 1:
             raise ConfigError(f"candidates must be an int >= 1, got {self.candidates!r}")
+        for name in ("funnel_dim", "funnel_candidates"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive int or None, got {v!r}")
         weights = dict(self.weights)
         unknown = set(weights) - {"dense", "sparse"}
         if unknown:
@@ -73,6 +82,8 @@ class RetrieverConfig:
             "weights": dict(self.weights),
             "collapse_chunks": self.collapse_chunks,
             "cache_dir": self.cache_dir,
+            "funnel_dim": self.funnel_dim,
+            "funnel_candidates": self.funnel_candidates,
         }
 
     @classmethod

@@ -22,6 +22,7 @@ from .config import MODES, RetrieverConfig
 from .embedding import Embedder
 from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
                      StoreMismatchError)
+from .funnel import FunnelVectors, short_vectors
 from .fusion import reciprocal_rank_fusion
 from .rerank import RerankConfig, Reranker
 from .sparse import BM25Index
@@ -111,6 +112,7 @@ class HybridRetriever:
         try:
             self._check_settings()
             self.sparse = self._open_sparse()
+            self.funnel = self._open_funnel()
         except BaseException:
             self.store.close()
             raise
@@ -143,6 +145,7 @@ class HybridRetriever:
                          "document_prefix": emb["document_prefix"]},
             "sparse": {k: v for k, v in recorded["sparse"].items() if k != "format"},
             "chunking": recorded.get("chunking", {}),
+            "funnel_dim": recorded.get("funnel_dim"),
         }
         reranker = changes.pop("reranker", None)
         cfg.update(changes)
@@ -151,9 +154,15 @@ class HybridRetriever:
     def _settings(self) -> dict[str, Any]:
         return {"format": STORE_FORMAT, "embedder": self.embedder.identity(),
                 "sparse": BM25Index(self.config.sparse).signature(),
-                "chunking": self.config.chunking.to_dict()}
+                "chunking": self.config.chunking.to_dict(),
+                "funnel_dim": self.config.funnel_dim}
 
     def _check_settings(self) -> None:
+        fd = self.config.funnel_dim
+        if fd is not None and fd >= self.embedder.dim:
+            raise ConfigError(
+                f"funnel_dim={fd} must be smaller than the embedding dimension "
+                f"({self.embedder.dim}); try {self.embedder.dim // 3} or None to switch it off")
         ours = self._settings()
         recorded = self.store.read_settings()
         if recorded is None:
@@ -186,12 +195,48 @@ class HybridRetriever:
         self._catch_up(index, marker)
         return index
 
-    def _catch_up(self, index: BM25Index, marker: str) -> None:
-        """Make `index` equal to what Chroma holds, fetching only changed records."""
+    def _open_funnel(self) -> FunnelVectors | None:
+        fd = self.config.funnel_dim
+        if fd is None:
+            return None
+        local = self.store.local_dir
+        dim = self.embedder.dim
+        funnel = FunnelVectors.load(local / "funnel", dim) if local else None
+        marker = self.store.read_marker()
+        if funnel is not None and funnel.marker == marker and len(funnel) == self.store.count():
+            return funnel
+        funnel = funnel or FunnelVectors(dim)
+        self._catch_up_funnel(funnel, marker)
+        return funnel
+
+    def _remote_hashes(self) -> dict[str, str]:
         remote: dict[str, str] = {}
         for batch in self.store.iter_records(include=["metadatas"]):
             for rid, meta in zip(batch["ids"], batch["metadatas"]):
                 remote[rid] = str((meta or {}).get(HASH_KEY, ""))
+        return remote
+
+    def _catch_up_funnel(self, funnel: FunnelVectors, marker: str) -> None:
+        """Re-encode the texts whose full vectors are missing or stale (cache makes it cheap)."""
+        remote = self._remote_hashes()
+        local = funnel.hashes()
+        stale = [rid for rid in local if rid not in remote]
+        changed = [rid for rid, h in remote.items() if local.get(rid) != h]
+        funnel.delete(stale)
+        step = self.store.max_batch
+        for s in range(0, len(changed), step):
+            got = self.store.get(ids=changed[s:s + step], include=["documents", "metadatas"])
+            vecs = self.embedder.embed_documents(got["documents"])
+            funnel.upsert(got["ids"], vecs,
+                          [str((m or {}).get(HASH_KEY, "")) for m in got["metadatas"]])
+        funnel.marker = marker
+        if self.store.local_dir is not None and (stale or changed or not
+                                                 (self.store.local_dir / "funnel").exists()):
+            funnel.save(self.store.local_dir / "funnel", marker)
+
+    def _catch_up(self, index: BM25Index, marker: str) -> None:
+        """Make `index` equal to what Chroma holds, fetching only changed records."""
+        remote = self._remote_hashes()
         local = index.hashes()
         stale = [rid for rid in local if rid not in remote]
         changed = [rid for rid, h in remote.items() if local.get(rid) != h]
@@ -219,6 +264,10 @@ class HybridRetriever:
             with self._sync_lock:
                 if marker != self.sparse.marker:
                     self._catch_up(self.sparse, marker)
+        if self.funnel is not None and marker != self.funnel.marker:
+            with self._sync_lock:
+                if marker != self.funnel.marker:
+                    self._catch_up_funnel(self.funnel, marker)
 
     # -- writes ----------------------------------------------------------------------------
     def _records(self, docs: Sequence[Document]) -> list[_Record]:
@@ -283,14 +332,20 @@ class HybridRetriever:
             if not todo and not stale:
                 return ids
             vectors = self.embedder.embed_documents([r.text for r in todo], progress=progress)
+            stored = vectors if self.funnel is None else short_vectors(vectors,
+                                                                       self.config.funnel_dim)
             marker = self.store.new_marker()
-            self.store.upsert([r.id for r in todo], vectors, [r.text for r in todo],
+            self.store.upsert([r.id for r in todo], stored, [r.text for r in todo],
                               [r.metadata for r in todo])
             if stale:
                 self.store.delete(stale)
             self.sparse.upsert([r.id for r in todo], [r.text for r in todo],
                                [r.metadata[HASH_KEY] for r in todo])
             self.sparse.delete(stale)
+            if self.funnel is not None:
+                self.funnel.upsert([r.id for r in todo], vectors,
+                                   [r.metadata[HASH_KEY] for r in todo])
+                self.funnel.delete(stale)
             self._save_sparse(marker)
         return ids
 
@@ -306,9 +361,14 @@ class HybridRetriever:
         return out
 
     def _save_sparse(self, marker: str) -> None:
+        """Save the derived state (BM25 and funnel vectors) under the write's marker."""
         self.sparse.marker = marker
+        if self.funnel is not None:
+            self.funnel.marker = marker
         if self.store.local_dir is not None:
             self.sparse.save(self.store.local_dir / "sparse", marker)
+            if self.funnel is not None:
+                self.funnel.save(self.store.local_dir / "funnel", marker)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents (and all their chunks) by id; returns how many records went.
@@ -328,6 +388,8 @@ class HybridRetriever:
             marker = self.store.new_marker()
             self.store.delete(records)
             self.sparse.delete(records)
+            if self.funnel is not None:
+                self.funnel.delete(records)
             self._save_sparse(marker)
         return len(records)
 
@@ -360,7 +422,8 @@ class HybridRetriever:
 
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
                mode: str | None = None, rerank: bool | None = None,
-               candidates: int | None = None) -> list[Hit]:
+               candidates: int | None = None,
+               query_vector: np.ndarray | None = None) -> list[Hit]:
         """Search; returns at most `k` hits, best first.
 
         Args:
@@ -370,8 +433,13 @@ class HybridRetriever:
             mode: "hybrid" (default from config), "dense" or "sparse".
             rerank: rerank with the configured cross-encoder (default: when one is configured).
             candidates: per-side candidates for fusion (default from config).
+            query_vector: the query's embedding, computed earlier with `embedder.embed_query`
+                (same model, prefix, truncation, normalization); used as given instead of
+                encoding `query`, which the BM25 side and the reranker still read.
         """
         _check_query(query)
+        qvec = None if query_vector is None else _check_query_vector(query_vector,
+                                                                      self.embedder.dim)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
         mode = mode or self.config.mode
@@ -399,10 +467,14 @@ class HybridRetriever:
 
         texts: dict[str, tuple[str, dict[str, Any]]] = {}
         lists: dict[str, list[tuple[str, float]]] = {}
+        extra: dict[str, tuple[int, float]] = {}  # funnel stage-1 rank and score by id
         if mode in ("hybrid", "dense"):
-            vec = self.embedder.embed_query(query)
+            vec = self.embedder.embed_query(query) if qvec is None else qvec
             try:
-                dense = self.store.query(vec, n, where)
+                if self.funnel is None:
+                    dense = self.store.query(vec, n, where)
+                else:
+                    dense = self._funnel_query(vec, n, where, extra)
             except ValueError as exc:
                 raise InvalidInputError(f"where={where!r} is not a valid Chroma filter: {exc}") from exc
             lists["dense"] = [(rid, sim) for rid, sim, _, _ in dense]
@@ -427,10 +499,28 @@ class HybridRetriever:
             ranked = [(rid, s, {side: r}, {side: s})
                       for r, (rid, s) in enumerate(lists[side], start=1)]
 
+        if extra:
+            ranked = [(rid, sc, {**ranks, "funnel": extra[rid][0]} if rid in extra else ranks,
+                       {**scores, "funnel": extra[rid][1]} if rid in extra else scores)
+                      for rid, sc, ranks, scores in ranked]
         hits = self._to_hits(ranked, texts, limit=want)
         if use_rerank and self.reranker is not None:
             hits = self.reranker.rerank(query, hits[:self.reranker.config.candidates])
         return hits[:k]
+
+    def _funnel_query(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
+                      extra: dict[str, tuple[int, float]]
+                      ) -> list[tuple[str, float, str, dict[str, Any]]]:
+        """Stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones."""
+        assert self.funnel is not None and self.config.funnel_dim is not None
+        n1 = max(n, self.config.funnel_candidates or 4 * n)
+        stage1 = self.store.query(short_vectors(vec, self.config.funnel_dim)[0], n1, where)
+        sims = self.funnel.similarities([rid for rid, *_ in stage1], vec)
+        for r, (rid, s1, _, _) in enumerate(stage1, start=1):
+            extra[rid] = (r, s1)
+        order = sorted(range(len(stage1)), key=lambda i: (-float(sims[i]), i))[:n]
+        return [(stage1[i][0], float(sims[i]), stage1[i][2], stage1[i][3]) for i in order
+                if np.isfinite(sims[i])]
 
     def _to_hits(self, ranked: list[tuple[str, float, dict[str, int], dict[str, float]]],
                  texts: dict[str, tuple[str, dict[str, Any]]], limit: int) -> list[Hit]:
@@ -510,6 +600,20 @@ def _check_query(query: Any) -> None:
         raise InvalidInputError(f"query must be str, got {type(query).__name__}")
     if not query.strip():
         raise InvalidInputError("query is empty or whitespace; pass the text to search for")
+
+
+def _check_query_vector(vector: Any, dim: int) -> np.ndarray:
+    try:
+        vec = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"query_vector must be a 1-d array of {dim} floats: {exc}") from exc
+    if vec.shape != (dim,):
+        raise InvalidInputError(
+            f"query_vector has shape {vec.shape}, expected ({dim},): pass one vector from "
+            "embedder.embed_query(query) of this retriever's model")
+    if not np.isfinite(vec).all():
+        raise InvalidInputError("query_vector contains NaN or inf; pass a finite vector")
+    return vec
 
 
 def _normalize_documents(documents: Any) -> list[Document]:

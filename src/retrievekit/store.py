@@ -269,10 +269,17 @@ class ChromaStore:
                metadatas: Sequence[Mapping[str, Any]]) -> None:
         step = self.max_batch
         for s in range(0, len(ids), step):
-            self.collection.upsert(
-                ids=list(ids[s:s + step]), embeddings=np.asarray(vectors[s:s + step]),
-                documents=list(texts[s:s + step]),
-                metadatas=[dict(m) for m in metadatas[s:s + step]])
+            part = list(ids[s:s + step])
+            metas = [dict(m) for m in metadatas[s:s + step]]
+            # Chroma's upsert merges metadata into a stored record's; a None value removes a
+            # key, so keys the new metadata lacks are set to None to replace, not merge.
+            old = self.collection.get(ids=part, include=["metadatas"])
+            stored = {rid: (m or {}) for rid, m in zip(old["ids"], old["metadatas"])}
+            for rid, meta in zip(part, metas):
+                for key in stored.get(rid, {}):
+                    meta.setdefault(key, None)
+            self.collection.upsert(ids=part, embeddings=np.asarray(vectors[s:s + step]),
+                                   documents=list(texts[s:s + step]), metadatas=metas)
 
     def delete(self, ids: Sequence[str]) -> None:
         step = self.max_batch

@@ -1,0 +1,90 @@
+"""Matryoshka funnel: short vectors in Chroma to find, full vectors to rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrievekit.errors import ConfigError
+from retrievekit.funnel import FunnelVectors, short_vectors
+from retrievekit.pipeline import HybridRetriever
+
+QUERIES = ["loyal companions", "programming language memory", "fermented starter",
+           "caffeine in drinks", "a sleeping cat"]
+
+
+@pytest.fixture
+def funnel(tmp_path, embedder, corpus_docs):
+    r = HybridRetriever({"store": {"path": str(tmp_path / "f")}, "funnel_dim": 64,
+                         "funnel_candidates": 1000}, embedder=embedder)
+    r.add_documents(corpus_docs)
+    yield r
+    r.close()
+
+
+def test_equals_exact_full_dim_search_when_candidates_cover_corpus(funnel, embedder,
+                                                                   corpus_docs):
+    full = embedder.embed_documents([d.text for d in corpus_docs])
+    ids = [d.id for d in corpus_docs]
+    for q in QUERIES:
+        qv = embedder.embed_query(q)
+        sims = full @ qv
+        exact = [ids[i] for i in np.argsort(-sims)]
+        hits = funnel.search(q, k=8, mode="dense")
+        assert [h.id for h in hits] == exact
+        np.testing.assert_allclose([h.scores["dense"] for h in hits], np.sort(sims)[::-1],
+                                   atol=1e-5)
+        assert all("funnel" in h.ranks for h in hits)
+
+
+def test_chroma_holds_short_renormalized_vectors(funnel, embedder):
+    got = funnel.store.get(ids=["dogs"], include=["embeddings", "documents"])
+    short = np.asarray(got["embeddings"][0])
+    assert short.shape == (64,)
+    assert np.linalg.norm(short) == pytest.approx(1.0, abs=1e-5)
+    full = embedder.embed_documents([got["documents"][0]])[0]
+    np.testing.assert_allclose(short, full[:64] / np.linalg.norm(full[:64]), atol=1e-5)
+
+
+def test_funnel_follows_delete_and_reopen(tmp_path, embedder, corpus_docs):
+    path = str(tmp_path / "g")
+    r = HybridRetriever({"store": {"path": path}, "funnel_dim": 32}, embedder=embedder)
+    r.add_documents(corpus_docs)
+    r.delete(["dogs"])
+    assert len(r.funnel) == 7
+    r.close()
+    r2 = HybridRetriever.open(path)
+    assert r2.config.funnel_dim == 32 and len(r2.funnel) == 7
+    assert r2.search("loyal companions wolves", k=1, mode="dense")[0].id != "dogs"
+    r2.close()
+    # lost funnel arrays are rebuilt from the texts in Chroma
+    import shutil
+
+    shutil.rmtree(tmp_path / "g" / "retrievekit" / "retrievekit" / "funnel")
+    r3 = HybridRetriever.open(path)
+    assert len(r3.funnel) == 7
+    r3.close()
+
+
+@pytest.mark.parametrize("bad", [384, 500, 0, -3, "64"])
+def test_bad_funnel_dim(tmp_path, embedder, bad):
+    with pytest.raises(ConfigError, match="funnel_dim"):
+        HybridRetriever({"store": {"path": str(tmp_path / "b")}, "funnel_dim": bad},
+                        embedder=embedder)
+
+
+def test_funnel_vectors_unit(tmp_path):
+    fv = FunnelVectors(4)
+    fv.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2], ["h1", "h2"])
+    fv.upsert(["a"], np.eye(4, dtype=np.float32)[2:3], ["h3"])
+    fv.delete(["b"])
+    fv.upsert(["c"], np.eye(4, dtype=np.float32)[3:4], ["h4"])
+    q = np.array([0, 0, 1, 0], np.float32)
+    np.testing.assert_allclose(fv.similarities(["a", "c", "zz"], q), [1, 0, -np.inf])
+    fv.save(tmp_path, "m")
+    back = FunnelVectors.load(tmp_path, 4)
+    assert back is not None and back.hashes() == {"a": "h3", "c": "h4"}
+    np.testing.assert_allclose(back.similarities(["a", "c"], q), [1, 0])
+    assert FunnelVectors.load(tmp_path, 8) is None
+    s = short_vectors(np.array([[3, 4, 5, 6]], np.float32), 2)
+    np.testing.assert_allclose(s, [[0.6, 0.8]])
