@@ -47,6 +47,11 @@ class TokenizerConfig:
     min_token_len: int = 1
 
     def __post_init__(self) -> None:
+        # TOML has no null: false (or an empty list / string) switches a step off
+        if self.stopwords is False or self.stopwords == [] or self.stopwords == "":
+            object.__setattr__(self, "stopwords", None)
+        if self.stemmer is False or self.stemmer == "":
+            object.__setattr__(self, "stemmer", None)
         if isinstance(self.stopwords, list):
             object.__setattr__(self, "stopwords", tuple(self.stopwords))
         if self.stopwords is not None and not isinstance(self.stopwords, tuple) \

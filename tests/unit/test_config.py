@@ -37,6 +37,10 @@ stemmer = false
     assert from_toml.embedder.truncate_dim == 256
     assert from_toml.sparse.tokenizer.stopwords == ("a", "the")
     assert from_toml.store.collection == "docs"
+    off = tmp_path / "off.toml"
+    off.write_text("[sparse.tokenizer]\nstopwords = false\nstemmer = false\n")
+    tok = RetrieverConfig.from_toml(off).sparse.tokenizer
+    assert tok.stopwords is None and tok.stemmer is None
 
 
 @pytest.mark.parametrize("data,fragment", [
