@@ -192,10 +192,19 @@ class Embedder:
             keys = [cache.key_for(model_id, prefix, self.config.truncate_dim,
                                   self.config.normalize, t) for t in texts]
             found = cache.get_many(keys)
-        todo = [i for i, key in enumerate(keys)] if cache is None else \
+            td = self.config.truncate_dim
+            if td is not None and self.config.normalize and len(found) < len(keys):
+                # normalize(normalize(x)[:d]) == normalize(x[:d]): a cached full-dim
+                # normalized vector serves any truncate_dim without re-encoding
+                miss = [i for i, key in enumerate(keys) if key not in found]
+                full_keys = {i: cache.key_for(model_id, prefix, None, True, texts[i])
+                             for i in miss}
+                full = cache.get_many(list(full_keys.values()))
+                for i, fk in full_keys.items():
+                    if fk in full:
+                        found[keys[i]] = truncate_and_normalize(full[fk][None, :], td, True)[0]
+        todo = list(range(len(texts))) if cache is None else \
             [i for i, key in enumerate(keys) if key not in found]
-        if cache is None:
-            todo = list(range(len(texts)))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if todo:
             show = (len(todo) > 256) if progress is None else progress

@@ -267,3 +267,4 @@ def test_read_only_folder_or_file_raises_store_error(tmp_path: Path) -> None:
     finally:
         ro.chmod(0o700)
         existing.chmod(0o600)
+
