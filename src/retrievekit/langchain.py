@@ -1,0 +1,399 @@
+"""LangChain adapters: embeddings, a retriever that is also a `DocumentIndex`, and a reranker.
+
+Only `langchain_core` is imported, and only when this module is (``import retrievekit`` does
+not load it). The adapters convert types and call the core; the retrieval itself is
+`retrievekit.pipeline.HybridRetriever`'s.
+
+Metadata of retrieved documents (`RetrieveKitRetriever`):
+    the document's own metadata, plus
+    ``score``: the final score the results are ordered by (rerank, else fused RRF, else the
+    single side's score); ``retrievekit_ranks``: ``{stage: 1-based rank}`` and
+    ``retrievekit_scores``: ``{stage: score}`` for the stages the hit went through ("dense",
+    "sparse", "fused", "rerank"); ``retrievekit_chunk_id``: the stored chunk that matched (the
+    document id when the document was not chunked). These keys overwrite user metadata keys of
+    the same name in the returned copy (never in the store).
+
+Ids of indexed LangChain documents: ``Document.id`` when set, else a stable hash of the text
+and the metadata (see `document_id`), so re-adding the same document is a no-op and equal
+texts from different sources stay apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError, InvalidInputError, MissingDependencyError
+
+try:
+    from langchain_core.callbacks import (AsyncCallbackManagerForRetrieverRun, Callbacks,
+                                          CallbackManagerForRetrieverRun)
+    from langchain_core.documents import BaseDocumentCompressor
+    from langchain_core.documents import Document as LCDocument
+    from langchain_core.embeddings import Embeddings
+    from langchain_core.indexing import DeleteResponse, DocumentIndex, UpsertResponse
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError(
+        "retrievekit.langchain needs langchain-core: pip install 'retrievekit[langchain]' "
+        "(or pip install langchain-core)") from exc
+
+from pydantic import ConfigDict, PrivateAttr, field_validator
+
+from .config import MODES, RetrieverConfig
+from .embedding import Embedder, EmbedderConfig
+from .pipeline import HybridRetriever
+from .rerank import Reranker
+from .types import Document, Hit
+
+__all__ = ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever"]
+
+#: Metadata keys the retriever adds to each returned document.
+SCORE_KEY = "score"
+RANKS_KEY = "retrievekit_ranks"
+SCORES_KEY = "retrievekit_scores"
+CHUNK_ID_KEY = "retrievekit_chunk_id"
+#: Metadata key the reranker writes its score to.
+RELEVANCE_KEY = "relevance_score"
+
+_EMBEDDER_KEYS = tuple(EmbedderConfig.__dataclass_fields__)
+_SEARCH_KWARGS = ("k", "where", "mode", "rerank")
+# HybridRetriever keyword arguments accepted when the retriever builds its own.
+_BUILD_KEYS = ("embedder", "reranker", "path", "host", "port", "collection", "model",
+               "truncate_dim", "candidates")
+
+
+class _Unset:
+    """Default of the call-time search options: use the retriever's field."""
+
+    def __repr__(self) -> str:
+        return "<field value>"
+
+
+_UNSET: Any = _Unset()
+
+
+# -- embeddings ------------------------------------------------------------------------------
+class RetrieveKitEmbeddings(Embeddings):
+    """LangChain `Embeddings` over retrievekit's `Embedder` (prefix, truncate, normalize).
+
+    `embed_documents` uses the document prefix and `embed_query` the query prefix, so the
+    vectors equal the ones `HybridRetriever` stores and searches with.
+
+    Args:
+        embedder: a ready `Embedder` (e.g. ``HybridRetriever.embedder``) to share its model.
+        **config: instead of `embedder`, the fields of `EmbedderConfig` (model,
+            query_prefix, document_prefix, truncate_dim, normalize, device, dtype,
+            batch_size). The model loads on first use.
+    """
+
+    def __init__(self, embedder: Embedder | None = None, **config: Any) -> None:
+        if embedder is not None:
+            if config:
+                raise ConfigError(
+                    f"pass either embedder= or EmbedderConfig fields, not both (got embedder "
+                    f"and {sorted(config)}); to change settings build Embedder(**fields)")
+            if not isinstance(embedder, Embedder):
+                raise ConfigError(f"embedder must be a retrievekit Embedder, got "
+                                  f"{type(embedder).__name__}")
+            self.embedder = embedder
+            return
+        unknown = set(config) - set(_EMBEDDER_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown RetrieveKitEmbeddings arguments {sorted(unknown)}; "
+                              f"valid: embedder or {list(_EMBEDDER_KEYS)}")
+        self.embedder = Embedder(EmbedderConfig(**config))
+
+    def __repr__(self) -> str:
+        return f"RetrieveKitEmbeddings(model={self.embedder.config.model!r})"
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Embed passages with the document prefix."""
+        return self.embedder.embed_documents(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        """Embed a query with the query prefix."""
+        return self.embedder.embed_query(text).tolist()
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        """`embed_documents` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        """`embed_query` in a worker thread, so the event loop keeps running."""
+        return await asyncio.to_thread(self.embed_query, text)
+
+
+# -- conversions -----------------------------------------------------------------------------
+def document_id(doc: LCDocument) -> str:
+    """The id a LangChain document is stored under: ``doc.id`` when set, else the first 32
+    hex chars of sha256 over the text and the metadata (as sorted JSON)."""
+    if doc.id is not None:
+        return doc.id
+    h = hashlib.sha256(doc.page_content.encode("utf-8"))
+    h.update(b"\0")
+    h.update(json.dumps(doc.metadata, sort_keys=True, default=repr).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
+def to_core(docs: Sequence[LCDocument]) -> list[Document]:
+    """LangChain documents -> core documents (ids per `document_id`); validates the types."""
+    if isinstance(docs, LCDocument):
+        raise InvalidInputError("documents must be a list of LangChain Documents; wrap the "
+                                "single document in a list")
+    out = []
+    for i, d in enumerate(docs):
+        if not isinstance(d, LCDocument):
+            raise InvalidInputError(f"documents[{i}] must be a langchain_core Document, got "
+                                    f"{type(d).__name__}")
+        out.append(Document(text=d.page_content, id=document_id(d), metadata=dict(d.metadata)))
+    return out
+
+
+def hit_to_document(hit: Hit) -> LCDocument:
+    """A core `Hit` -> a LangChain `Document` carrying the scores in its metadata."""
+    meta = dict(hit.document.metadata)
+    meta[SCORE_KEY] = hit.score
+    meta[RANKS_KEY] = dict(hit.ranks)
+    meta[SCORES_KEY] = dict(hit.scores)
+    meta[CHUNK_ID_KEY] = hit.chunk_id if hit.chunk_id is not None else hit.id
+    return LCDocument(page_content=hit.document.text, metadata=meta, id=hit.id)
+
+
+# -- retriever / document index ----------------------------------------------------------------
+class RetrieveKitRetriever(DocumentIndex):
+    """Hybrid BM25 + dense (+ rerank) retrieval as a LangChain retriever and `DocumentIndex`.
+
+    Build it around a `HybridRetriever` (``RetrieveKitRetriever(retriever=hr)``), or let it
+    build one: ``RetrieveKitRetriever(config=<RetrieverConfig | dict | TOML path>, path=...,
+    collection=..., embedder=..., reranker=...)``; a retriever it built is closed by `close()`.
+
+    Search options are fields and may be overridden per call, e.g.
+    ``retriever.invoke(q, k=3, where={"lang": "en"}, mode="sparse")``; a call-time value
+    replaces the field's (filters are not merged).
+
+    Args:
+        retriever: the `HybridRetriever` to search and write to.
+        k: documents to return (default 4).
+        where: a Chroma metadata filter applied to the dense and the BM25 side alike.
+        mode: "hybrid", "dense" or "sparse" (None: the retriever's configured mode).
+        rerank: rerank with the retriever's cross-encoder (None: when one is configured).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    retriever: HybridRetriever
+    k: int = 4
+    where: dict[str, Any] | None = None
+    mode: str | None = None
+    rerank: bool | None = None
+
+    _owned: bool = PrivateAttr(default=False)
+
+    def __init__(self, **data: Any) -> None:
+        build = {key: data.pop(key) for key in _BUILD_KEYS if key in data}
+        config = data.pop("config", None)
+        owned = False
+        if data.get("retriever") is not None:
+            if build or config is not None:
+                extra = sorted(build) + (["config"] if config is not None else [])
+                raise ConfigError(f"pass either retriever= or config/{list(_BUILD_KEYS)}, not "
+                                  f"both (got retriever and {extra})")
+            if not isinstance(data["retriever"], HybridRetriever):
+                raise ConfigError(f"retriever must be a retrievekit HybridRetriever, got "
+                                  f"{type(data['retriever']).__name__}")
+        else:
+            if config is not None and not isinstance(config, (RetrieverConfig, Mapping, str,
+                                                               Path)):
+                raise ConfigError(f"config must be a RetrieverConfig, a dict or a TOML path, "
+                                  f"got {type(config).__name__}")
+            data["retriever"] = HybridRetriever(config, **build)
+            owned = True
+        try:
+            super().__init__(**data)
+        except BaseException:
+            if owned:
+                data["retriever"].close()
+            raise
+        self._owned = owned
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, v: int) -> int:
+        if isinstance(v, bool) or v < 1:
+            raise ValueError(f"k must be an int >= 1, got {v!r}")
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)} or None, got {v!r}")
+        return v
+
+    # -- search ------------------------------------------------------------------------------
+    def _search_args(self, k: int | None, where: Any, mode: Any, rerank: Any,
+                     extra: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Call-time values where given, else the fields'."""
+        extra.pop("verbose", None)  # BaseRetriever.invoke leaves it in for its callbacks
+        if extra:
+            hint = "; use where= for a metadata filter" if "filter" in extra else ""
+            raise InvalidInputError(f"unknown search arguments {sorted(extra)}; valid: "
+                                    f"{list(_SEARCH_KWARGS)}{hint}")
+        return (self.k if k is None else k,
+                {"where": self.where if where is _UNSET else where,
+                 "mode": self.mode if mode is _UNSET else mode,
+                 "rerank": self.rerank if rerank is _UNSET else rerank})
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None, where: Any = _UNSET, mode: Any = _UNSET,
+                                rerank: Any = _UNSET, **kwargs: Any) -> list[LCDocument]:
+        """Search; `k`, `where`, `mode`, `rerank` override the fields for this call
+        (``where=None`` searches without the field's filter)."""
+        n, options = self._search_args(k, where, mode, rerank, kwargs)
+        return [hit_to_document(h) for h in self.retriever.search(query, n, **options)]
+
+    async def _aget_relevant_documents(self, query: str, *,
+                                       run_manager: AsyncCallbackManagerForRetrieverRun,
+                                       k: int | None = None, where: Any = _UNSET,
+                                       mode: Any = _UNSET, rerank: Any = _UNSET,
+                                       **kwargs: Any) -> list[LCDocument]:
+        """`_get_relevant_documents` through `HybridRetriever.asearch` (a worker thread)."""
+        n, options = self._search_args(k, where, mode, rerank, kwargs)
+        hits = await self.retriever.asearch(query, n, **options)
+        return [hit_to_document(h) for h in hits]
+
+    # -- writes ------------------------------------------------------------------------------
+    def add_documents(self, documents: Sequence[LCDocument], **kwargs: Any) -> list[str]:
+        """Index LangChain documents (loader or splitter output); returns their ids.
+
+        Ids: ``Document.id`` when set, else a hash of text and metadata (`document_id`).
+        Metadata values must be str, int, float, bool or lists of one of those.
+        ``kwargs`` go to `HybridRetriever.add_documents` (e.g. ``progress=False``).
+        """
+        return self.retriever.add_documents(to_core(documents), **kwargs)
+
+    async def aadd_documents(self, documents: Sequence[LCDocument], **kwargs: Any) -> list[str]:
+        return await asyncio.to_thread(self.add_documents, list(documents), **kwargs)
+
+    def upsert(self, items: Sequence[LCDocument], /, **kwargs: Any) -> UpsertResponse:
+        """`DocumentIndex.upsert`: insert or replace by id. The batch is validated before
+        anything is written, so an invalid item raises instead of being reported failed."""
+        return {"succeeded": self.add_documents(items, **kwargs), "failed": []}
+
+    async def aupsert(self, items: Sequence[LCDocument], /, **kwargs: Any) -> UpsertResponse:
+        return await asyncio.to_thread(self.upsert, list(items), **kwargs)
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> DeleteResponse:
+        """Delete documents (all their chunks) by id; unknown ids are not failures."""
+        if ids is None:
+            raise InvalidInputError("delete needs ids=[...]; to drop a whole store, delete its "
+                                    "collection or directory")
+        if kwargs:
+            raise InvalidInputError(f"delete takes only ids, got {sorted(kwargs)}")
+        if isinstance(ids, str):
+            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
+        ids = list(dict.fromkeys(ids))
+        present = {d.id for d in self.retriever.get(ids)}
+        self.retriever.delete(ids)
+        done = [i for i in ids if i in present]
+        return {"num_deleted": len(done), "succeeded": done, "failed": [], "num_failed": 0}
+
+    async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> DeleteResponse:
+        return await asyncio.to_thread(self.delete, ids, **kwargs)
+
+    def get(self, ids: Sequence[str], /, **kwargs: Any) -> list[LCDocument]:
+        """Documents by id with their own metadata (no scores); unknown ids are skipped."""
+        if kwargs:
+            raise InvalidInputError(f"get takes only ids, got {sorted(kwargs)}")
+        if isinstance(ids, str):
+            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
+        return [LCDocument(page_content=d.text, metadata=dict(d.metadata), id=d.id)
+                for d in self.retriever.get(list(ids))]
+
+    async def aget(self, ids: Sequence[str], /, **kwargs: Any) -> list[LCDocument]:
+        return await asyncio.to_thread(self.get, list(ids), **kwargs)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the `HybridRetriever` if this object built it (a passed-in one is the
+        caller's to close)."""
+        if self._owned:
+            self.retriever.close()
+
+    def __enter__(self) -> "RetrieveKitRetriever":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- reranker -------------------------------------------------------------------------------
+class RetrieveKitReranker(BaseDocumentCompressor):
+    """Cross-encoder reranking of any retriever's documents (a `BaseDocumentCompressor`).
+
+    Returns new documents, best first, with the score in ``metadata["relevance_score"]``;
+    the input documents are not changed.
+
+    Args:
+        reranker: a ready `retrievekit.rerank.Reranker`, or
+        model: a cross-encoder name or local directory to build one from.
+        top_n: keep at most this many (default 3, as LangChain's `CrossEncoderReranker`;
+            None: the reranker's own `top_n` setting, by default all).
+        score_threshold: drop documents scoring below it (None: the reranker's own
+            `threshold`; scores are 0..1 unless the reranker's `sigmoid` is off).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    reranker: Reranker
+    top_n: int | None = 3
+    score_threshold: float | None = None
+
+    def __init__(self, **data: Any) -> None:
+        model = data.pop("model", None)
+        if model is not None:
+            if data.get("reranker") is not None:
+                raise ConfigError("pass either reranker= or model=, not both")
+            if not isinstance(model, (str, Path)):
+                raise ConfigError(f"model must be a cross-encoder name or directory, got "
+                                  f"{type(model).__name__}")
+            data["reranker"] = Reranker(model=str(model))
+        elif data.get("reranker") is None:
+            raise ConfigError("RetrieveKitReranker needs reranker=Reranker(...) or "
+                              "model='<cross-encoder name or path>'")
+        elif not isinstance(data["reranker"], Reranker):
+            raise ConfigError(f"reranker must be a retrievekit Reranker, got "
+                              f"{type(data['reranker']).__name__}")
+        super().__init__(**data)
+
+    @field_validator("top_n")
+    @classmethod
+    def _check_top_n(cls, v: int | None) -> int | None:
+        if v is not None and (isinstance(v, bool) or v < 1):
+            raise ValueError(f"top_n must be an int >= 1 or None, got {v!r}")
+        return v
+
+    def compress_documents(self, documents: Sequence[LCDocument], query: str,
+                           callbacks: Callbacks | None = None) -> list[LCDocument]:
+        """Rerank `documents` for `query`; returns copies with ``relevance_score`` set."""
+        docs = list(documents)
+        if not docs:
+            return []
+        # positions as ids: input documents need no id of their own
+        hits = [Hit(Document(text=d.page_content, id=str(i)), score=0.0)
+                for i, d in enumerate(docs)]
+        ranked = self.reranker.rerank(query, hits, top_n=self.top_n,
+                                      threshold=self.score_threshold)
+        out = []
+        for h in ranked:
+            src = docs[int(h.id)]
+            out.append(LCDocument(page_content=src.page_content, id=src.id,
+                                  metadata={**src.metadata, RELEVANCE_KEY: h.score}))
+        return out
+
+    async def acompress_documents(self, documents: Sequence[LCDocument], query: str,
+                                  callbacks: Callbacks | None = None) -> list[LCDocument]:
+        return await asyncio.to_thread(self.compress_documents, list(documents), query)
