@@ -13,19 +13,16 @@ rebuild cheap), so Chroma stays the single source of truth.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .embedding import truncate_and_normalize
-from .sparse import _fsync_dir, _write_json
+from .persist import current_snapshot, load_array, load_json, save_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -99,41 +96,28 @@ class FunnelVectors:
     def nbytes(self) -> int:
         return len(self._rows) * self.dim * 4
 
-    # -- persistence (same scheme as the BM25 index: new folder, then a pointer swap) -----
+    # -- persistence (persist.py: new folder, then an atomic pointer swap) ----------------
     def save(self, directory: str | os.PathLike, marker: str) -> None:
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             ids = sorted(self._rows)
             matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
                 np.zeros((0, self.dim), np.float32)
             hashes = [self._hashes.get(i, "") for i in ids]
-        name = f"funnel-{uuid.uuid4().hex[:12]}"
-        tmp = root / (name + ".tmp")
-        tmp.mkdir()
-        np.save(tmp / "vectors.npy", matrix, allow_pickle=False)
-        _write_json(tmp / "ids.json", ids)
-        _write_json(tmp / "hashes.json", hashes)
-        _write_json(tmp / "meta.json", {"format": FORMAT_VERSION, "dim": self.dim,
-                                        "count": len(ids), "marker": marker})
-        _fsync_dir(tmp)
-        os.rename(tmp, root / name)
-        _write_json(root / "current.json", {"dir": name, "format": FORMAT_VERSION})
+        save_snapshot(directory, "funnel", {
+            "vectors": matrix, "ids": ids, "hashes": hashes,
+            "meta": {"format": FORMAT_VERSION, "dim": self.dim, "count": len(ids),
+                     "marker": marker}})
         self.marker = marker
-        for old in root.iterdir():
-            if old.is_dir() and old.name != name and old.name.startswith("funnel-"):
-                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, dim: int) -> "FunnelVectors | None":
         root = Path(directory)
         try:
-            current = json.loads((root / "current.json").read_text())
-            d = root / current["dir"]
-            meta = json.loads((d / "meta.json").read_text())
-            ids = json.loads((d / "ids.json").read_text())
-            hashes = json.loads((d / "hashes.json").read_text())
-            matrix = np.load(d / "vectors.npy", allow_pickle=False)
+            d = current_snapshot(root)
+            meta = load_json(d, "meta")
+            ids = load_json(d, "ids")
+            hashes = load_json(d, "hashes")
+            matrix = load_array(d, "vectors")
             if meta["dim"] != dim or matrix.shape != (len(ids), dim) or len(hashes) != len(ids) \
                     or meta["count"] != len(ids) or matrix.dtype != np.float32:
                 raise ValueError("inconsistent funnel arrays")

@@ -10,12 +10,9 @@ new immutable snapshot and swap it in, so concurrent searches never see half an 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
@@ -23,6 +20,7 @@ from typing import Any, Collection, Iterable, Sequence
 import numpy as np
 
 from .errors import ConfigError, MissingDependencyError
+from .persist import current_snapshot, load_array, load_json, save_snapshot
 from .tokenize import Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
@@ -243,8 +241,6 @@ class BM25Index:
 
     def save(self, directory: str | os.PathLike, marker: str) -> None:
         """Write the index under `directory` atomically (a new folder, then a pointer swap)."""
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
         with self._lock:
             ids = sorted(self._terms)
             arrays = [self._terms[d] for d in ids]
@@ -252,44 +248,31 @@ class BM25Index:
             vocab_list = [""] * len(self._vocab)
             for t, i in self._vocab.items():
                 vocab_list[i] = t
-        name = f"bm25-{uuid.uuid4().hex[:12]}"
-        tmp = root / (name + ".tmp")
-        tmp.mkdir()
         lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         terms = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-        np.save(tmp / "offsets.npy", offsets, allow_pickle=False)
-        np.save(tmp / "terms.npy", terms, allow_pickle=False)
-        _write_json(tmp / "ids.json", ids)
-        _write_json(tmp / "vocab.json", vocab_list)
-        _write_json(tmp / "hashes.json", hashes)
-        _write_json(tmp / "meta.json", {"signature": self.signature(), "marker": marker,
-                                        "count": len(ids)})
-        _fsync_dir(tmp)
-        os.rename(tmp, root / name)
-        _write_json(root / "current.json", {"dir": name, "format": FORMAT_VERSION})
+        save_snapshot(directory, "bm25", {
+            "offsets": offsets, "terms": terms, "ids": ids, "vocab": vocab_list,
+            "hashes": hashes,
+            "meta": {"signature": self.signature(), "marker": marker, "count": len(ids)}})
         self.marker = marker
-        for old in root.iterdir():  # earlier versions and crashed temp folders
-            if old.is_dir() and old.name != name and old.name.startswith("bm25-"):
-                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, config: SparseConfig) -> "BM25Index | None":
         """Load a saved index; None when missing, unreadable, or saved with other settings."""
         root = Path(directory)
         try:
-            current = json.loads((root / "current.json").read_text())
-            d = root / current["dir"]
-            meta = json.loads((d / "meta.json").read_text())
+            d = current_snapshot(root)
+            meta = load_json(d, "meta")
             index = cls(config)
             if meta["signature"] != index.signature():
                 logger.info("BM25 index at %s has other settings; it will be rebuilt", d)
                 return None
-            ids = json.loads((d / "ids.json").read_text())
-            vocab_list = json.loads((d / "vocab.json").read_text())
-            offsets = np.load(d / "offsets.npy", allow_pickle=False)
-            terms = np.load(d / "terms.npy", allow_pickle=False)
-            hashes = json.loads((d / "hashes.json").read_text())
+            ids = load_json(d, "ids")
+            vocab_list = load_json(d, "vocab")
+            offsets = load_array(d, "offsets")
+            terms = load_array(d, "terms")
+            hashes = load_json(d, "hashes")
             if len(hashes) != len(ids) or len(offsets) != len(ids) + 1 or int(offsets[-1]) != len(terms) \
                     or meta["count"] != len(ids) or (len(terms) and terms.max() >= len(vocab_list)):
                 raise ValueError("inconsistent arrays")
@@ -305,17 +288,3 @@ class BM25Index:
         index.marker = meta["marker"]
         return index
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, ensure_ascii=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
