@@ -35,6 +35,8 @@ STORE_FORMAT = 1
 HASH_KEY = "_rk_hash"
 START_KEY = "_rk_start"
 END_KEY = "_rk_end"
+#: The marker of derived state known to be out of step; no store ever holds it.
+STALE_MARKER = "stale"
 
 
 def _hash_record(text: str, metadata: Mapping[str, Any]) -> str:
@@ -120,14 +122,16 @@ class HybridRetriever:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str = ".retrievekit", *, collection: str = "retrievekit",
-             host: str | None = None, port: int = 8000, **changes: Any) -> "HybridRetriever":
+             host: str | None = None, port: int = 8000, ssl: bool = False,
+             auth_token: str | None = None, **changes: Any) -> "HybridRetriever":
         """Open an existing store with the settings recorded in it (model, prefixes, ...).
 
+        `host`, `port`, `ssl`, `auth_token`: a Chroma server instead of the directory `path`.
         `changes` may set query-time options (mode, candidates, reranker, rrf_k, weights).
         """
         store_cfg: dict[str, Any] = {"path": path, "collection": collection}
         if host is not None:
-            store_cfg.update(host=host, port=port)
+            store_cfg.update(host=host, port=port, ssl=ssl, auth_token=auth_token)
         probe = ChromaStore(RetrieverConfig.from_dict({"store": store_cfg}).store)
         try:
             recorded = probe.read_settings()
@@ -158,6 +162,13 @@ class HybridRetriever:
                 "funnel_dim": self.config.funnel_dim}
 
     def _check_settings(self) -> None:
+        td = self.config.embedder.truncate_dim
+        if td is not None:  # checked against the model before a new store records it
+            dim = self.embedder.model_dim
+            if td > dim:
+                raise ConfigError(
+                    f"truncate_dim={td} is larger than the dimension of "
+                    f"{self.config.embedder.model!r} ({dim}); use a value <= {dim} or None")
         fd = self.config.funnel_dim
         if fd is not None and fd >= self.embedder.dim:
             raise ConfigError(
@@ -186,7 +197,8 @@ class HybridRetriever:
     def _open_sparse(self) -> BM25Index:
         marker = self.store.read_marker()
         local = self.store.local_dir
-        index = BM25Index.load(local / "sparse", self.config.sparse) if local else None
+        index = _load_derived(BM25Index.load, local / "sparse", self.config.sparse) \
+            if local else None
         if index is not None and index.marker == marker and len(index) == self.store.count():
             return index
         if index is not None:
@@ -201,7 +213,7 @@ class HybridRetriever:
             return None
         local = self.store.local_dir
         dim = self.embedder.dim
-        funnel = FunnelVectors.load(local / "funnel", dim) if local else None
+        funnel = _load_derived(FunnelVectors.load, local / "funnel", dim) if local else None
         marker = self.store.read_marker()
         if funnel is not None and funnel.marker == marker and len(funnel) == self.store.count():
             return funnel
@@ -334,20 +346,40 @@ class HybridRetriever:
             vectors = self.embedder.embed_documents([r.text for r in todo], progress=progress)
             stored = vectors if self.funnel is None else short_vectors(vectors,
                                                                        self.config.funnel_dim)
-            marker = self.store.new_marker()
+            started, in_step = self._begin_write()
             self.store.upsert([r.id for r in todo], stored, [r.text for r in todo],
                               [r.metadata for r in todo])
             if stale:
                 self.store.delete(stale)
-            self.sparse.upsert([r.id for r in todo], [r.text for r in todo],
-                               [r.metadata[HASH_KEY] for r in todo])
-            self.sparse.delete(stale)
-            if self.funnel is not None:
-                self.funnel.upsert([r.id for r in todo], vectors,
+            with self._sync_lock:  # no catch-up may interleave with applying our own write
+                self.sparse.upsert([r.id for r in todo], [r.text for r in todo],
                                    [r.metadata[HASH_KEY] for r in todo])
-                self.funnel.delete(stale)
-            self._save_sparse(marker)
+                self.sparse.delete(stale)
+                if self.funnel is not None:
+                    self.funnel.upsert([r.id for r in todo], vectors,
+                                       [r.metadata[HASH_KEY] for r in todo])
+                    self.funnel.delete(stale)
+                self._finish_write(started, in_step)
         return ids
+
+    def _begin_write(self) -> tuple[str, bool]:
+        """Set a fresh change marker before writing to Chroma: derived state saved under an
+        older one is stale from here on (a crash mid-write is caught up on the next open).
+        Returns the marker and whether our derived state was in step with Chroma before."""
+        before, started = self.store.swap_marker()
+        return started, before == self.sparse.marker
+
+    def _finish_write(self, started: str, in_step: bool) -> None:
+        """Set another fresh marker now that the records are in Chroma, and save the derived
+        state under it.
+
+        A server client that caught up while the write was under way recorded `started`
+        with only part of the records; the new marker makes it catch up again. Our own
+        derived state takes the new marker only if it was in step before the write and no
+        other client changed the marker during it; otherwise it is marked stale, and the
+        next search (server) or open (embedded) catches up from Chroma."""
+        current, final = self.store.swap_marker()
+        self._save_sparse(final if in_step and current == started else STALE_MARKER)
 
     def _existing(self, parents: Sequence[str]) -> dict[str, str]:
         """Records now stored for these parent ids: record id -> content hash."""
@@ -385,12 +417,13 @@ class HybridRetriever:
             records = list(self._existing(ids))
             if not records:
                 return 0
-            marker = self.store.new_marker()
+            started, in_step = self._begin_write()
             self.store.delete(records)
-            self.sparse.delete(records)
-            if self.funnel is not None:
-                self.funnel.delete(records)
-            self._save_sparse(marker)
+            with self._sync_lock:
+                self.sparse.delete(records)
+                if self.funnel is not None:
+                    self.funnel.delete(records)
+                self._finish_write(started, in_step)
         return len(records)
 
     # -- reads -----------------------------------------------------------------------------
@@ -472,13 +505,13 @@ class HybridRetriever:
             vec = self.embedder.embed_query(query) if qvec is None else qvec
             try:
                 if self.funnel is None:
-                    dense = self.store.query(vec, n, where)
+                    dense = self.store.query(vec, n, where, with_text=False)
                 else:
                     dense = self._funnel_query(vec, n, where, extra)
             except ValueError as exc:
                 raise InvalidInputError(f"where={where!r} is not a valid Chroma filter: {exc}") from exc
             lists["dense"] = [(rid, sim) for rid, sim, _, _ in dense]
-            texts.update({rid: (t, m) for rid, _, t, m in dense})
+            texts.update({rid: (t, m) for rid, _, t, m in dense if t is not None})
         if mode in ("hybrid", "sparse"):
             allowed = None
             if where is not None:
@@ -514,7 +547,8 @@ class HybridRetriever:
         """Stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones."""
         assert self.funnel is not None and self.config.funnel_dim is not None
         n1 = max(n, self.config.funnel_candidates or 4 * n)
-        stage1 = self.store.query(short_vectors(vec, self.config.funnel_dim)[0], n1, where)
+        stage1 = self.store.query(short_vectors(vec, self.config.funnel_dim)[0], n1, where,
+                                  with_text=False)
         sims = self.funnel.similarities([rid for rid, *_ in stage1], vec)
         for r, (rid, s1, _, _) in enumerate(stage1, start=1):
             extra[rid] = (r, s1)
@@ -524,29 +558,36 @@ class HybridRetriever:
 
     def _to_hits(self, ranked: list[tuple[str, float, dict[str, int], dict[str, float]]],
                  texts: dict[str, tuple[str, dict[str, Any]]], limit: int) -> list[Hit]:
+        """Hits for the best `limit` entries of `ranked`; texts are read from Chroma only for
+        the entries that can still make the cut (a page at a time, since collapsing chunks
+        to parents can drop entries)."""
         collapse = self.config.collapse_chunks
-        missing = [rid for rid, *_ in ranked if rid not in texts]
-        if missing:
-            got = self.store.get(ids=missing, include=["documents", "metadatas"])
-            texts.update({rid: (t, m or {}) for rid, t, m in
-                          zip(got["ids"], got["documents"], got["metadatas"])})
         hits: list[Hit] = []
         seen: set[str] = set()
-        for rid, score, ranks, scores in ranked:
-            if rid not in texts:  # deleted between the two reads
-                continue
-            text, meta = texts[rid]
-            parent = str(meta.get(PARENT_KEY, rid))
-            if collapse:
-                if parent in seen:
+        pos = 0
+        while pos < len(ranked) and len(hits) < limit:
+            page = ranked[pos:pos + max(2 * (limit - len(hits)), 10)]
+            pos += len(page)
+            missing = [rid for rid, *_ in page if rid not in texts]
+            if missing:
+                got = self.store.get(ids=missing, include=["documents", "metadatas"])
+                texts.update({rid: (t, m or {}) for rid, t, m in
+                              zip(got["ids"], got["documents"], got["metadatas"])})
+            for rid, score, ranks, scores in page:
+                if rid not in texts:  # deleted between the two reads
                     continue
-                seen.add(parent)
-            doc_id = parent if collapse else rid
-            hits.append(Hit(Document(text=text, id=doc_id, metadata=public_metadata(meta)),
-                            score=float(score), ranks=ranks, scores=scores, chunk_id=rid,
-                            chunk_index=int(meta.get(CHUNK_KEY, 0))))
-            if len(hits) >= limit:
-                break
+                text, meta = texts[rid]
+                parent = str(meta.get(PARENT_KEY, rid))
+                if collapse:
+                    if parent in seen:
+                        continue
+                    seen.add(parent)
+                doc_id = parent if collapse else rid
+                hits.append(Hit(Document(text=text, id=doc_id, metadata=public_metadata(meta)),
+                                score=float(score), ranks=ranks, scores=scores, chunk_id=rid,
+                                chunk_index=int(meta.get(CHUNK_KEY, 0))))
+                if len(hits) >= limit:
+                    break
         return hits
 
     async def asearch(self, query: str, k: int = 10, **kwargs: Any) -> list[Hit]:
@@ -580,6 +621,17 @@ class HybridRetriever:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _load_derived(load: Any, directory: Path, *args: Any) -> Any:
+    """Load saved derived state; None (rebuilt from Chroma) on any failure to read it, e.g.
+    numpy's EOFError for an empty `.npy` file, which a loader may not expect."""
+    try:
+        return load(directory, *args)
+    except Exception as exc:
+        logger.warning("derived state at %s is unreadable (%s: %s); it will be rebuilt",
+                       directory, type(exc).__name__, exc)
+        return None
 
 
 def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> RetrieverConfig:

@@ -63,6 +63,13 @@ class StoreConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"store.{name} must be a positive int, got {v!r}")
+        token = self.auth_token
+        if token is not None and (not isinstance(token, str) or not token
+                                  or not all(33 <= ord(c) <= 126 for c in token)):
+            # the value is a secret: never echo it
+            raise ConfigError(
+                "store.auth_token must be a non-empty str of printable ASCII without spaces "
+                "(it travels in an HTTP header); the value given is not shown")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -159,6 +166,13 @@ class ChromaStore:
                                              settings=self._settings())
                 client.heartbeat()
             except Exception as exc:
+                status = self._refused_status()
+                if status is not None:
+                    fix = "check store.auth_token" if cfg.auth_token else \
+                        "it wants a token: set store.auth_token"
+                    raise StoreError(
+                        f"the Chroma server at {cfg.host}:{cfg.port} refused the credentials "
+                        f"(HTTP {status}); {fix}") from exc
                 raise StoreError(
                     f"could not reach the Chroma server at {cfg.host}:{cfg.port} "
                     f"({type(exc).__name__}: {str(exc)[:200]}); start it with "
@@ -183,6 +197,19 @@ class ChromaStore:
         except Exception:
             self._release_lock()
             raise
+
+    def _refused_status(self) -> int | None:
+        """401 or 403 when the server (or a proxy in front of it) refuses our credentials."""
+        import httpx
+
+        cfg = self.config
+        url = f"{'https' if cfg.ssl else 'http'}://{cfg.host}:{cfg.port}/api/v2/auth/identity"
+        headers = {"Authorization": f"Bearer {cfg.auth_token}"} if cfg.auth_token else {}
+        try:
+            status = httpx.get(url, headers=headers, timeout=10).status_code
+        except httpx.HTTPError:
+            return None
+        return status if status in (401, 403) else None
 
     def _acquire_lock(self, path: Path) -> None:
         from filelock import FileLock, Timeout
@@ -214,9 +241,17 @@ class ChromaStore:
             raise StoreError(f"could not open collection {cfg.collection!r}: {exc}") from exc
 
     def close(self) -> None:
-        self._release_lock()
-        self.client = None
+        client, self.client = self.client, None
         self.collection = None
+        if client is not None and not self.config.is_memory:
+            # Stop this client's Chroma System: an HttpClient holds its own connection pool,
+            # and an embedded one, if kept, would serve a stale HNSW index to a later reopen
+            # in this process after another process has written to the directory.
+            try:
+                client.close()
+            except Exception as exc:  # closing must not fail a caller's cleanup
+                logger.debug("closing the Chroma client failed: %s", exc)
+        self._release_lock()  # last: no other process may open while our client is open
 
     @property
     def local_dir(self) -> Path | None:
@@ -248,11 +283,16 @@ class ChromaStore:
 
     def new_marker(self) -> str:
         """Record that a write is starting; derived state saved with an older marker is stale."""
+        return self.swap_marker()[1]
+
+    def swap_marker(self) -> tuple[str, str]:
+        """Set a fresh change marker; returns (the marker it replaced, the new one)."""
         marker = uuid.uuid4().hex
         meta = self._metadata()
+        previous = str(meta.get(_MARKER_KEY, ""))
         meta[_MARKER_KEY] = marker
         self.collection.modify(metadata=meta)
-        return marker
+        return previous, marker
 
     # -- records ---------------------------------------------------------------------------
     @property
@@ -304,15 +344,22 @@ class ChromaStore:
             yield batch
             offset += len(batch["ids"])
 
-    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
-              ) -> list[tuple[str, float, str, dict[str, Any]]]:
-        """Nearest records by cosine similarity: [(id, similarity, text, metadata)]."""
+    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None,
+              *, with_text: bool = True
+              ) -> list[tuple[str, float, str | None, dict[str, Any] | None]]:
+        """Nearest records by cosine similarity: [(id, similarity, text, metadata)].
+
+        With `with_text=False` only ids and similarities are read (text and metadata are
+        None): much cheaper when most candidates are dropped later."""
         if n <= 0:
             return []
+        include = ["distances", "documents", "metadatas"] if with_text else ["distances"]
         res = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
                                     n_results=n, where=dict(where) if where else None,
-                                    include=["distances", "documents", "metadatas"])
+                                    include=include)
+        ids, dist = res["ids"][0], res["distances"][0]
+        if not with_text:
+            return [(i, 1.0 - float(d), None, None) for i, d in zip(ids, dist)]
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d), t, m or {}) for i, d, t, m in
-                zip(res["ids"][0], res["distances"][0], res["documents"][0],
-                    res["metadatas"][0])]
+                zip(ids, dist, res["documents"][0], res["metadatas"][0])]
