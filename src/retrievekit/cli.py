@@ -103,9 +103,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import run_eval
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RetrieveKitError(f"--threads {args.threads}: give an int >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_eval(args.dataset, modes=args.modes.split(","), k=args.k, out=args.out,
              split=args.split, model=args.model, reranker=args.reranker,
-             cache_dir=args.cache_dir, max_queries=args.max_queries, truncate_dim=args.truncate_dim)
+             cache_dir=args.cache_dir, max_queries=args.max_queries, truncate_dim=args.truncate_dim,
+             candidates=args.candidates, rerank_candidates=args.rerank_candidates,
+             dtype=args.dtype, progress=False if args.quiet else None)
     return 0
 
 
@@ -156,7 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--truncate-dim", type=int, default=None)
     sp.add_argument("--cache-dir", default=None,
                     help="embedding cache directory (default: <out>/cache)")
-    sp.add_argument("--max-queries", type=int, default=None, help="evaluate a sample only")
+    sp.add_argument("--max-queries", type=int, default=None,
+                    help="evaluate a seeded sample of this many queries only")
+    sp.add_argument("--candidates", type=int, default=100,
+                    help="per-side candidates fused in hybrid mode (at least 100 are used, "
+                    "so Recall@100 is meaningful)")
+    sp.add_argument("--rerank-candidates", type=int, default=None,
+                    help="fused hits the cross-encoder reorders in the rerank mode (default 50)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                    default="float32", help="embedding model precision")
+    sp.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; 1 is steadier on a busy machine)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_eval)
 
     try:

@@ -498,11 +498,36 @@ class HybridRetriever:
         if n == 0:
             return []
 
+        vec = None
+        if mode in ("hybrid", "dense"):
+            vec = self.embedder.embed_query(query) if qvec is None else qvec
+        allowed = None
+        if mode in ("hybrid", "sparse") and where is not None:
+            try:
+                allowed = self.store.get(where=where, include=[])["ids"]
+            except ValueError as exc:
+                raise InvalidInputError(
+                    f"where={where!r} is not a valid Chroma filter: {exc}") from exc
+        while True:
+            hits, full = self._ranked_hits(query, vec, mode, n, where, allowed, want)
+            # chunks of one document collapse into one hit: when that leaves fewer than
+            # asked for, widen the candidate lists rather than return a short page
+            if len(hits) >= want or n >= total or not full:
+                break
+            n = min(total, 2 * n)
+        if use_rerank and self.reranker is not None:
+            hits = self.reranker.rerank(query, hits[:self.reranker.config.candidates])
+        return hits[:k]
+
+    def _ranked_hits(self, query: str, vec: np.ndarray | None, mode: str, n: int,
+                     where: dict[str, Any] | None, allowed: list[str] | None, want: int
+                     ) -> tuple[list[Hit], bool]:
+        """Candidates of each side, fused (hybrid) and turned into at most `want` hits.
+        Also says whether any side returned a full list of `n` (more may exist)."""
         texts: dict[str, tuple[str, dict[str, Any]]] = {}
         lists: dict[str, list[tuple[str, float]]] = {}
         extra: dict[str, tuple[int, float]] = {}  # funnel stage-1 rank and score by id
         if mode in ("hybrid", "dense"):
-            vec = self.embedder.embed_query(query) if qvec is None else qvec
             try:
                 if self.funnel is None:
                     dense = self.store.query(vec, n, where, with_text=False)
@@ -513,13 +538,6 @@ class HybridRetriever:
             lists["dense"] = [(rid, sim) for rid, sim, _, _ in dense]
             texts.update({rid: (t, m) for rid, _, t, m in dense if t is not None})
         if mode in ("hybrid", "sparse"):
-            allowed = None
-            if where is not None:
-                try:
-                    allowed = self.store.get(where=where, include=[])["ids"]
-                except ValueError as exc:
-                    raise InvalidInputError(
-                        f"where={where!r} is not a valid Chroma filter: {exc}") from exc
             lists["sparse"] = self.sparse.search(query, n, allowed=allowed)
 
         if mode == "hybrid":
@@ -536,10 +554,8 @@ class HybridRetriever:
             ranked = [(rid, sc, {**ranks, "funnel": extra[rid][0]} if rid in extra else ranks,
                        {**scores, "funnel": extra[rid][1]} if rid in extra else scores)
                       for rid, sc, ranks, scores in ranked]
-        hits = self._to_hits(ranked, texts, limit=want)
-        if use_rerank and self.reranker is not None:
-            hits = self.reranker.rerank(query, hits[:self.reranker.config.candidates])
-        return hits[:k]
+        full = any(len(v) >= n for v in lists.values())
+        return self._to_hits(ranked, texts, limit=want), full
 
     def _funnel_query(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
                       extra: dict[str, tuple[int, float]]

@@ -148,6 +148,10 @@ def test_long_document_is_chunked_not_truncated(tmp_path, embedder):
         assert hit.id == "long" and hit.chunk_id.startswith("long#chunk") and hit.chunk_index > 0
         assert "saffron" in hit.document.text
         assert r.get(["long"])[0].text == text  # chunks put back together exactly
+        # chunks collapsing into one hit must not make a page short: candidates widen
+        for mode in ("dense", "hybrid"):
+            hits = r.search("gardening words and an ingredient", k=2, mode=mode, candidates=1)
+            assert sorted(h.id for h in hits) == ["long", "short"], mode
         # a shorter new version drops the stale chunks
         r.add_documents([Document("Now short.", id="long")])
         assert r.count() == 2
