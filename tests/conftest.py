@@ -86,3 +86,18 @@ def retriever(tmp_path, embedder, corpus_docs):
     r.add_documents(corpus_docs)
     yield r
     r.close()
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """A real `chroma run` server for the session (tests/chroma_server.py), stopped by PID.
+
+    Each test must use its own collection name. Skipped only when no `chroma` CLI exists."""
+    from chroma_server import ChromaServer, chroma_binary  # tests/ is on sys.path
+
+    binary = chroma_binary()
+    if binary is None:
+        pytest.skip("the `chroma` CLI of chromadb is not installed")
+    server = ChromaServer(tmp_path_factory.mktemp("chroma-server") / "data", binary).start()
+    yield server
+    server.stop()

@@ -76,8 +76,8 @@ class _Snapshot:
         self.pos = {d: i for i, d in enumerate(ids)}
         self.vocab = vocab
         self.engine = None
-        if not ids:
-            return
+        if not any(len(a) for a in term_ids):  # no terms at all (e.g. emoji-only texts):
+            return  # nothing can score, and the engines fail on an empty vocabulary
         if config.engine == "bm25s":
             import bm25s
 

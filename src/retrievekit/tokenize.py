@@ -106,4 +106,6 @@ class Tokenizer:
         if self._stem is not None and tokens:
             tokens = self._stem(tokens)
         n = self.config.min_token_len
-        return [t for t in tokens if len(t) >= n] if n > 1 else tokens
+        # a stemmer can return "" (porter: "s"): never emit an empty token
+        return [t for t in tokens if len(t) >= n] if n > 1 or self._stem is not None \
+            else tokens

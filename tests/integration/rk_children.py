@@ -1,0 +1,173 @@
+"""Code that runs in child processes of the reliability tests (crash, lock, two clients).
+
+Children are forked from a multiprocessing forkserver that has imported torch,
+sentence-transformers, chromadb and retrievekit once, so each child starts in well under a
+second instead of ~8 s. Every child is a separate OS process with its own Chroma client,
+file descriptors and locks; `Process.kill()` sends it a real SIGKILL.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import traceback
+from typing import Any
+
+import chromadb  # noqa: F401  (preloaded by the forkserver)
+import sentence_transformers  # noqa: F401
+import torch
+
+from retrievekit.pipeline import HybridRetriever
+from retrievekit.types import Document
+
+_CTX = None
+
+
+def mp_context():
+    """The forkserver context, with the heavy imports preloaded in the server."""
+    global _CTX
+    if _CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        # Modules importable from the default sys.path only: Python 3.11's forkserver does
+        # not apply the parent's sys.path before preloading (a failed preload is silent).
+        ctx.set_forkserver_preload(["torch", "sentence_transformers", "chromadb",
+                                    "retrievekit.pipeline", "retrievekit.persist"])
+        _CTX = ctx
+    return _CTX
+
+
+def make_docs(n: int, version: int = 0, start: int = 0) -> list[Document]:
+    """`n` short documents whose ids, texts and unique terms are known to the parent."""
+    words = ["river", "stone", "cloud", "engine", "garden", "signal", "copper", "lantern",
+             "harbor", "meadow", "glacier", "orbit", "violin", "pepper", "canyon", "saddle"]
+    out = []
+    for i in range(start, start + n):
+        text = (f"record {i} uniq{i}v{version} {words[i % 16]} {words[(i * 7) % 16]} "
+                f"{words[(i * 11 + 3) % 16]} group{i % 13}")
+        out.append(Document(text=text, id=f"d{i:05d}", metadata={"i": i, "g": i % 13}))
+    return out
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_kill_hook(point: str) -> None:
+    """SIGKILL this process at a named point of a write (child processes only)."""
+    import retrievekit.sparse as sparse
+    from chromadb.api.models.Collection import Collection
+
+    if point == "after-first-chroma-batch":
+        original = Collection.upsert
+        calls = {"n": 0}
+
+        def upsert(self, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 1:
+                _die()
+
+        Collection.upsert = upsert
+    elif point == "before-bm25-save":
+        def save(self, *args: Any, **kwargs: Any) -> None:
+            _die()
+
+        sparse.BM25Index.save = save
+    elif point in ("bm25-folder-half-written", "bm25-before-pointer-swap"):
+        target = "hashes.json" if point == "bm25-folder-half-written" else "current.json"
+        from retrievekit import persist
+
+        original_write = persist.write_json
+
+        def write_json(path, obj):
+            if path.name == target and "sparse" in str(path):
+                _die()
+            original_write(path, obj)
+
+        persist.write_json = write_json
+    elif point != "none":
+        raise ValueError(f"unknown kill point {point!r}")
+
+
+def crash_add(path: str, model: str, n: int, version: int, point: str, started,
+              encoded) -> None:
+    """Open the store, then add `n` docs; killed at `point` or by the parent. `encoded` is
+    set once the documents are embedded (the writes come next)."""
+    torch.set_num_threads(1)
+    r = HybridRetriever(path=path, model=model, config={"embedder": {"batch_size": 256}})
+    install_kill_hook(point)
+    embed = r.embedder.embed_documents
+
+    def embed_documents(*args: Any, **kwargs: Any):
+        out = embed(*args, **kwargs)
+        encoded.set()
+        return out
+
+    r.embedder.embed_documents = embed_documents
+    started.set()
+    r.add_documents(make_docs(n, version))
+    encoded.set()  # also when nothing needed embedding: the parent must not wait for it
+    r.close()
+
+
+def hold_store(path: str, model: str, conn) -> None:
+    """Open an embedded store for writing and keep it open, adding the (text, id) pairs it is
+    sent, until told to close."""
+    torch.set_num_threads(1)
+    try:
+        r = HybridRetriever(path=path, model=model)
+    except Exception as exc:  # report what a second opener sees
+        conn.send(("error", type(exc).__name__, str(exc)))
+        return
+    conn.send(("open", "", ""))
+    while (msg := conn.recv()) != "close":
+        r.add_documents([Document(text=msg[0], id=msg[1])])
+        conn.send(("added", msg[1], ""))
+    r.close()
+    conn.send(("closed", "", ""))
+
+
+def server_client(host: str, port: int, collection: str, model: str | None, conn,
+                  pause_before_upsert: bool = False) -> None:
+    """Client A of the two-client tests: runs the commands the parent sends over `conn`.
+
+    With `pause_before_upsert`, the first Chroma upsert waits for a "go" from the parent
+    after saying "paused": the write has started (the change marker is set) but its
+    records are not in Chroma yet."""
+    torch.set_num_threads(1)
+    kwargs: dict[str, Any] = {"host": host, "port": port, "collection": collection}
+    if model:
+        kwargs["model"] = model
+    r = HybridRetriever(**kwargs)
+    if pause_before_upsert:
+        from chromadb.api.models.Collection import Collection
+
+        original = Collection.upsert
+        state = {"paused": False}
+
+        def upsert(self, *args: Any, **kw: Any) -> None:
+            if not state["paused"]:
+                state["paused"] = True
+                conn.send(("paused", None))
+                assert conn.recv() == "go"
+            original(self, *args, **kw)
+
+        Collection.upsert = upsert
+    conn.send(("ready", None))
+    while True:
+        cmd, payload = conn.recv()
+        try:
+            if cmd == "add":
+                result: Any = r.add_documents([Document(**d) for d in payload])
+            elif cmd == "delete":
+                result = r.delete(payload)
+            elif cmd == "quit":
+                r.close()
+                conn.send(("ok", None))
+                return
+            else:
+                raise ValueError(cmd)
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))

@@ -1,0 +1,364 @@
+"""Bad input: each is refused with one retrievekit error whose message names the parameter
+and the fix, and leaves the store as it was (count, BM25 ids and search results compared
+after every failed call). Inputs that are allowed (k above the corpus size, an empty batch,
+None metadata values, duplicates with the same content, long texts) are checked to work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, MODEL
+from retrievekit.errors import (ConfigError, InvalidInputError, ModelNotFoundError,
+                                RetrieveKitError, StoreError, StoreMismatchError)
+from retrievekit.pipeline import HybridRetriever
+from retrievekit.types import Document
+
+QUERIES = ("small pets that purr", "programming language memory safety")
+LONG = " ".join(f"Paragraph {i} talks about harbours, ships and the cargo they carry."
+                for i in range(60))  # ~900 model tokens: more than the 256 the model reads
+
+
+def state(r: HybridRetriever):
+    """What a failed call must not change."""
+    results = [[(h.id, h.document.text, round(h.score, 5)) for h in r.search(q, k=8, mode=m)]
+               for q in QUERIES for m in ("hybrid", "dense", "sparse")]
+    return r.count(), sorted(r.sparse.ids()), sorted(r.store.get(include=[])["ids"]), results
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, embedder):
+    """One store for the call-level cases (each compares the state before and after)."""
+    r = HybridRetriever(path=str(tmp_path_factory.mktemp("bad") / "store"), embedder=embedder)
+    r.add_documents([Document(t, id=i, metadata=m) for i, t, m in CORPUS])
+    yield r, state(r)
+    r.close()
+
+
+def refused(call, shared, error=InvalidInputError, words=()):
+    r, before = shared
+    with pytest.raises(error) as err:
+        call(r)
+    assert isinstance(err.value, RetrieveKitError)
+    msg = str(err.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    assert state(r) == before
+    return msg
+
+
+# -- search ------------------------------------------------------------------------------
+@pytest.mark.parametrize("query", ["", "   ", "\n\t "])
+def test_empty_query(shared, query):
+    refused(lambda r: r.search(query), shared, words=["query", "pass the text"])
+
+
+@pytest.mark.parametrize("query", [None, 42, ["cats"], b"cats"])
+def test_non_str_query(shared, query):
+    refused(lambda r: r.search(query), shared, words=["query must be str"])
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_bad_k(shared, k):
+    refused(lambda r: r.search("cats", k=k), shared, words=["k must be an int >= 1"])
+
+
+def test_k_above_corpus_is_clamped(shared):
+    r, before = shared
+    assert len(r.search("animals", k=1000, mode="dense")) == len(CORPUS)
+    assert len(r.search("animals", k=1000)) == len(CORPUS)
+    assert state(r) == before
+
+
+@pytest.mark.parametrize("mode", ["fuzzy", "DENSE", ""])
+def test_unknown_mode(shared, mode):
+    if mode == "":  # falsy: the configured default is used, not an error
+        r, before = shared
+        assert r.search("cats", mode=mode)
+        return
+    refused(lambda r: r.search("cats", mode=mode), shared,
+            words=["mode must be one of", "hybrid", "sparse"])
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "sparse"])
+@pytest.mark.parametrize("where", [
+    {"year": {"$bogus": 1}}, {"$and": [{"topic": "food"}]}, {"topic": None},
+    {"topic": [1, 2]}, {"$or": "food"}, {"year": {"$in": []}},
+])
+def test_invalid_where(shared, where, mode):
+    refused(lambda r: r.search("cats", where=where, mode=mode), shared,
+            words=["where=", "not a valid Chroma filter"])
+
+
+@pytest.mark.parametrize("where", ["topic=food", [("topic", "food")]])
+def test_where_not_a_dict(shared, where):
+    refused(lambda r: r.search("cats", where=where), shared,
+            words=["where must be a dict", "{'lang': 'en'}"])
+
+
+def test_bad_candidates_and_rerank_without_reranker(shared):
+    refused(lambda r: r.search("cats", candidates=0), shared,
+            words=["candidates must be an int >= 1"])
+    refused(lambda r: r.search("cats", rerank=True), shared, ConfigError,
+            words=["rerank=True", "reranker="])
+
+
+# -- add / delete --------------------------------------------------------------------------
+def test_empty_batch_is_a_no_op(shared):
+    r, before = shared
+    assert r.add_documents([]) == []
+    assert state(r) == before
+
+
+@pytest.mark.parametrize("docs", ["just a string", Document("one doc", id="x"),
+                                  {"text": "one dict"}])
+def test_documents_not_a_list(shared, docs):
+    refused(lambda r: r.add_documents(docs), shared,
+            words=["documents must be a list", "wrap"])
+
+
+GOOD = Document("A perfectly fine new document about kites.", id="kites")
+
+BAD_DOCS = {
+    "empty-text": (Document("", id="e"), ["documents[1].text", "non-empty str"]),
+    "blank-text": (Document("  \n", id="e"), ["documents[1].text"]),
+    "int-text": (Document(5, id="e"), ["documents[1].text"]),
+    "int-id": (Document("text", id=5), ["documents[1].id", "non-empty str"]),
+    "empty-id": (Document("text", id=""), ["documents[1].id"]),
+    "dict-unknown-key": ({"txt": "text"}, ["documents[1]", "'text'"]),
+    "not-a-doc": (3.5, ["documents[1]", "Document, a str or a dict"]),
+    "nested-dict": (Document("t", id="n", metadata={"author": {"name": "x"}}),
+                    ["documents[1].metadata['author']", "Flatten", "json.dumps"]),
+    "empty-list": (Document("t", id="n", metadata={"tags": []}),
+                   ["documents[1].metadata['tags']", "empty list", "drop the key"]),
+    "mixed-list": (Document("t", id="n", metadata={"tags": [1, "a"]}),
+                   ["documents[1].metadata['tags']", "one scalar type"]),
+    "nan": (Document("t", id="n", metadata={"score": math.nan}),
+            ["documents[1].metadata['score']", "NaN"]),
+    "reserved-key": (Document("t", id="n", metadata={"_rk_parent": "x"}),
+                     ["reserved prefix", "rename"]),
+    "non-str-key": (Document("t", id="n", metadata={1: "x"}), ["metadata keys"]),
+    "metadata-not-dict": (Document("t", id="n", metadata=["a"]), ["metadata must be a dict"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DOCS))
+def test_bad_document_refuses_the_whole_batch(shared, name):
+    bad, words = BAD_DOCS[name]
+    # the valid first document is not written either: the batch is validated up front
+    refused(lambda r: r.add_documents([GOOD, bad]), shared, words=words)
+
+
+def test_duplicate_ids_with_different_content(shared):
+    refused(lambda r: r.add_documents([GOOD, Document("one", id="dup"),
+                                       Document("two", id="dup")]),
+            shared, words=["'dup'", "unique within a batch"])
+    refused(lambda r: r.add_documents([Document("one", id="dup", metadata={"a": 1}),
+                                       Document("one", id="dup", metadata={"a": 2})]),
+            shared, words=["'dup'"])
+
+
+@pytest.mark.parametrize("ids, words", [
+    ("cats", ["single str", "wrap it in a list"]),
+    ([5], ["ids[0] must be a non-empty str"]),
+    (["cats", ""], ["ids[1]"]),
+])
+def test_bad_delete(shared, ids, words):
+    refused(lambda r: r.delete(ids), shared, words=words)
+
+
+def test_delete_of_nothing_or_unknown_ids(shared):
+    r, before = shared
+    assert r.delete([]) == 0 and r.delete(["no-such-id"]) == 0
+    assert state(r) == before
+
+
+@pytest.mark.parametrize("vector, words", [
+    (np.zeros(3), ["query_vector has shape"]),
+    (np.full(384, np.nan), ["NaN"]),
+    ("abc", ["query_vector"]),
+])
+def test_bad_query_vector(shared, vector, words):
+    refused(lambda r: r.search("cats", query_vector=vector), shared, words=words)
+
+
+def test_allowed_oddities_work(tmp_path, embedder):
+    """Inputs that are not errors: same-content duplicates collapse, None metadata values
+    are dropped, a long text is chunked, str and dict documents are accepted."""
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=embedder) as r:
+        ids = r.add_documents([Document("twice", id="t"), Document("twice", id="t"),
+                               Document("meta", id="m", metadata={"a": None, "b": 1}),
+                               Document(LONG, id="long"), "a plain string",
+                               {"text": "a dict", "id": "d"}])
+        assert ids[:2] == ["t", "t"] and len(ids) == 6
+        assert r.get(["m"])[0].metadata == {"b": 1}
+        assert r.get(["long"])[0].text == LONG
+        assert r.count() > 5  # the long text is several chunks
+        assert r.search("harbours cargo ships", k=1)[0].id == "long"
+
+
+def test_documents_without_bm25_terms_are_searchable(tmp_path, embedder):
+    """Texts that give no BM25 terms (emoji, stopwords, punctuation) are valid documents; a
+    store holding only such texts still answers in every mode (BM25 finds nothing)."""
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=embedder) as r:
+        r.add_documents([Document("🙂 🎉", id="emoji"), Document("the of and", id="stop"),
+                         Document("!!! ???", id="punct")])
+        assert r.search("party", mode="sparse") == []
+        assert {h.id for h in r.search("party", k=3, mode="dense")} == {"emoji", "stop", "punct"}
+        assert len(r.search("party", k=3)) == 3
+        r.add_documents([Document("A party with balloons.", id="party")])
+        assert r.search("party", k=1, mode="sparse")[0].id == "party"
+
+
+def test_long_text_with_chunking_disabled(tmp_path, embedder):
+    path = str(tmp_path / "s")
+    with HybridRetriever({"chunking": {"enabled": False}}, path=path, embedder=embedder) as r:
+        r.add_documents([Document("short one", id="s")])
+        with pytest.raises(InvalidInputError) as err:
+            r.add_documents([Document("another", id="a"), Document(LONG, id="long")])
+        assert "'long'" in str(err.value) and "chunking.enabled" in str(err.value)
+        assert r.count() == 1 and r.sparse.ids() == {"s"}
+
+
+# -- opening -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def closed_store(tmp_path_factory, embedder):
+    """A store on disk that is closed, for the open-time cases; returns (path, state)."""
+    path = str(tmp_path_factory.mktemp("closed") / "store")
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        r.add_documents([Document(t, id=i, metadata=m) for i, t, m in CORPUS])
+        return path, state(r)
+
+
+def reopened_state(path, embedder):
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        return state(r)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"config": {"embedder": {"query_prefix": "query: "}}},
+     ["embedder.query_prefix", "store has ''", "'query: '", "HybridRetriever.open"]),
+    ({"model": "PACKAGE_DIR"}, ["embedder.model", "HybridRetriever.open"]),
+    ({"config": {"sparse": {"tokenizer": {"stemmer": None}}}},
+     ["sparse.tokenizer.stemmer"]),
+    ({"config": {"chunking": {"max_tokens": 64}}}, ["chunking.max_tokens"]),
+])
+def test_store_made_with_other_settings(closed_store, embedder, kwargs, words):
+    path, before = closed_store
+    kwargs = dict(kwargs)
+    if kwargs.get("model") == "PACKAGE_DIR":  # same weights, named by path instead of hub id
+        kwargs["model"] = embedder.resolved.load_from
+    with pytest.raises(StoreMismatchError) as err:
+        HybridRetriever(path=path, **kwargs)
+    for w in words:
+        assert w in str(err.value)
+    assert reopened_state(path, embedder) == before
+
+
+def test_truncate_dim_above_model_dim(tmp_path, embedder):
+    path = str(tmp_path / "s")
+    with pytest.raises(ConfigError) as err:
+        HybridRetriever(path=path, truncate_dim=1000)
+    assert "truncate_dim=1000" in str(err.value) and "384" in str(err.value)
+    # nothing was recorded: the right settings open the same path without a mismatch
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        r.add_documents([Document("fine", id="f")])
+        assert r.count() == 1
+
+
+@pytest.mark.parametrize("value", [0, -3, "64", 2.5])
+def test_truncate_dim_not_a_positive_int(value):
+    with pytest.raises(ConfigError) as err:
+        HybridRetriever(path=":memory:", truncate_dim=value)
+    assert "truncate_dim must be a positive int" in str(err.value)
+
+
+def test_unknown_model_offline(tmp_path, embedder):
+    path = str(tmp_path / "s")
+    with pytest.raises(ModelNotFoundError) as err:
+        HybridRetriever(path=path, model="nobody/no-such-model-xyz")
+    msg = str(err.value)
+    assert "nobody/no-such-model-xyz" in msg and "local directory" in msg
+    assert "HF_HUB_OFFLINE" in msg
+    with HybridRetriever(path=path, embedder=embedder) as r:  # nothing was recorded
+        assert r.count() == 0
+
+
+def test_unwritable_store_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError) as err:
+        HybridRetriever(path=str(blocker / "store"))
+    assert "store.path" in str(err.value) and "writable" in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"mode": "fuzzy"}, ["mode must be one of"]),
+    ({"candidates": 0}, ["candidates must be an int >= 1"]),
+    ({"collection": "a"}, ["store.collection", "3-512"]),
+    ({"config": {"rrf_k": -1}}, ["rrf_k"]),
+    ({"config": {"weights": {"dense": -1}}}, ["weight", "'dense'"]),
+    ({"config": {"no_such_key": 1}}, ["unknown config keys", "valid keys"]),
+])
+def test_bad_settings(kwargs, words):
+    with pytest.raises(ConfigError) as err:
+        HybridRetriever(path=":memory:", **kwargs)
+    for w in words:
+        assert w in str(err.value)
+
+
+# -- derived state on disk -----------------------------------------------------------------
+def _corrupt(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:max(1, len(data) // 2)])
+    elif how == "garbage":
+        path.write_bytes(b"\x00\xffnot what was written\x80\x04" * 7)
+
+
+BM25_FILES = ["current.json", "meta.json", "ids.json", "vocab.json", "hashes.json",
+              "offsets.npy", "terms.npy"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "empty", "truncated", "garbage"])
+@pytest.mark.parametrize("name", BM25_FILES)
+def test_corrupt_bm25_file_is_rebuilt_from_chroma(closed_store, embedder, name, how, caplog):
+    path, before = closed_store
+    sparse = Path(path) / "retrievekit" / "retrievekit" / "sparse"
+    current = json.loads((sparse / "current.json").read_text())["dir"]
+    target = sparse / name if name == "current.json" else sparse / current / name
+    _corrupt(target, how)
+    caplog.set_level(logging.INFO)
+    assert reopened_state(path, embedder) == before  # rebuilt on open, same results
+    # and saved again: the next open loads it without rebuilding
+    caplog.clear()
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        assert r.sparse.marker == r.store.read_marker()
+    assert "catching up" not in caplog.text and "rebuilt" not in caplog.text
+
+
+def test_missing_bm25_folder_is_rebuilt(closed_store, embedder):
+    path, before = closed_store
+    shutil.rmtree(Path(path) / "retrievekit" / "retrievekit" / "sparse")
+    assert reopened_state(path, embedder) == before
+
+
+def test_bm25_saved_with_other_settings_is_rebuilt(closed_store, embedder):
+    path, before = closed_store
+    sparse = Path(path) / "retrievekit" / "retrievekit" / "sparse"
+    folder = sparse / json.loads((sparse / "current.json").read_text())["dir"]
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["signature"]["k1"] = 9.0
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert reopened_state(path, embedder) == before

@@ -1,0 +1,176 @@
+"""Server mode with more than one client, and token authentication.
+
+Client B is this test process; client A is a separate process (forked from a forkserver, so
+it has its own Chroma client, BM25 index and sockets). B must see A's writes on its next
+search, through the change marker in the collection metadata, without reopening.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+
+from chroma_server import TokenAuthProxy
+from retrievekit.errors import ConfigError, StoreError
+from retrievekit.pipeline import HybridRetriever
+from retrievekit.store import StoreConfig
+from retrievekit.types import Document
+
+pytestmark = pytest.mark.server
+
+TOKEN = "rk-test-token-5f2c9e"
+
+
+def _collection() -> str:
+    return f"rk-{uuid.uuid4().hex[:12]}"
+
+
+class ClientA:
+    """Client A in its own process, driven over a pipe."""
+
+    def __init__(self, server, collection: str, pause_before_upsert: bool = False) -> None:
+        from rk_children import mp_context, server_client
+
+        ctx = mp_context()
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=server_client, daemon=True,
+                                args=(server.host, server.port, collection, None, child,
+                                      pause_before_upsert))
+        self.proc.start()
+        assert self.recv(120)[0] == "ready"
+
+    def recv(self, timeout: float = 120):
+        if not self.conn.poll(timeout):
+            raise AssertionError("client A did not answer")
+        return self.conn.recv()
+
+    def call(self, cmd: str, payload=None):
+        self.conn.send((cmd, payload))
+        status, result = self.recv()
+        assert status == "ok", result
+        return result
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("quit", None))
+                self.recv(30)
+            finally:
+                self.proc.join(30)
+                if self.proc.is_alive():
+                    self.proc.kill()
+
+
+def _ids(hits):
+    return [h.id for h in hits]
+
+
+def test_writes_of_another_process_are_seen_on_next_search(chroma_server, embedder,
+                                                            corpus_docs):
+    collection = _collection()
+    b = HybridRetriever(host=chroma_server.host, port=chroma_server.port,
+                        collection=collection, embedder=embedder)
+    b.add_documents(corpus_docs)
+    a = ClientA(chroma_server, collection)
+    try:
+        a.call("add", [{"text": "Zebras have black and white stripes and live in herds.",
+                        "id": "zebra", "metadata": {"topic": "animals"}}])
+        for mode in ("sparse", "dense", "hybrid"):
+            assert _ids(b.search("zebra stripes herds", k=3, mode=mode))[0] == "zebra", mode
+        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+        # a changed text replaces the old one in B's BM25 index
+        a.call("add", [{"text": "Oolong tea is partly oxidised.", "id": "tea",
+                        "metadata": {"topic": "food"}}])
+        assert _ids(b.search("oolong oxidised", k=1, mode="sparse")) == ["tea"]
+        assert "tea" not in _ids(b.search("catechins caffeine", mode="sparse"))
+        # deletes by A disappear from both of B's sides
+        assert a.call("delete", ["cats", "zebra"]) == 2
+        for mode in ("sparse", "dense", "hybrid"):
+            got = _ids(b.search("zebra stripes cats purr mice", k=9, mode=mode))
+            assert "zebra" not in got and "cats" not in got, mode
+        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+        assert b.count() == len(corpus_docs) - 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_search_during_another_clients_write_catches_up_afterwards(chroma_server, embedder,
+                                                                   corpus_docs):
+    """B searches after A has started a write (marker changed) but before A's records are
+    in Chroma; B's next search after A finishes must still see them."""
+    collection = _collection()
+    b = HybridRetriever(host=chroma_server.host, port=chroma_server.port,
+                        collection=collection, embedder=embedder)
+    b.add_documents(corpus_docs)
+    a = ClientA(chroma_server, collection, pause_before_upsert=True)
+    try:
+        a.conn.send(("add", [{"text": "Quokkas are small smiling marsupials.",
+                              "id": "quokka"}]))
+        assert a.recv()[0] == "paused"
+        assert "quokka" not in _ids(b.search("quokka marsupials", k=3))  # mid-write
+        a.conn.send("go")
+        assert a.recv() == ("ok", ["quokka"])
+        for mode in ("sparse", "dense", "hybrid"):
+            assert _ids(b.search("quokka marsupials", k=3, mode=mode))[0] == "quokka", mode
+        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+    finally:
+        a.close()
+        b.close()
+
+
+def _auth_retriever(proxy, embedder, collection, token):
+    return HybridRetriever({"store": {"host": proxy.host, "port": proxy.port,
+                                      "collection": collection, "auth_token": token}},
+                           embedder=embedder)
+
+
+def test_token_auth_through_a_proxy(chroma_server, embedder, corpus_docs, caplog):
+    caplog.set_level(logging.DEBUG)
+    collection = _collection()
+    with TokenAuthProxy(chroma_server.host, chroma_server.port, TOKEN) as proxy:
+        r = _auth_retriever(proxy, embedder, collection, TOKEN)
+        r.add_documents(corpus_docs)
+        assert _ids(r.search("flux capacitor", k=1)) == ["xq7"]
+        assert proxy.refused == 0
+        assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in proxy.seen_headers)
+        texts = [repr(r), repr(r.config), str(r.config), repr(r.store.config),
+                 str(r.config.to_dict()), str(r.info())]
+        r.close()
+        # reopening with the recorded settings works with the token too
+        r2 = HybridRetriever.open(host=proxy.host, port=proxy.port, collection=collection,
+                                  auth_token=TOKEN)
+        assert r2.count() == len(corpus_docs)
+        assert _ids(r2.search("flux capacitor", k=1)) == ["xq7"]
+        texts += [repr(r2.config), str(r2.info())]
+        r2.close()
+
+        with pytest.raises(StoreError) as wrong:
+            _auth_retriever(proxy, embedder, collection, "not-the-token")
+        msg = str(wrong.value)
+        assert "401" in msg and "store.auth_token" in msg and "not-the-token" not in msg
+        with pytest.raises(StoreError) as missing:
+            _auth_retriever(proxy, embedder, collection, None)
+        assert "store.auth_token" in str(missing.value)
+        assert proxy.refused >= 2
+        texts += [msg, repr(wrong.value), str(wrong.value.__cause__)]
+    for text in texts + [caplog.text]:
+        assert TOKEN not in text
+    assert "not-the-token" not in caplog.text
+
+
+def test_auth_token_that_cannot_be_a_header_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        StoreConfig(host="127.0.0.1", auth_token="bad token\n")
+    assert "store.auth_token" in str(err.value) and "bad token" not in str(err.value)
+
+
+def test_unreachable_server_is_a_store_error():
+    from chroma_server import free_port
+
+    port = free_port()
+    with pytest.raises(StoreError) as err:
+        HybridRetriever(host="127.0.0.1", port=port, collection="rk-unreachable")
+    assert f"127.0.0.1:{port}" in str(err.value) and "chroma run" in str(err.value)
