@@ -1,19 +1,20 @@
 """The embedder: prefix, then truncate (Matryoshka), then L2-normalize.
 
 Wraps a sentence-transformers model, loaded lazily on first use so that importing
-retrievekit stays cheap.
+retrievekit stays cheap. The forward pass runs on torch or on an ONNX export of the same
+model (`retrievekit.onnx_backend`); `retrievekit.inference` picks the engine per call.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
+from .inference import ModelEngines, configure_torch_threads, torch_dtype, validate_inference
 from .models import (ResolvedModel, model_fingerprint, model_not_found, read_model_prompts,
                      resolve_model)
 from .prefixes import Prefixes, resolve_prefixes
@@ -21,7 +22,6 @@ from .prefixes import Prefixes, resolve_prefixes
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,17 @@ class EmbedderConfig:
         truncate_dim: keep the leading dims (Matryoshka); None keeps all.
         normalize: L2-normalize after truncation (cosine = dot product).
         device: "cpu", "cuda", ...; None picks CUDA when present.
-        dtype: "float32", "bfloat16", "float16" or "auto" (bf16 on CUDA, else fp32).
+        dtype: precision of the torch engine: "float32", "bfloat16", "float16", or "auto"
+            (bf16 on CPUs with native bf16, fp16 on CUDA, else fp32).
         batch_size: texts per forward pass.
+        backend: "auto" (ONNX fp32 for queries and small batches, torch in `dtype` for bulk
+            when `dtype` resolves to a native half precision, else ONNX for all), "torch", or
+            "onnx" (needs `pip install 'retrievekit[onnx]'`; falls back to torch, with a
+            warning, when the export fails its check against torch).
+        onnx_quantize: None, or "int8" for dynamic int8 weights in the ONNX engine (faster,
+            but vectors move by ~1e-2 cosine; see docs/benchmarks.md). True means "int8".
+        num_threads: intra-op threads of torch and onnxruntime; None: OMP_NUM_THREADS, else
+            min(physical cores, 4) and never more than torch's current setting.
     """
 
     model: str = DEFAULT_MODEL
@@ -44,8 +53,11 @@ class EmbedderConfig:
     truncate_dim: int | None = None
     normalize: bool = True
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     batch_size: int = 32
+    backend: str = "auto"
+    onnx_quantize: str | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.truncate_dim is not None and (
@@ -53,10 +65,11 @@ class EmbedderConfig:
                 or self.truncate_dim < 1):
             raise ConfigError(
                 f"truncate_dim must be a positive int or None, got {self.truncate_dim!r}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        object.__setattr__(self, "onnx_quantize", validate_inference(
+            "", dtype=self.dtype, backend=self.backend, onnx_quantize=self.onnx_quantize,
+            num_threads=self.num_threads, device=self.device))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +87,13 @@ def truncate_and_normalize(vectors: np.ndarray, truncate_dim: int | None,
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-class Embedder:
+class Embedder(ModelEngines):
     """Embeds queries and documents with separate prefixes.
 
     The model is loaded on first use. `embed_queries` / `embed_documents` return float32
     arrays of shape (n, dim) where dim is `truncate_dim` or the model's dimension.
+    `engine_for(n)` says which engine (torch or ONNX) serves a call of n texts; `model` is
+    the torch SentenceTransformer (see `inference.ModelEngines`).
     """
 
     def __init__(self, config: EmbedderConfig | None = None, **overrides: Any) -> None:
@@ -88,53 +103,55 @@ class Embedder:
             config = EmbedderConfig(**{**config.to_dict(), **overrides})
         self.config = config
         self.resolved: ResolvedModel = resolve_model(config.model)
-        self._model = None
-        self._lock = threading.Lock()
+        self._init_engines()
+        self._tokenizer = None
         self._prefixes: Prefixes | None = None
         self.cache = None  # an EmbeddingCache, set by the pipeline when configured
 
-    # -- the model -------------------------------------------------------------------------
-    @property
-    def model(self):
-        """The loaded SentenceTransformer (loaded on first access)."""
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
+    # -- the model (`model`, `dtype`, `engine_for`: see inference.ModelEngines) -------------
+    _ONNX_KIND = "embed"
 
-    def _load(self):
+    def _onnx_options(self) -> dict[str, Any]:
+        p = self.prefixes
+        return {"prefixes": (p.query, p.document)}
+
+    def _onnx_loaded(self, engine: Any) -> None:
+        self._check_truncate_dim(engine.dim)
+
+    def _load(self, device: str | None = None, dtype: str | None = None):
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:  # pragma: no cover
             raise MissingDependencyError(
                 "embedding needs sentence-transformers: pip install sentence-transformers") from exc
-        import torch
 
+        configure_torch_threads(self.config.num_threads)
         kwargs: dict[str, Any] = {}
-        dtype = _torch_dtype(self.config.dtype, self.config.device)
-        if dtype is not None:
-            kwargs["model_kwargs"] = {"dtype": dtype}
+        tdtype = torch_dtype(dtype or self.dtype)
+        if tdtype is not None:
+            kwargs["model_kwargs"] = {"dtype": tdtype}
         try:
-            model = SentenceTransformer(self.resolved.load_from, device=self.config.device,
+            model = SentenceTransformer(self.resolved.load_from,
+                                        device=device or self.config.device,
                                         local_files_only=self.resolved.is_local, **kwargs)
         except Exception as exc:  # any loader failure becomes one clear error
             raise model_not_found(self.config.model, self.resolved, exc) from exc
-        dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
-            else model.get_sentence_embedding_dimension()
+        self._check_truncate_dim(_st_dim(model))
+        return model
+
+    def _check_truncate_dim(self, dim: int | None) -> None:
         td = self.config.truncate_dim
         if td is not None and dim is not None and td > dim:
             raise ConfigError(
                 f"truncate_dim={td} is larger than the dimension of {self.config.model!r} "
                 f"({dim}); use a value <= {dim} or None")
-        del torch
-        return model
 
     @property
     def model_dim(self) -> int:
-        m = self.model
-        fn = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension
-        return int(fn())
+        loaded = self._loaded_torch()
+        if loaded is None and self.engine_for(1) == "onnx":
+            return self._onnx_engine().dim  # no torch model needed for the dimension
+        return int(_st_dim(loaded if loaded is not None else self._torch_engine()))
 
     @property
     def dim(self) -> int:
@@ -143,11 +160,24 @@ class Embedder:
 
     @property
     def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length)
+        loaded = self._loaded_torch()
+        if loaded is None and self.engine_for(1) == "onnx":
+            return int(self._onnx_engine().max_length)
+        return int((loaded if loaded is not None else self._torch_engine()).max_seq_length)
 
     @property
     def tokenizer(self):
-        return self.model.tokenizer
+        """The model's (Hugging Face) tokenizer; loads no torch model when none is loaded."""
+        loaded = self._loaded_torch()
+        if loaded is not None:
+            return loaded.tokenizer
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.resolved.load_from, local_files_only=self.resolved.is_local)
+            self._tokenizer.model_max_length = self.max_seq_length
+        return self._tokenizer
 
     @property
     def prefixes(self) -> Prefixes:
@@ -189,6 +219,8 @@ class Embedder:
         if cache is not None:
             ident = self.identity()
             model_id = f"{ident['model']}@{ident['model_hash']}"
+            if self.config.onnx_quantize:  # lossy vectors never mix with fp32/bf16 ones
+                model_id += f"+{self.config.onnx_quantize}"
             keys = [cache.key_for(model_id, prefix, self.config.truncate_dim,
                                   self.config.normalize, t) for t in texts]
             found = cache.get_many(keys)
@@ -208,10 +240,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if todo:
             show = (len(todo) > 256) if progress is None else progress
-            raw = self.model.encode([texts[i] for i in todo], prompt=prefix or None,
-                                    batch_size=self.config.batch_size,
-                                    show_progress_bar=show, convert_to_numpy=True,
-                                    normalize_embeddings=False)
+            raw = self._forward([texts[i] for i in todo], prefix, show)
             vecs = truncate_and_normalize(np.asarray(raw, dtype=np.float32),
                                           self.config.truncate_dim, self.config.normalize)
             out[todo] = vecs
@@ -222,6 +251,15 @@ class Embedder:
                 if key in found:
                     out[i] = found[key]
         return out
+
+    def _forward(self, texts: list[str], prefix: str, show: bool) -> np.ndarray:
+        """The model's output for prefix + text (before truncation and normalization)."""
+        if self.engine_for(len(texts)) == "onnx":
+            return self._onnx_engine().encode([prefix + t for t in texts],
+                                              batch_size=self.config.batch_size, progress=show)
+        return self._torch_engine().encode(
+            texts, prompt=prefix or None, batch_size=self.config.batch_size,
+            show_progress_bar=show, convert_to_numpy=True, normalize_embeddings=False)
 
     def embed_queries(self, queries: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
         """Embed queries with the query prefix."""
@@ -244,16 +282,7 @@ class Embedder:
                        truncation=False)["input_ids"])
 
 
-def _torch_dtype(name: str, device: str | None):
-    import torch
-
-    if name == "float32":
-        return None
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "float16":
-        return torch.float16
-    # auto: half precision only where it is known to be both fast and faithful
-    if (device or "").startswith("cuda") or (device is None and torch.cuda.is_available()):
-        return torch.float16
-    return None
+def _st_dim(model: Any) -> int | None:
+    fn = getattr(model, "get_embedding_dimension", None) or \
+        model.get_sentence_embedding_dimension
+    return fn()

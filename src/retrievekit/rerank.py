@@ -1,15 +1,19 @@
-"""Cross-encoder reranking over sentence-transformers' `CrossEncoder`."""
+"""Cross-encoder reranking over sentence-transformers' `CrossEncoder`.
+
+The forward pass runs on torch or on an ONNX export of the model's sequence-classification
+network (`retrievekit.onnx_backend`); `retrievekit.inference` picks the engine per call.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
+from .inference import ModelEngines, configure_torch_threads, torch_dtype, validate_inference
 from .models import model_not_found, resolve_model
 from .types import Hit
 
@@ -30,7 +34,8 @@ class RerankConfig:
         batch_size: pairs per forward pass.
         max_length: tokens per (query, passage) pair; None uses the model's.
         sigmoid: map raw logits to 0..1.
-        device / dtype: as for the embedder.
+        device / dtype / backend / onnx_quantize / num_threads: as for the embedder
+            (`EmbedderConfig`); here a call's size is its number of (query, passage) pairs.
     """
 
     model: str = DEFAULT_RERANKER
@@ -41,7 +46,10 @@ class RerankConfig:
     max_length: int | None = 512
     sigmoid: bool = True
     device: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
+    backend: str = "auto"
+    onnx_quantize: str | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
@@ -53,15 +61,15 @@ class RerankConfig:
                               f"{self.threshold!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"reranker.batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"reranker.dtype must be auto, float32, bfloat16 or float16, "
-                              f"got {self.dtype!r}")
+        object.__setattr__(self, "onnx_quantize", validate_inference(
+            "reranker.", dtype=self.dtype, backend=self.backend,
+            onnx_quantize=self.onnx_quantize, num_threads=self.num_threads, device=self.device))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class Reranker:
+class Reranker(ModelEngines):
     """Scores (query, passage) pairs with a cross-encoder and reorders hits.
 
     Never mutates its input: returns new `Hit` objects with `rerank` rank and score added.
@@ -74,33 +82,36 @@ class Reranker:
             config = RerankConfig(**{**config.to_dict(), **overrides})
         self.config = config
         self.resolved = resolve_model(config.model)
-        self._model = None
-        self._lock = threading.Lock()
+        self._init_engines()
 
-    @property
-    def model(self):
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
+    # -- the model (`model`, `dtype`, `engine_for`: see inference.ModelEngines) -------------
+    _ONNX_KIND = "rerank"
 
-    def _load(self):
+    def _onnx_options(self) -> dict[str, Any]:
+        return {"max_length": self.config.max_length}
+
+    def _reference_model(self):
+        # a copy at the model's own max_length: the export's record keeps the model default
+        return self._load(device="cpu", dtype="float32", max_length=None)
+
+    def _load(self, device: str | None = None, dtype: str | None = None,
+              max_length: int | None | str = "config"):
         try:
             from sentence_transformers import CrossEncoder
         except ImportError as exc:  # pragma: no cover
             raise MissingDependencyError(
                 "reranking needs sentence-transformers: pip install sentence-transformers"
             ) from exc
-        from .embedding import _torch_dtype
 
+        configure_torch_threads(self.config.num_threads)
         kwargs: dict[str, Any] = {}
-        dtype = _torch_dtype(self.config.dtype, self.config.device)
-        if dtype is not None:
-            kwargs["model_kwargs"] = {"dtype": dtype}
+        tdtype = torch_dtype(dtype or self.dtype)
+        if tdtype is not None:
+            kwargs["model_kwargs"] = {"dtype": tdtype}
         try:
-            return CrossEncoder(self.resolved.load_from, device=self.config.device,
-                                max_length=self.config.max_length,
+            return CrossEncoder(self.resolved.load_from, device=device or self.config.device,
+                                max_length=self.config.max_length if max_length == "config"
+                                else max_length,
                                 local_files_only=self.resolved.is_local, **kwargs)
         except Exception as exc:
             raise model_not_found(self.config.model, self.resolved, exc) from exc
@@ -111,12 +122,15 @@ class Reranker:
             raise InvalidInputError(f"query must be str, got {type(query).__name__}")
         if not passages:
             return np.zeros(0, dtype=np.float32)
-        import torch
+        pairs = [(query, p) for p in passages]
+        if self.engine_for(len(pairs)) == "onnx":
+            raw = self._onnx_engine().predict(pairs, batch_size=self.config.batch_size)
+        else:
+            import torch
 
-        raw = self.model.predict([(query, p) for p in passages],
-                                 batch_size=self.config.batch_size,
-                                 activation_fn=torch.nn.Identity(), show_progress_bar=False,
-                                 convert_to_numpy=True)
+            raw = self._torch_engine().predict(
+                pairs, batch_size=self.config.batch_size, activation_fn=torch.nn.Identity(),
+                show_progress_bar=False, convert_to_numpy=True)
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim == 2:  # a 2-label head: take the "relevant" logit margin
             raw = raw[:, -1] - raw[:, 0] if raw.shape[1] == 2 else raw[:, 0]

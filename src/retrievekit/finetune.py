@@ -1,0 +1,1106 @@
+"""Fine-tuning on your own data: mine hard negatives, train, measure, keep or discard.
+
+The flow behind ``retrievekit finetune embedder|reranker``:
+
+1. (query, relevant document) pairs come from a BEIR-layout collection's qrels split.
+2. Hard negatives are mined with our own `HybridRetriever` (dense or hybrid mode) over the
+   training corpus: high-ranked documents that are not judged relevant. Two guards against
+   false negatives (relevant documents nobody judged): the top `skip_top` ranks are skipped,
+   and a candidate whose dense cosine similarity to the query is within `margin` of the
+   positive's (``candidate >= positive - margin``) is dropped. A document judged relevant
+   for the query is never a negative.
+3. An embedder is trained with in-batch plus hard negatives (MultipleNegativesRankingLoss,
+   ``scale = 1 / temperature``), optionally wrapped in MatryoshkaLoss; a reranker is a
+   cross-encoder trained on the same positives and negatives (binary cross-entropy on
+   pos=1 / neg=0, or the cross-encoder MultipleNegativesRankingLoss).
+4. Base and fine-tuned models are evaluated on another split with `retrievekit.report`
+   (dense nDCG@10 for an embedder; hybrid against hybrid + reranker for a reranker), and the
+   new model is kept only when it improved.
+
+A saved model is a plain sentence-transformers directory: pass its path wherever a model
+name is accepted (``Embedder(model=dir)``, ``Reranker(model=dir)``,
+``HybridRetriever(model=dir)``). A store records its model and the model's file hash, so a
+fine-tuned embedder needs a new store (re-index); a reranker does not.
+
+torch, sentence-transformers and `datasets` are imported only when training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, InvalidInputError, MissingDependencyError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+    from .pipeline import HybridRetriever
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MiningConfig",
+    "MiningResult",
+    "TrainConfig",
+    "TrainingExample",
+    "add_cli",
+    "load_examples",
+    "mine_hard_negatives",
+    "pairs_from_qrels",
+    "run_finetune",
+    "save_examples",
+    "train_embedder",
+    "train_reranker",
+]
+
+#: Written into every model directory this module saves: what it was trained from and how.
+TRAINING_INFO_FILE = "retrievekit_finetune.json"
+RERANKER_LOSSES = ("bce", "mnrl")
+_INSTALL = "pip install 'retrievekit[finetune]'"
+
+
+# --------------------------------------------------------------------------------------
+# Settings and data
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """How hard negatives are mined.
+
+    Args:
+        mode: retriever mode that ranks the candidates, "dense" or "hybrid".
+        num_negatives: negatives per (query, positive) pair; pairs with fewer usable
+            candidates are skipped (and counted).
+        depth: candidates considered per query below the skipped ranks.
+        skip_top: ranks 1..skip_top are never used as negatives (likely unjudged positives).
+        margin: drop a candidate whose dense cosine is >= the positive's cosine - margin
+            (None: no score filter). A negative margin allows negatives slightly above it.
+        candidates: per-side candidates of the retriever search (default: what depth needs).
+    """
+
+    mode: str = "dense"
+    num_negatives: int = 1
+    depth: int = 100
+    skip_top: int = 0
+    margin: float | None = 0.05
+    candidates: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "hybrid"):
+            raise ConfigError(f"mining mode={self.mode!r}: choose 'dense' or 'hybrid'")
+        if not _is_int(self.num_negatives, 1):
+            raise ConfigError(f"num_negatives={self.num_negatives!r}: must be an int >= 1")
+        if not _is_int(self.depth, 1):
+            raise ConfigError(f"depth={self.depth!r}: must be an int >= 1 (candidates per query)")
+        if not _is_int(self.skip_top, 0):
+            raise ConfigError(f"skip_top={self.skip_top!r}: must be an int >= 0")
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(
+                self.margin, (int, float)) or not math.isfinite(self.margin)):
+            raise ConfigError(f"margin={self.margin!r}: must be a finite number (cosine "
+                              "units, e.g. 0.05) or None to switch the score filter off")
+        if self.candidates is not None and not _is_int(self.candidates, 1):
+            raise ConfigError(f"candidates={self.candidates!r}: must be an int >= 1 or None")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings shared by the embedder and the reranker.
+
+    Args:
+        epochs: passes over the examples (`max_steps` wins when set).
+        max_steps: stop after this many optimizer steps (None: epochs decide).
+        batch_size: examples per step; each brings its query, positive and negatives, and
+            the embedder also sees the other examples' documents as in-batch negatives.
+        learning_rate, warmup_ratio, weight_decay: AdamW with linear warmup then decay.
+        max_seq_length: tokens per text (per pair for a reranker) during training; the
+            embedder is saved with its original length, so indexing is unchanged.
+        scale: MultipleNegativesRankingLoss scale = 1 / temperature (embedder: 20 = 0.05).
+        matryoshka_dims: wrap the embedder loss in MatryoshkaLoss over these dims.
+        matryoshka_weights: the loss weight of each dim, in the order of `matryoshka_dims`
+            as given (None: all 1); raise a dim's weight to make its truncation keep more.
+        reranker_loss: "bce" (binary cross-entropy on pos=1/neg=0) or "mnrl" (the
+            cross-encoder MultipleNegativesRankingLoss: positive against hard and in-batch
+            negatives).
+        max_seconds: stop training after this much wall time (checked after each step;
+            the learning-rate schedule still assumes the full run). None: no limit.
+        bf16: bfloat16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs).
+        seed: seeds torch, the data order and the batch sampler.
+        device: "cpu", "cuda", ...; None lets the trainer pick.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 3e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_seq_length: int | None = 256
+    scale: float = 20.0
+    matryoshka_dims: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
+    reranker_loss: str = "bce"
+    max_seconds: float | None = None
+    bf16: bool = False
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not
+                                             isinstance(self.max_seconds, (int, float))
+                                             or not self.max_seconds > 0):
+            raise ConfigError(f"max_seconds={self.max_seconds!r}: must be a number > 0 or None")
+        for name in ("epochs", "batch_size"):
+            if not _is_int(getattr(self, name), 1):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be an int >= 1")
+        for name in ("max_steps", "max_seq_length"):
+            v = getattr(self, name)
+            if v is not None and not _is_int(v, 1):
+                raise ConfigError(f"{name}={v!r}: must be an int >= 1 or None")
+        for name in ("learning_rate", "scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name}={v!r}: must be a number > 0")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if self.reranker_loss not in RERANKER_LOSSES:
+            raise ConfigError(f"reranker_loss={self.reranker_loss!r}: choose from "
+                              f"{list(RERANKER_LOSSES)}")
+        weights = self.matryoshka_weights
+        if self.matryoshka_dims is not None:
+            dims = tuple(self.matryoshka_dims)
+            if not dims or any(not _is_int(d, 1) for d in dims) or len(set(dims)) != len(dims):
+                raise ConfigError(f"matryoshka_dims={self.matryoshka_dims!r}: give distinct "
+                                  "positive ints, e.g. (384, 256, 128, 64)")
+            if weights is not None:
+                weights = tuple(weights)
+                if len(weights) != len(dims) or any(
+                        isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+                        for w in weights):
+                    raise ConfigError(
+                        f"matryoshka_weights={self.matryoshka_weights!r}: give one positive "
+                        f"number per dim of matryoshka_dims={dims!r}")
+                by_dim = dict(zip(dims, weights))
+            dims = tuple(sorted(dims, reverse=True))
+            object.__setattr__(self, "matryoshka_dims", dims)
+            if weights is not None:
+                object.__setattr__(self, "matryoshka_weights",
+                                   tuple(float(by_dim[d]) for d in dims))
+        elif weights is not None:
+            raise ConfigError("matryoshka_weights needs matryoshka_dims; set both or neither")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["matryoshka_dims"] = list(self.matryoshka_dims) if self.matryoshka_dims else None
+        d["matryoshka_weights"] = list(self.matryoshka_weights) \
+            if self.matryoshka_weights else None
+        return d
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One training row: a query, a relevant document and mined hard negatives.
+
+    Scores are dense cosine similarities under the mining model (None where unknown).
+    """
+
+    query_id: str
+    query: str
+    positive_id: str
+    positive: str
+    negative_ids: tuple[str, ...]
+    negatives: tuple[str, ...]
+    positive_score: float | None = None
+    negative_scores: tuple[float | None, ...] = ()
+    negative_ranks: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query_id": self.query_id, "query": self.query,
+                "positive_id": self.positive_id, "positive": self.positive,
+                "negative_ids": list(self.negative_ids), "negatives": list(self.negatives),
+                "positive_score": self.positive_score,
+                "negative_scores": list(self.negative_scores),
+                "negative_ranks": list(self.negative_ranks)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "row") -> TrainingExample:
+        missing = [k for k in ("query", "positive", "negatives") if k not in data]
+        if missing:
+            raise InvalidInputError(f"{where} lacks {missing}; training rows look like "
+                                    '{"query": ..., "positive": ..., "negatives": [...]}')
+        negatives = data["negatives"]
+        if isinstance(negatives, str) or not isinstance(negatives, Sequence):
+            raise InvalidInputError(f"{where}: 'negatives' must be a list of texts")
+        texts = [data["query"], data["positive"], *negatives]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise InvalidInputError(f"{where}: query, positive and negatives must be "
+                                    "non-empty strings")
+        return cls(query_id=str(data.get("query_id", "")), query=data["query"],
+                   positive_id=str(data.get("positive_id", "")), positive=data["positive"],
+                   negative_ids=tuple(str(x) for x in data.get("negative_ids") or ()),
+                   negatives=tuple(negatives),
+                   positive_score=data.get("positive_score"),
+                   negative_scores=tuple(data.get("negative_scores") or ()),
+                   negative_ranks=tuple(int(r) for r in data.get("negative_ranks") or ()))
+
+
+@dataclass(frozen=True)
+class MiningResult:
+    """The mined examples and what happened on the way (counts, seconds)."""
+
+    examples: list[TrainingExample]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def save_examples(path: str | os.PathLike[str], examples: Iterable[TrainingExample]) -> Path:
+    """Write examples as JSONL (one `TrainingExample.to_dict()` per line), atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for ex in examples:
+            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def load_examples(path: str | os.PathLike[str]) -> list[TrainingExample]:
+    """Read examples written by `save_examples` (or any JSONL with query/positive/negatives)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError(f"load_examples(path={str(p)!r}): no such file")
+    out: list[TrainingExample] = []
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{p}:{lineno} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(data, dict):
+                raise InvalidInputError(f"{p}:{lineno} must be a JSON object")
+            out.append(TrainingExample.from_dict(data, where=f"{p}:{lineno}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Pairs and hard-negative mining
+# --------------------------------------------------------------------------------------
+
+
+def pairs_from_qrels(qrels: Mapping[str, Mapping[str, int]], *, max_pairs: int | None = None,
+                     max_pairs_per_query: int | None = None, seed: int = 0
+                     ) -> list[tuple[str, str]]:
+    """(query id, relevant doc id) pairs, spread over as many queries as possible.
+
+    Each query's relevant documents are taken highest grade first (ties in a seeded random
+    order). With `max_pairs`, pairs are drawn round-robin over the queries (in a seeded
+    random order): every query's first positive, then every query's second, and so on.
+    """
+    if max_pairs is not None and not _is_int(max_pairs, 1):
+        raise InvalidInputError(f"max_pairs={max_pairs!r}: must be an int >= 1 or None")
+    if max_pairs_per_query is not None and not _is_int(max_pairs_per_query, 1):
+        raise InvalidInputError(
+            f"max_pairs_per_query={max_pairs_per_query!r}: must be an int >= 1 or None")
+    rng = random.Random(seed)
+    per_query: list[tuple[str, list[str]]] = []
+    for qid in sorted(qrels):
+        rel = [(d, g) for d, g in sorted(qrels[qid].items()) if g > 0]
+        rng.shuffle(rel)
+        rel.sort(key=lambda dg: -dg[1])  # stable: seeded order within a grade
+        docs = [d for d, _ in rel][:max_pairs_per_query]
+        if docs:
+            per_query.append((qid, docs))
+    rng.shuffle(per_query)
+    out: list[tuple[str, str]] = []
+    depth = max((len(d) for _, d in per_query), default=0)
+    for i in range(depth):
+        for qid, docs in per_query:
+            if i < len(docs):
+                out.append((qid, docs[i]))
+                if max_pairs is not None and len(out) >= max_pairs:
+                    return out
+    return out
+
+
+def _dense_scores(retriever: HybridRetriever, qvec: np.ndarray, ids: Sequence[str]
+                  ) -> dict[str, float]:
+    """Cosine of the query vector with each document (its best chunk), from the stored vectors."""
+    from .store import PARENT_KEY
+
+    if not ids:
+        return {}
+    out: dict[str, float] = {}
+    q = np.asarray(qvec, dtype=np.float32)
+    step = 500
+    for s in range(0, len(ids), step):
+        got = retriever.store.get(where={PARENT_KEY: {"$in": list(ids[s:s + step])}},
+                                  include=["embeddings", "metadatas"])
+        vecs = np.asarray(got["embeddings"], dtype=np.float32)
+        if len(vecs) == 0:
+            continue
+        # with a funnel the store holds only the leading dims: compare on those
+        qd = q[:vecs.shape[1]]
+        qn = qd / (np.linalg.norm(qd) or 1.0)
+        norms = np.linalg.norm(vecs, axis=1)
+        sims = vecs @ qn / np.where(norms == 0, 1.0, norms)
+        for meta, sim in zip(got["metadatas"], sims):
+            parent = str((meta or {}).get(PARENT_KEY))
+            if sim > out.get(parent, -math.inf):
+                out[parent] = float(sim)
+    return out
+
+
+def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
+                        qrels: Mapping[str, Mapping[str, int]],
+                        pairs: Sequence[tuple[str, str]] | None = None, *,
+                        corpus: Mapping[str, str] | None = None,
+                        config: MiningConfig | None = None,
+                        progress: bool | None = None) -> MiningResult:
+    """Mine hard negatives for (query, positive) pairs with `retriever`.
+
+    Args:
+        retriever: a `HybridRetriever` whose store holds the training corpus under the
+            same document ids as `qrels`.
+        queries: query id -> text.
+        qrels: query id -> {doc id: grade}; every document with grade > 0 counts as relevant
+            to that query and is never used as its negative.
+        pairs: the (query id, positive doc id) pairs to mine for (default: every relevant
+            pair of `qrels`, see `pairs_from_qrels`).
+        corpus: doc id -> text used for the rows; default: the documents from the store.
+        config: mining settings (`MiningConfig`).
+        progress: a tqdm bar over queries (default: when stderr is a terminal).
+
+    Returns:
+        One `TrainingExample` per pair that found `num_negatives` negatives, and counts:
+        pairs asked for, examples, pairs skipped for lack of negatives or of a stored
+        positive, candidates dropped as relevant or inside `skip_top` (per query), and
+        (pair, candidate) checks failed by `margin` (per pair: a candidate too close to one
+        positive may still serve a higher-scoring positive of the same query).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or MiningConfig()
+    if not isinstance(cfg, MiningConfig):
+        raise InvalidInputError(f"config must be a MiningConfig, got {type(cfg).__name__}")
+    if pairs is None:
+        pairs = pairs_from_qrels(qrels)
+    grouped: dict[str, list[str]] = {}
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InvalidInputError(f"pairs[{i}]={pair!r}: give (query_id, doc_id) tuples")
+        qid, did = str(pair[0]), str(pair[1])
+        if qid not in queries:
+            raise InvalidInputError(f"pairs[{i}] names query {qid!r}, which has no text in "
+                                    "queries")
+        grouped.setdefault(qid, []).append(did)
+    stats: dict[str, Any] = {
+        "mode": cfg.mode, "queries": len(grouped), "pairs": len(pairs), "examples": 0,
+        "skipped_no_positive_in_store": 0, "skipped_too_few_negatives": 0,
+        "dropped_relevant": 0, "dropped_skip_top": 0, "dropped_margin": 0}
+    k = cfg.skip_top + cfg.depth
+    n_cand = max(cfg.candidates or 0, k)
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    start = time.perf_counter()
+    examples: list[TrainingExample] = []
+    for qid in tqdm(list(grouped), desc="mine hard negatives", unit="q", disable=not show):
+        text = queries[qid]
+        relevant = {str(d) for d, g in (qrels.get(qid) or {}).items() if g > 0}
+        relevant.update(grouped[qid])
+        qvec = retriever.embedder.embed_query(text)
+        hits = retriever.search(text, k=k, mode=cfg.mode, rerank=False, candidates=n_cand,
+                                query_vector=qvec)
+        cands: list[tuple[int, str]] = []
+        for rank, hit in enumerate(hits, start=1):
+            if hit.id in relevant:
+                stats["dropped_relevant"] += 1
+            elif rank <= cfg.skip_top:
+                stats["dropped_skip_top"] += 1
+            else:
+                cands.append((rank, hit.id))
+        scores = _dense_scores(retriever, qvec, [d for _, d in cands] + grouped[qid])
+        texts: dict[str, str] = {}
+        if corpus is None:
+            wanted = [d for _, d in cands] + grouped[qid]
+            texts = {d.id: d.text for d in retriever.get(wanted)}
+        else:
+            texts = corpus  # type: ignore[assignment]
+        for pos in grouped[qid]:
+            pos_score = scores.get(pos)
+            if pos_score is None or pos not in texts:
+                stats["skipped_no_positive_in_store"] += 1
+                continue
+            chosen: list[tuple[int, str]] = []
+            for rank, did in cands:
+                s = scores.get(did)
+                if cfg.margin is not None and s is not None and s >= pos_score - cfg.margin:
+                    stats["dropped_margin"] += 1
+                    continue
+                if did not in texts:
+                    continue
+                chosen.append((rank, did))
+                if len(chosen) == cfg.num_negatives:
+                    break
+            if len(chosen) < cfg.num_negatives:
+                stats["skipped_too_few_negatives"] += 1
+                continue
+            examples.append(TrainingExample(
+                query_id=qid, query=text, positive_id=pos, positive=texts[pos],
+                negative_ids=tuple(d for _, d in chosen),
+                negatives=tuple(texts[d] for _, d in chosen),
+                positive_score=pos_score,
+                negative_scores=tuple(scores.get(d) for _, d in chosen),
+                negative_ranks=tuple(r for r, _ in chosen)))
+    stats["examples"] = len(examples)
+    stats["seconds"] = round(time.perf_counter() - start, 2)
+    logger.info("mined hard negatives: %s", stats)
+    return MiningResult(examples=examples, stats=stats)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def _require_training_deps() -> None:
+    missing = []
+    for mod in ("torch", "sentence_transformers", "datasets", "accelerate"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise MissingDependencyError(
+            f"fine-tuning needs {', '.join(missing)}: {_INSTALL}")
+
+
+def _check_examples(examples: Sequence[TrainingExample]) -> int:
+    """Number of negatives every row can supply (the smallest count over the rows)."""
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+        raise InvalidInputError("examples must be a list of TrainingExample "
+                                "(see mine_hard_negatives / load_examples)")
+    if not examples:
+        raise InvalidInputError("examples is empty: nothing to train on; mine more pairs "
+                                "(raise max_pairs or depth, lower margin or skip_top)")
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, TrainingExample):
+            raise InvalidInputError(f"examples[{i}] must be a TrainingExample, got "
+                                    f"{type(ex).__name__}")
+    n = min(len(ex.negatives) for ex in examples)
+    if n < max(len(ex.negatives) for ex in examples):
+        logger.warning("examples carry different numbers of negatives; using the first %d of "
+                       "each row", n)
+    return n
+
+
+def _tuple_columns(examples: Sequence[TrainingExample], n_neg: int) -> dict[str, list[Any]]:
+    """Columns query, positive, negative_1..negative_n (the trainers read them in order)."""
+    columns: dict[str, list[Any]] = {"query": [ex.query for ex in examples],
+                                     "positive": [ex.positive for ex in examples]}
+    for j in range(n_neg):
+        columns[f"negative_{j + 1}"] = [ex.negatives[j] for ex in examples]
+    return columns
+
+
+def _prepare_out(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"out_dir={str(out)!r} exists and is not empty; choose another "
+                          "directory or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the freshly saved model in; a crash leaves the old directory or the new one."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _training_args(cls: Any, cfg: TrainConfig, work: str, n_rows: int, show: bool,
+                   **extra: Any) -> Any:
+    steps = cfg.max_steps if cfg.max_steps is not None else \
+        cfg.epochs * math.ceil(n_rows / cfg.batch_size)
+    kwargs: dict[str, Any] = dict(
+        output_dir=work, per_device_train_batch_size=cfg.batch_size,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps else -1,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+        seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="no", report_to="none", disable_tqdm=not show,
+        logging_strategy="steps", logging_steps=max(1, steps // 20),
+        dataloader_num_workers=0, **extra)
+    import torch
+    import transformers
+
+    # transformers 5 takes the warmup ratio as a float warmup_steps (warmup_ratio is deprecated)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["warmup_steps"] = float(cfg.warmup_ratio)
+    else:  # pragma: no cover - transformers 4
+        kwargs["warmup_ratio"] = float(cfg.warmup_ratio)
+    if cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available()):
+        kwargs.update(use_cpu=True, dataloader_pin_memory=False)
+    return cls(**kwargs)
+
+
+def _callbacks(max_seconds: float | None) -> list[Any]:
+    """Trainer callbacks: the loss to our logger (INFO), and a wall-time limit if any."""
+    from transformers import TrainerCallback
+
+    class LogLoss(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kwargs: Any) -> Any:
+            if logs and "loss" in logs:
+                logger.info("step %d/%d: loss %.4f, lr %.2e, %.0fs", state.global_step,
+                            state.max_steps, float(logs["loss"]),
+                            float(logs.get("learning_rate", 0.0)),
+                            time.perf_counter() - self.start)
+            return control
+
+    if max_seconds is None:
+        return [LogLoss()]
+
+    class StopAfter(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+            self.stopped_at: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if time.perf_counter() - self.start > max_seconds:
+                if self.stopped_at is None:
+                    logger.warning("training stopped by max_seconds=%s after %d of %d steps",
+                                   max_seconds, state.global_step, state.max_steps)
+                    self.stopped_at = state.global_step
+                control.should_training_stop = True
+            return control
+
+    return [LogLoss(), StopAfter()]
+
+
+def _quiet(trainer: Any) -> Any:
+    """Without progress bars the trainer prints each log dict; our logger has them instead."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _train_and_save(kind: str, model: Any, trainer_cls: Any, args_cls: Any,
+                    columns: Mapping[str, list[Any]], loss: Any, cfg: TrainConfig, out: Path,
+                    progress: bool | None, *, info: Mapping[str, Any],
+                    before_save: Any = None, **extra_args: Any) -> Path:
+    """Train `model` on `columns`, save it beside `out`, then swap it into place."""
+    from datasets import Dataset
+
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    start = time.perf_counter()
+    n_rows = len(next(iter(columns.values())))
+    with tempfile.TemporaryDirectory(prefix=".rk-train-", dir=out.parent) as work:
+        args = _training_args(args_cls, cfg, work, n_rows, show, **extra_args)
+        trainer = _quiet(trainer_cls(model=model, args=args, loss=loss,
+                                     train_dataset=Dataset.from_dict(dict(columns)),
+                                     callbacks=_callbacks(cfg.max_seconds)))
+        result = trainer.train()
+        if before_save is not None:
+            before_save()
+        tmp = Path(work) / "model"
+        model.save(str(tmp))
+        record = {"kind": kind, **info, "config": cfg.to_dict(), "rows": n_rows,
+                  "steps": int(result.global_step),
+                  "planned_steps": int(trainer.state.max_steps),
+                  "train_loss": float(result.training_loss),
+                  "seconds": round(time.perf_counter() - start, 1)}
+        (tmp / TRAINING_INFO_FILE).write_text(json.dumps(record, indent=2, default=str),
+                                              encoding="utf-8")
+        _move_into_place(tmp, out)
+    logger.info("trained %s %s in %.0fs (%d steps)", kind, out, time.perf_counter() - start,
+                result.global_step)
+    return out
+
+
+def train_embedder(examples: Sequence[TrainingExample], out_dir: str | os.PathLike[str], *,
+                   base: str | None = None, config: TrainConfig | None = None,
+                   overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Fine-tune a sentence-transformers embedder on (query, positive, negatives) rows.
+
+    Loss: MultipleNegativesRankingLoss (each query against its positive, its hard negatives
+    and every other document of the batch, ``scale = 1 / temperature``), wrapped in
+    MatryoshkaLoss when `config.matryoshka_dims` is set. Batches never hold the same text
+    twice (NO_DUPLICATES sampler), so a repeated query cannot be its own false negative.
+    The model's query/document prefixes are used as training prompts and saved with it.
+
+    Args:
+        examples: rows from `mine_hard_negatives` or `load_examples`.
+        out_dir: where the model is saved (a directory loadable by path).
+        base: starting model (hub name or directory; default the bundled MiniLM).
+        config: `TrainConfig`.
+        overwrite: replace an existing non-empty `out_dir`.
+        progress: progress bar and loss logging (default: when stderr is a terminal).
+
+    Returns:
+        The model directory.
+
+    Raises:
+        MissingDependencyError: torch / sentence-transformers / datasets / accelerate missing.
+        ConfigError: bad settings (e.g. a Matryoshka dim larger than the model's).
+        InvalidInputError: no or malformed examples.
+    """
+    from .embedding import DEFAULT_MODEL, Embedder
+
+    cfg = config or TrainConfig()
+    n_neg = _check_examples(examples)
+    out = _prepare_out(out_dir, overwrite)
+    _require_training_deps()
+    from sentence_transformers import (SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments, losses)
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    base = base or DEFAULT_MODEL
+    emb = Embedder(model=base, device=cfg.device)
+    model = emb.model  # loads with retrievekit's resolution (packaged copy, local dir, hub)
+    prefixes = emb.prefixes
+    full_dim = emb.model_dim
+    if cfg.matryoshka_dims and max(cfg.matryoshka_dims) > full_dim:
+        raise ConfigError(f"matryoshka_dims={list(cfg.matryoshka_dims)}: the largest must be "
+                          f"<= the model dimension {full_dim} of {base!r}")
+    original_len = model.max_seq_length
+    if cfg.max_seq_length is not None:
+        model.max_seq_length = min(cfg.max_seq_length, original_len or cfg.max_seq_length)
+    columns = _tuple_columns(examples, n_neg)
+    prompts = None
+    if prefixes.query or prefixes.document:
+        prompts = {c: (prefixes.query if c == "query" else prefixes.document) for c in columns}
+    loss: Any = losses.MultipleNegativesRankingLoss(model, scale=float(cfg.scale))
+    if cfg.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(
+            model, loss, matryoshka_dims=list(cfg.matryoshka_dims),
+            matryoshka_weights=list(cfg.matryoshka_weights) if cfg.matryoshka_weights else None)
+
+    def before_save() -> None:
+        model.max_seq_length = original_len
+        model.prompts = {**dict(getattr(model, "prompts", {}) or {}),
+                         "query": prefixes.query, "document": prefixes.document}
+
+    return _train_and_save(
+        "embedder", model, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
+        columns, loss, cfg, out, progress,
+        info={"base": base, "examples": len(examples), "negatives_per_example": n_neg,
+              "loss": "MatryoshkaLoss(MultipleNegativesRankingLoss)" if cfg.matryoshka_dims
+              else "MultipleNegativesRankingLoss"},
+        before_save=before_save, batch_sampler=BatchSamplers.NO_DUPLICATES, prompts=prompts)
+
+
+def train_reranker(examples: Sequence[TrainingExample], out_dir: str | os.PathLike[str], *,
+                   base: str | None = None, config: TrainConfig | None = None,
+                   overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Fine-tune a cross-encoder reranker on the same positives and hard negatives.
+
+    `base` may be a cross-encoder or a plain encoder checkpoint (such as the bundled
+    MiniLM): it is loaded as ``CrossEncoder(path, num_labels=1)``, so a missing
+    classification head starts fresh. Loss per `config.reranker_loss`: "bce" scores every
+    (query, positive) pair as 1 and every (query, negative) pair as 0; "mnrl" asks the
+    positive to outscore its hard negatives and other rows' documents.
+
+    Returns:
+        The model directory (load it with ``Reranker(model=dir)``).
+    """
+    from .embedding import DEFAULT_MODEL
+    from .models import model_not_found, resolve_model
+
+    cfg = config or TrainConfig()
+    n_neg = _check_examples(examples)
+    out = _prepare_out(out_dir, overwrite)
+    _require_training_deps()
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.cross_encoder import (CrossEncoder, CrossEncoderTrainer,
+                                                     CrossEncoderTrainingArguments, losses)
+
+    base = base or DEFAULT_MODEL
+    resolved = resolve_model(base)
+    try:
+        model = CrossEncoder(resolved.load_from, num_labels=1, max_length=cfg.max_seq_length,
+                             device=cfg.device, local_files_only=resolved.is_local)
+    except Exception as exc:
+        raise model_not_found(base, resolved, exc) from exc
+    if cfg.reranker_loss == "bce":
+        rows: dict[str, list[Any]] = {"query": [], "passage": [], "label": []}
+        for ex in examples:
+            for text, label in [(ex.positive, 1.0)] + [(t, 0.0) for t in ex.negatives[:n_neg]]:
+                rows["query"].append(ex.query)
+                rows["passage"].append(text)
+                rows["label"].append(label)
+        loss: Any = losses.BinaryCrossEntropyLoss(model)
+        extra: dict[str, Any] = {}
+    else:
+        rows = _tuple_columns(examples, n_neg)
+        loss = losses.MultipleNegativesRankingLoss(model)
+        extra = {"batch_sampler": BatchSamplers.NO_DUPLICATES}
+    return _train_and_save(
+        "reranker", model, CrossEncoderTrainer, CrossEncoderTrainingArguments, rows, loss, cfg,
+        out, progress,
+        info={"base": base, "examples": len(examples), "negatives_per_example": n_neg,
+              "loss": {"bce": "BinaryCrossEntropyLoss",
+                       "mnrl": "MultipleNegativesRankingLoss"}[cfg.reranker_loss]},
+        **extra)
+
+
+# --------------------------------------------------------------------------------------
+# The whole flow: mine, train, evaluate before/after, keep or discard
+# --------------------------------------------------------------------------------------
+
+
+_ROW_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@10")
+
+
+def _eval_rows(results: Mapping[str, Any], label: str) -> dict[str, float]:
+    """{"<label> nDCG@10": v, ...} from one `evaluate_modes` mode result."""
+    return {f"{label} {m}": float(results.metrics[m]) for m in _ROW_METRICS
+            if m in results.metrics}
+
+
+def format_comparison(before: Mapping[str, float], after: Mapping[str, float],
+                      before_label: str = "base", after_label: str = "fine-tuned") -> str:
+    """A Markdown table of the metrics side by side with their difference."""
+    rows = [f"| metric | {before_label} | {after_label} | delta |", "|---|---:|---:|---:|"]
+    for name in before:
+        if name in after:
+            b, a = before[name], after[name]
+            rows.append(f"| {name} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+    return "\n".join(rows)
+
+
+def _evaluate(retriever: Any, dataset: Any, modes: Sequence[str], progress: bool | None
+              ) -> dict[str, Any]:
+    from .report import evaluate_modes
+
+    return evaluate_modes(retriever, dataset, modes, k=10, progress=progress)
+
+
+def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathLike[str],
+                 split: str = "train", eval_split: str = "test", base: str | None = None,
+                 retriever_model: str | None = None, max_pairs: int | None = None,
+                 max_pairs_per_query: int | None = None, max_eval_queries: int | None = None,
+                 mining: MiningConfig | None = None, training: TrainConfig | None = None,
+                 eval_dims: Sequence[int] | None = None, rerank_candidates: int = 30,
+                 cache_dir: str | os.PathLike[str] | None = None, dtype: str = "float32",
+                 base_dtype: str | None = None, min_gain: float = 0.0,
+                 keep_discarded: bool = False, progress: bool | None = None,
+                 echo: bool = True) -> dict[str, Any]:
+    """Mine, train, evaluate against the base, and keep the model only if it improved.
+
+    Layout of `out`: ``store/`` (the base model's evaluation store, one collection per
+    truncate_dim, reused by later runs), ``hard_negatives.jsonl``, ``model/`` (removed on
+    "discard" unless `keep_discarded`), ``store-finetuned/`` and ``cache-finetuned/`` (the
+    fine-tuned embedder's store and passage vectors, rebuilt on every run), ``cache/`` (the
+    base model's passage vectors unless `cache_dir` is given) and ``report.json``.
+
+    Args:
+        kind: "embedder" or "reranker".
+        data: a BEIR-layout directory; `split` trains, `eval_split` evaluates (same corpus).
+        base: the model to start from: an embedder for "embedder" (also the baseline),
+            a cross-encoder or encoder checkpoint for "reranker". Default: bundled MiniLM.
+        retriever_model: the embedder of the first stage in the reranker flow (default
+            the bundled MiniLM); ignored for "embedder".
+        max_pairs / max_pairs_per_query: limit the training pairs (`pairs_from_qrels`).
+        max_eval_queries: evaluate a seeded sample of this many queries.
+        eval_dims: also evaluate the embedders truncated to these dims (truncated-only dense
+            search, no rescoring); default: the Matryoshka dims below the full dimension.
+        rerank_candidates: fused hits the reranker reorders in the evaluation.
+        cache_dir: embedding cache for the *base* model's passages (default ``out/cache``).
+        dtype / base_dtype: precision of the fine-tuned model (embedder or reranker) / of
+            the base embedder in the evaluation (base_dtype defaults to dtype; an embedding
+            cache does not record precision).
+        min_gain: keep only when the criterion improves by more than this.
+
+    Returns:
+        The report (also written to ``out/report.json``).
+    """
+    from .cache import EmbeddingCache
+    from .embedding import DEFAULT_MODEL
+    from .evaluation import dataset_documents, load_beir
+    from .report import index_dataset, open_eval_retriever, sample_queries
+
+    if kind not in ("embedder", "reranker"):
+        raise InvalidInputError(f"kind={kind!r}: choose 'embedder' or 'reranker'")
+    if not _is_int(rerank_candidates, 1):
+        raise InvalidInputError(f"rerank_candidates={rerank_candidates!r}: must be an int >= 1")
+    if max_eval_queries is not None and not _is_int(max_eval_queries, 1):
+        raise InvalidInputError(f"max_eval_queries={max_eval_queries!r}: must be an int >= 1")
+    training = training or TrainConfig()
+    mining = mining or MiningConfig(mode="dense" if kind == "embedder" else "hybrid")
+    base_model = base or DEFAULT_MODEL
+    first_stage = base_model if kind == "embedder" else (retriever_model or DEFAULT_MODEL)
+    base_dtype = base_dtype or dtype
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store_dir = out_dir / "store"
+    model_dir = out_dir / "model"
+    new_store_dir = out_dir / "store-finetuned"
+    new_cache_dir = out_dir / "cache-finetuned"
+    timings: dict[str, float] = {}
+
+    train_ds = load_beir(data, split=split)
+    eval_ds = load_beir(data, split=eval_split)
+    if eval_ds.corpus.keys() != train_ds.corpus.keys():  # pragma: no cover - one corpus file
+        raise InvalidInputError("the train and eval splits must share one corpus")
+    evaluated = sample_queries(eval_ds, max_eval_queries)
+    pairs = pairs_from_qrels(train_ds.qrels, max_pairs=max_pairs,
+                             max_pairs_per_query=max_pairs_per_query, seed=training.seed)
+    corpus = dict(dataset_documents(train_ds))
+    if eval_dims is not None:
+        eval_dims = sorted({int(d) for d in eval_dims}, reverse=True)
+    base_cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+
+    def say(msg: str) -> None:
+        logger.info(msg)
+        if echo:
+            print(msg, flush=True)
+
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    # 1. the base: index the corpus, mine with it, measure it
+    t0 = time.perf_counter()
+    with EmbeddingCache(base_cache / "embeddings.sqlite") as cache:
+        with open_eval_retriever(store_dir, train_ds.name, model=first_stage,
+                                 dtype=base_dtype) as r:
+            stats = index_dataset(r, train_ds, cache=cache, progress=progress)
+            say(f"indexed {stats['documents']} documents with {first_stage} "
+                f"({stats['encoded']} passages encoded)")
+            timings["index_base_s"] = round(time.perf_counter() - t0, 1)
+            if kind == "reranker":
+                eval_dims = []
+            elif eval_dims is None:  # the Matryoshka dims below the full one
+                eval_dims = [d for d in training.matryoshka_dims or ()
+                             if d < r.embedder.model_dim]
+            t0 = time.perf_counter()
+            mined = mine_hard_negatives(r, train_ds.queries, train_ds.qrels, pairs,
+                                        corpus=corpus, config=mining, progress=progress)
+            save_examples(out_dir / "hard_negatives.jsonl", mined.examples)
+            timings["mine_s"] = round(time.perf_counter() - t0, 1)
+            say(f"mined {len(mined.examples)} training rows from {len(pairs)} pairs of split "
+                f"{split!r} ({mining.mode}, {mining.num_negatives} negatives, skip_top="
+                f"{mining.skip_top}, margin={mining.margin}) -> "
+                f"{out_dir / 'hard_negatives.jsonl'}")
+            t0 = time.perf_counter()
+            base_modes = ["dense"] if kind == "embedder" else ["hybrid"]
+            res = _evaluate(r, evaluated, base_modes, progress)
+            before.update(_eval_rows(res[base_modes[0]], base_modes[0]))
+        for dim in eval_dims:
+            with open_eval_retriever(store_dir, train_ds.name, model=first_stage,
+                                     truncate_dim=dim, dtype=base_dtype) as r:
+                index_dataset(r, train_ds, cache=cache, progress=progress)
+                res = _evaluate(r, evaluated, ["dense"], progress)
+                before.update(_eval_rows(res["dense"], f"dense@{dim}"))
+        timings["eval_base_s"] = round(time.perf_counter() - t0, 1)
+
+    # 2. train
+    t0 = time.perf_counter()
+    trainer = train_embedder if kind == "embedder" else train_reranker
+    trainer(mined.examples, model_dir, base=base_model, config=training, overwrite=True,
+            progress=progress)
+    timings["train_s"] = round(time.perf_counter() - t0, 1)
+    say(f"trained {kind} from {base_model} on {len(mined.examples)} rows in "
+        f"{timings['train_s']:.0f}s -> {model_dir}")
+
+    # 3. measure the new model the same way
+    t0 = time.perf_counter()
+    if kind == "embedder":
+        # a fresh store and cache: a retrained model has the same path but other weights,
+        # and a store made with the old ones would refuse it
+        for stale in (new_store_dir, new_cache_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        with EmbeddingCache(new_cache_dir / "embeddings.sqlite") as cache:
+            for dim in [None, *eval_dims]:
+                with open_eval_retriever(new_store_dir, train_ds.name, model=str(model_dir),
+                                         truncate_dim=dim, dtype=dtype) as r:
+                    index_dataset(r, train_ds, cache=cache, progress=progress)
+                    res = _evaluate(r, evaluated, ["dense"], progress)
+                    after.update(_eval_rows(res["dense"],
+                                            "dense" if dim is None else f"dense@{dim}"))
+        criterion = "dense ndcg@10"
+    else:
+        from .rerank import Reranker
+
+        with open_eval_retriever(store_dir, train_ds.name, model=first_stage,
+                                 dtype=base_dtype) as r:
+            r.reranker = Reranker(model=str(model_dir), candidates=rerank_candidates,
+                                  max_length=training.max_seq_length, device=training.device,
+                                  dtype=dtype)
+            res = _evaluate(r, evaluated, ["rerank"], progress)
+            after.update(_eval_rows(res["rerank"], "hybrid"))
+        criterion = "hybrid ndcg@10"
+    timings["eval_finetuned_s"] = round(time.perf_counter() - t0, 1)
+
+    gain = after[criterion] - before[criterion]
+    decision = "keep" if gain > min_gain else "discard"
+    if decision == "discard" and not keep_discarded:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    after_label = "fine-tuned" if kind == "embedder" else "+ fine-tuned reranker"
+    table = format_comparison(before, after, "base" if kind == "embedder" else "hybrid alone",
+                              after_label)
+    report: dict[str, Any] = {
+        "kind": kind, "dataset": train_ds.name, "data": str(data), "split": split,
+        "eval_split": eval_split, "eval_queries": res[next(iter(res))].num_queries,
+        "base": base_model, "first_stage": first_stage, "dtype": dtype,
+        "base_dtype": base_dtype,
+        "model_dir": str(model_dir) if model_dir.exists() else None,
+        "mining": {**asdict(mining), **mined.stats}, "training": training.to_dict(),
+        "before": before, "after": after, "criterion": criterion, "gain": gain,
+        "min_gain": min_gain, "decision": decision, "timings": timings}
+    tmp = out_dir / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, out_dir / "report.json")
+    if echo:
+        print(f"\n{train_ds.name}, split {eval_split!r}: {report['eval_queries']} queries")
+        print(table)
+        verdict = (f"{decision}: {criterion} {before[criterion]:.4f} -> "
+                   f"{after[criterion]:.4f} ({gain:+.4f}, needs > {min_gain:+.4f})")
+        if decision == "discard":
+            verdict += "; " + ("model kept for inspection at " + str(model_dir)
+                               if keep_discarded else "model removed")
+        else:
+            verdict += f"; model at {model_dir}"
+        print(verdict)
+        print(f"wrote {out_dir / 'report.json'}")
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _number_list(cast: Any, example: str) -> Any:
+    """An argparse type: comma-separated positive numbers, e.g. ``384,256,128``."""
+    import argparse
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give comma-separated numbers, e.g. {example}") from None
+        if not values or any(not v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+        return values
+
+    parse.__name__ = f"list of {cast.__name__}"
+    return parse
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`retrievekit finetune embedder|reranker ...`"""
+    training = TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        learning_rate=args.lr, max_seq_length=args.max_seq_length, scale=args.scale,
+        matryoshka_dims=args.matryoshka_dims, matryoshka_weights=args.matryoshka_weights,
+        reranker_loss=args.loss, bf16=args.bf16,
+        max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
+        seed=args.seed, device=args.device)
+    mining = MiningConfig(
+        mode=args.mine_mode or ("dense" if args.kind == "embedder" else "hybrid"),
+        num_negatives=args.num_negatives, depth=args.mine_depth, skip_top=args.skip_top,
+        margin=None if args.no_margin else args.margin)
+    run_finetune(args.kind, args.data, out=args.out, split=args.split,
+                 eval_split=args.eval_split, base=args.base,
+                 retriever_model=args.retriever_model, max_pairs=args.max_pairs,
+                 max_pairs_per_query=args.max_pairs_per_query,
+                 max_eval_queries=args.max_eval_queries, mining=mining, training=training,
+                 eval_dims=args.eval_dims, rerank_candidates=args.rerank_candidates,
+                 cache_dir=args.cache_dir, dtype=args.dtype, min_gain=args.min_gain,
+                 keep_discarded=args.keep_discarded,
+                 progress=False if args.quiet else None)
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """Add ``retrievekit finetune embedder|reranker`` to the command's subparsers."""
+    sp = subparsers.add_parser(
+        "finetune", help="fine-tune an embedder or a reranker on a BEIR-layout collection, "
+        "then keep it only if it beats the base",
+        description="Mine hard negatives with the retriever, train, evaluate before/after on "
+        "another split, and keep the model only if it improved.")
+    sp.add_argument("kind", choices=["embedder", "reranker"])
+    sp.add_argument("--data", required=True,
+                    help="BEIR-layout directory (corpus.jsonl[.gz], queries.jsonl, qrels/)")
+    sp.add_argument("--out", required=True, help="output directory (model/, report.json, ...)")
+    sp.add_argument("--split", default="train", help="qrels split to train on")
+    sp.add_argument("--eval-split", default="test", help="qrels split to evaluate on")
+    sp.add_argument("--base", default=None,
+                    help="starting model (default: the bundled all-MiniLM-L6-v2)")
+    sp.add_argument("--retriever-model", default=None,
+                    help="reranker flow: the first-stage embedder (default: bundled MiniLM)")
+    sp.add_argument("--matryoshka-dims", type=_number_list(int, "384,256,128,64"), default=None,
+                    help="embedder: wrap the loss in MatryoshkaLoss, e.g. 384,256,128,64")
+    sp.add_argument("--matryoshka-weights", type=_number_list(float, "1,1,2,1"), default=None,
+                    help="embedder: loss weight per Matryoshka dim, e.g. 1,1,2,1")
+    sp.add_argument("--eval-dims", type=_number_list(int, "128,64"), default=None,
+                    help="embedder: also evaluate truncated to these dims "
+                    "(default: the Matryoshka dims below the full one)")
+    sp.add_argument("--epochs", type=int, default=1)
+    sp.add_argument("--max-steps", type=int, default=None)
+    sp.add_argument("--max-pairs", type=int, default=None,
+                    help="train on at most this many (query, positive) pairs")
+    sp.add_argument("--max-pairs-per-query", type=int, default=None)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=3e-5, help="learning rate")
+    sp.add_argument("--max-seq-length", type=int, default=256,
+                    help="tokens per text (per pair for a reranker) while training")
+    sp.add_argument("--scale", type=float, default=20.0,
+                    help="embedder: MultipleNegativesRankingLoss scale (1/temperature)")
+    sp.add_argument("--loss", choices=list(RERANKER_LOSSES), default="bce",
+                    help="reranker: bce (pos=1/neg=0) or mnrl (listwise over negatives)")
+    sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast while training")
+    sp.add_argument("--max-minutes", type=float, default=None,
+                    help="stop training after this many minutes (evaluation still runs)")
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--mine-mode", choices=["dense", "hybrid"], default=None,
+                    help="retriever mode for mining (default: dense for an embedder, "
+                    "hybrid for a reranker)")
+    sp.add_argument("--num-negatives", type=int, default=1)
+    sp.add_argument("--mine-depth", type=int, default=100,
+                    help="candidates per query considered as negatives")
+    sp.add_argument("--skip-top", type=int, default=0,
+                    help="never take ranks 1..N as negatives")
+    sp.add_argument("--margin", type=float, default=0.05,
+                    help="drop candidates whose cosine is within this of the positive's")
+    sp.add_argument("--no-margin", action="store_true", help="switch the margin filter off")
+    sp.add_argument("--max-eval-queries", type=int, default=None)
+    sp.add_argument("--rerank-candidates", type=int, default=30,
+                    help="reranker evaluation: fused hits the reranker reorders")
+    sp.add_argument("--cache-dir", default=None,
+                    help="embedding cache of the base model's passages (default <out>/cache)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                    default="float32", help="precision when encoding for the evaluation")
+    sp.add_argument("--min-gain", type=float, default=0.0,
+                    help="keep only if the criterion improves by more than this")
+    sp.add_argument("--keep-discarded", action="store_true",
+                    help="keep the model directory even when the verdict is discard")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_finetune)

@@ -1,0 +1,280 @@
+"""Fine-tuning end to end on a tiny BEIR collection: mining, training, loading by path, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datasets")
+pytest.importorskip("accelerate")
+
+from retrievekit.errors import ConfigError, InvalidInputError  # noqa: E402
+from retrievekit.finetune import (MiningConfig, TrainConfig, TrainingExample,  # noqa: E402
+                                  load_examples, mine_hard_negatives, pairs_from_qrels,
+                                  save_examples, train_embedder, train_reranker)
+
+DOCS = {
+    "d-cat": "Cats are small carnivorous mammals kept as house pets; they purr and hunt mice.",
+    "d-lion": "Lions are large wild cats living in prides on the African savanna.",
+    "d-dog": "Dogs descend from wolves and are loyal companions trained to herd and guard.",
+    "d-wolf": "Wolves hunt in packs across forests and tundra of the northern hemisphere.",
+    "d-py": "Python is a programming language with readable syntax and a large library.",
+    "d-rust": "Rust is a systems programming language with memory safety and no garbage "
+              "collector.",
+    "d-js": "JavaScript runs in web browsers and makes web pages interactive.",
+    "d-bread": "Sourdough bread is leavened with a fermented starter of flour and water.",
+    "d-tea": "Green tea contains catechins and less caffeine than coffee.",
+    "d-coffee": "Coffee is brewed from roasted beans and is rich in caffeine.",
+    "d-rain": "Rain forms when water vapour condenses into droplets heavy enough to fall.",
+    "d-snow": "Snow is precipitation of ice crystals that falls when the air is cold.",
+}
+TRAIN = {  # query id -> (text, relevant doc ids)
+    "t1": ("which animals purr and catch mice", ["d-cat"]),
+    "t2": ("pack hunters of the northern forests", ["d-wolf", "d-dog"]),
+    "t3": ("a memory safe language without garbage collection", ["d-rust"]),
+    "t4": ("language for scripting web pages", ["d-js"]),
+    "t5": ("drink with less caffeine than coffee", ["d-tea"]),
+    "t6": ("how does rain form", ["d-rain"]),
+}
+TEST = {
+    "s1": ("big cats of Africa", ["d-lion"]),
+    "s2": ("easy to read programming language", ["d-py"]),
+    "s3": ("bread made with a starter", ["d-bread"]),
+    "s4": ("cold weather precipitation", ["d-snow"]),
+}
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-beir")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for did, text in DOCS.items():
+            fh.write(json.dumps({"_id": did, "title": "", "text": text}) + "\n")
+    with open(root / "queries.jsonl", "w", encoding="utf-8") as fh:
+        for qid, (text, _) in {**TRAIN, **TEST}.items():
+            fh.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (root / "qrels").mkdir()
+    for split, qs in (("train", TRAIN), ("test", TEST)):
+        lines = ["query-id\tcorpus-id\tscore"]
+        lines += [f"{qid}\t{d}\t1" for qid, (_, rel) in qs.items() for d in rel]
+        (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mining_retriever(tmp_path_factory, embedder):
+    from retrievekit.pipeline import HybridRetriever
+
+    r = HybridRetriever(path=str(tmp_path_factory.mktemp("mine-store")), embedder=embedder)
+    r.add_documents([{"id": d, "text": t} for d, t in DOCS.items()])
+    yield r
+    r.close()
+
+
+def _queries() -> dict[str, str]:
+    return {q: t for q, (t, _) in TRAIN.items()}
+
+
+def _qrels() -> dict[str, dict[str, int]]:
+    return {q: {d: 1 for d in rel} for q, (_, rel) in TRAIN.items()}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# -- pairs and mining ------------------------------------------------------------------------
+
+
+def test_pairs_round_robin_spread_over_queries():
+    qrels = {"a": {"x": 1, "y": 2, "z": 1}, "b": {"x": 1}, "c": {"w": 0}}
+    pairs = pairs_from_qrels(qrels, seed=3)
+    assert sorted(pairs) == [("a", "x"), ("a", "y"), ("a", "z"), ("b", "x")]
+    assert ("c", "w") not in pairs  # grade 0 is not relevant
+    two = pairs_from_qrels(qrels, max_pairs=2, seed=3)
+    assert {q for q, _ in two} == {"a", "b"}  # one per query before any second one
+    assert ("a", "y") in two  # the highest grade comes first
+    assert sorted(pairs_from_qrels(qrels, max_pairs_per_query=1, seed=3)) == [("a", "y"),
+                                                                               ("b", "x")]
+    assert pairs_from_qrels(qrels, seed=3) == pairs  # seeded: the same draw every time
+    with pytest.raises(InvalidInputError, match="max_pairs"):
+        pairs_from_qrels(qrels, max_pairs=0)
+
+
+def test_mining_never_returns_a_positive_and_scores_match_the_embedder(mining_retriever,
+                                                                        embedder):
+    res = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                              config=MiningConfig(num_negatives=2, margin=None, depth=10))
+    assert len(res.examples) == res.stats["examples"] == 7  # every pair found 2 negatives
+    assert res.stats["dropped_relevant"] >= 6
+    doc_vecs = dict(zip(DOCS, embedder.embed_documents(list(DOCS.values()))))
+    for ex in res.examples:
+        relevant = set(TRAIN[ex.query_id][1])
+        assert ex.positive_id in relevant and ex.positive == DOCS[ex.positive_id]
+        assert not relevant & set(ex.negative_ids)
+        assert list(ex.negatives) == [DOCS[d] for d in ex.negative_ids]
+        assert list(ex.negative_ranks) == sorted(ex.negative_ranks)
+        # scores are cosines of the same vectors the embedder gives (an independent path)
+        q = embedder.embed_query(ex.query)
+        assert ex.positive_score == pytest.approx(_cos(q, doc_vecs[ex.positive_id]), abs=1e-4)
+        for did, s in zip(ex.negative_ids, ex.negative_scores):
+            assert s == pytest.approx(_cos(q, doc_vecs[did]), abs=1e-4)
+        # without filters the negatives are the best-ranked non-relevant documents
+        ranked = [h.id for h in mining_retriever.search(ex.query, k=12, mode="dense")]
+        assert list(ex.negative_ids) == [d for d in ranked if d not in relevant][:2]
+
+
+def test_mining_respects_skip_top_and_margin(mining_retriever):
+    plain = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                                config=MiningConfig(num_negatives=1, margin=None))
+    skipped = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                                  config=MiningConfig(num_negatives=1, margin=None, skip_top=3))
+    assert skipped.stats["dropped_skip_top"] > 0
+    for ex in skipped.examples:
+        assert min(ex.negative_ranks) > 3
+    assert [e.negative_ids for e in plain.examples] != [e.negative_ids for e in skipped.examples]
+
+    margin = 0.15
+    res = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                              config=MiningConfig(num_negatives=2, margin=margin, depth=12))
+    assert res.stats["dropped_margin"] > 0
+    for ex in res.examples:
+        assert all(s < ex.positive_score - margin for s in ex.negative_scores)
+    # a margin nothing can satisfy leaves no example, and says why
+    none = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                               config=MiningConfig(margin=5.0))
+    assert none.examples == [] and none.stats["skipped_too_few_negatives"] == 7
+
+
+def test_mining_hybrid_mode_reads_texts_from_the_store(mining_retriever, tmp_path):
+    res = mine_hard_negatives(mining_retriever, _queries(), _qrels(), pairs=[("t1", "d-cat")],
+                              config=MiningConfig(mode="hybrid", num_negatives=3, margin=None))
+    (ex,) = res.examples
+    assert ex.positive == DOCS["d-cat"] and len(ex.negatives) == 3
+    assert [DOCS[d] for d in ex.negative_ids] == list(ex.negatives)
+    path = save_examples(tmp_path / "rows.jsonl", res.examples)
+    assert load_examples(path) == res.examples
+    with pytest.raises(InvalidInputError, match="no text"):
+        mine_hard_negatives(mining_retriever, _queries(), _qrels(), pairs=[("nope", "d-cat")])
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ConfigError, match="mode"):
+        MiningConfig(mode="sparse")
+    with pytest.raises(ConfigError, match="skip_top"):
+        MiningConfig(skip_top=-1)
+    with pytest.raises(ConfigError, match="matryoshka_dims"):
+        TrainConfig(matryoshka_dims=(128, 128))
+    with pytest.raises(ConfigError, match="reranker_loss"):
+        TrainConfig(reranker_loss="hinge")
+    assert TrainConfig(matryoshka_dims=(64, 384, 128)).matryoshka_dims == (384, 128, 64)
+    # weights follow their dims when the dims are sorted
+    cfg = TrainConfig(matryoshka_dims=(128, 384, 64), matryoshka_weights=(3, 1, 2))
+    assert cfg.matryoshka_weights == (1.0, 3.0, 2.0)
+    with pytest.raises(ConfigError, match="one positive number per dim"):
+        TrainConfig(matryoshka_dims=(384, 128), matryoshka_weights=(1,))
+    with pytest.raises(ConfigError, match="needs matryoshka_dims"):
+        TrainConfig(matryoshka_weights=(1.0,))
+
+
+# -- training and loading by path ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def examples(mining_retriever) -> list[TrainingExample]:
+    return mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                               config=MiningConfig(num_negatives=1, margin=None)).examples
+
+
+def _mean_gap(emb, rows: list[TrainingExample]) -> float:
+    q = emb.embed_queries([r.query for r in rows])
+    p = emb.embed_documents([r.positive for r in rows])
+    n = emb.embed_documents([r.negatives[0] for r in rows])
+    return float(np.mean(np.sum(q * p, axis=1) - np.sum(q * n, axis=1)))
+
+
+def test_embedder_training_improves_the_examples_and_loads_by_path(examples, embedder,
+                                                                    tmp_path):
+    from retrievekit.embedding import Embedder
+    from retrievekit.pipeline import HybridRetriever
+
+    out = train_embedder(examples, tmp_path / "emb", config=TrainConfig(
+        max_steps=6, batch_size=4, learning_rate=2e-4, max_seq_length=64,
+        matryoshka_dims=(384, 128), matryoshka_weights=(1, 2), device="cpu"), progress=False)
+    info = json.loads((out / "retrievekit_finetune.json").read_text())
+    assert info["kind"] == "embedder" and info["steps"] == 6
+    assert info["loss"] == "MatryoshkaLoss(MultipleNegativesRankingLoss)"
+    tuned = Embedder(model=str(out))
+    assert tuned.max_seq_length == embedder.max_seq_length  # saved with the original length
+    assert (tuned.prefixes.query, tuned.prefixes.document) == ("", "")
+    assert tuned.identity()["model_hash"] != embedder.identity()["model_hash"]
+    assert _mean_gap(tuned, examples) > _mean_gap(embedder, examples)
+
+    with HybridRetriever(path=str(tmp_path / "store"), model=str(out)) as r:
+        r.add_documents([{"id": d, "text": t} for d, t in DOCS.items()])
+        assert r.search("animals that purr", k=3, mode="dense")
+        assert r.info()["settings"]["embedder"]["model"] == str(out)
+    with pytest.raises(ConfigError, match="not empty"):
+        train_embedder(examples, out, config=TrainConfig(max_steps=1))
+
+
+def test_reranker_training_loads_by_path(examples, tmp_path):
+    from retrievekit.rerank import Reranker
+
+    for loss in ("bce", "mnrl"):
+        out = train_reranker(examples, tmp_path / loss, config=TrainConfig(
+            max_steps=2, batch_size=4, max_seq_length=64, reranker_loss=loss, device="cpu"),
+            progress=False)
+        info = json.loads((out / "retrievekit_finetune.json").read_text())
+        assert info["kind"] == "reranker" and info["steps"] == 2
+        scores = Reranker(model=str(out), max_length=64).score(
+            "animals that purr", [DOCS["d-cat"], DOCS["d-rust"]])
+        assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_training_rejects_empty_examples(tmp_path):
+    with pytest.raises(InvalidInputError, match="empty"):
+        train_embedder([], tmp_path / "x")
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_cli_finetune_embedder_prints_before_after_and_a_verdict(beir_dir, tmp_path, capsys):
+    from retrievekit.cli import main
+
+    out = tmp_path / "ft"
+    rc = main(["finetune", "embedder", "--data", str(beir_dir), "--out", str(out),
+               "--max-steps", "2", "--batch-size", "4", "--max-seq-length", "64",
+               "--matryoshka-dims", "384,128", "--no-margin", "--device", "cpu", "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "| metric | base | fine-tuned | delta |" in text
+    assert "| dense ndcg@10 |" in text and "| dense@128 ndcg@10 |" in text
+    gain = report["after"]["dense ndcg@10"] - report["before"]["dense ndcg@10"]
+    assert report["gain"] == pytest.approx(gain)
+    assert report["decision"] == ("keep" if gain > 0 else "discard")
+    assert f"\n{report['decision']}: dense ndcg@10" in text
+    assert (out / "model").is_dir() == (report["decision"] == "keep")
+    assert report["eval_queries"] == 4 and report["mining"]["examples"] == 7
+    assert len(load_examples(out / "hard_negatives.jsonl")) == 7
+
+
+def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_path, capsys):
+    from retrievekit.cli import main
+
+    out = tmp_path / "rr"
+    rc = main(["finetune", "reranker", "--data", str(beir_dir), "--out", str(out),
+               "--max-steps", "2", "--batch-size", "4", "--max-seq-length", "64",
+               "--num-negatives", "2", "--keep-discarded", "--min-gain", "-1", "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "| metric | hybrid alone | + fine-tuned reranker | delta |" in text
+    assert report["decision"] == "keep"  # min_gain -1: any result is kept
+    assert "\nkeep: hybrid ndcg@10" in text
+    assert report["mining"]["mode"] == "hybrid" and (out / "model").is_dir()

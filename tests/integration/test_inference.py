@@ -1,0 +1,274 @@
+"""The inference engines for real: ONNX export of the bundled MiniLM (once per module, into a
+temporary cache), its agreement with torch, refusal of broken exports, cache reuse, the
+automatic routing, and a small cross-encoder exported beside its own model directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from retrievekit import inference, models, onnx_backend
+from retrievekit.embedding import Embedder
+from retrievekit.errors import MissingDependencyError
+from retrievekit.models import model_fingerprint, resolve_model
+from retrievekit.rerank import Reranker
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+QUERIES = {  # query -> the corpus_docs id it is about
+    "which pet purrs and hunts mice": "cats",
+    "memory safety without garbage collection": "rust",
+    "how much caffeine is in green tea": "tea",
+    "what does error XQ7-42 mean": "xq7",
+}
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """RETRIEVEKIT_CACHE pointed at a fresh folder for this module."""
+    path = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRIEVEKIT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(onnx_cache):
+    """MiniLM on the ONNX engine; exported (and checked) once for the module."""
+    e = Embedder(model=MODEL, backend="onnx")
+    assert e.engine_for(1) == "onnx"
+    return e
+
+
+@pytest.fixture(scope="module")
+def fp32_embedder():
+    e = Embedder(model=MODEL, backend="torch", dtype="float32")
+    _ = e.model
+    return e
+
+
+def _folder():
+    resolved = resolve_model(MODEL)
+    return onnx_backend.cache_dir_for(resolved, onnx_backend.content_key(resolved))
+
+
+def _copy_cache(src, dst_root, *, skip: tuple[str, ...] = ()):
+    """A copy of the module's cache folder under another RETRIEVEKIT_CACHE root."""
+    dst = dst_root / "onnx" / src.name
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and f.name.startswith("embed-fp32") \
+                or f.name == "tokenizer.json":
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _refusals(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "retrievekit.onnx_backend" and r.levelno == logging.WARNING]
+
+
+# -- agreement -----------------------------------------------------------------------------------
+def test_onnx_and_torch_agree_on_vectors_and_rankings(onnx_embedder, fp32_embedder, corpus_docs):
+    texts = [d.text for d in corpus_docs]
+    ids = [d.id for d in corpus_docs]
+    d_onnx, d_torch = onnx_embedder.embed_documents(texts), fp32_embedder.embed_documents(texts)
+    assert np.max(np.abs(d_onnx - d_torch)) < 1e-5
+    for query, about in QUERIES.items():
+        q_onnx, q_torch = onnx_embedder.embed_query(query), fp32_embedder.embed_query(query)
+        assert float(q_onnx @ q_torch) > 1 - 1e-6
+        rank_onnx = [ids[i] for i in np.argsort(-(d_onnx @ q_onnx))]
+        assert rank_onnx == [ids[i] for i in np.argsort(-(d_torch @ q_torch))]
+        assert rank_onnx[0] == about
+
+
+def test_retriever_on_the_onnx_engine(onnx_embedder, corpus_docs):
+    from retrievekit.pipeline import HybridRetriever
+
+    with HybridRetriever(path=":memory:", embedder=onnx_embedder) as r:
+        r.add_documents(corpus_docs)
+        for query, about in QUERIES.items():
+            assert r.search(query, k=1, mode="dense")[0].id == about
+
+
+def test_int8_is_close_and_kept_apart_in_the_embedding_cache(onnx_embedder, fp32_embedder,
+                                                              corpus_docs, tmp_path):
+    from retrievekit.cache import EmbeddingCache
+
+    int8 = Embedder(model=MODEL, backend="onnx", onnx_quantize="int8")
+    assert int8.engine_for(1) == "onnx"
+    record = json.loads((_folder() / "embed-int8.json").read_text())
+    assert record["ok"] and record["precision"] == "int8"
+    texts = [d.text for d in corpus_docs]
+    cos = np.sum(int8.embed_documents(texts) * fp32_embedder.embed_documents(texts), axis=1)
+    assert cos.min() > 0.95 and cos.max() < 1 - 1e-6  # close, but really quantized
+    with EmbeddingCache(tmp_path / "c.sqlite") as cache:
+        for e in (onnx_embedder, int8):
+            saved, e.cache = e.cache, cache
+            try:
+                e.embed_documents(["one text, two precisions"])
+            finally:
+                e.cache = saved
+        assert len(cache) == 2  # the int8 vector never serves an fp32 lookup
+
+
+# -- the cache and refusals ----------------------------------------------------------------------
+def test_second_load_reuses_the_export(onnx_embedder, caplog):
+    onnx_file = _folder() / "embed-fp32.onnx"
+    before = os.stat(onnx_file)
+    caplog.set_level(logging.INFO, logger="retrievekit.onnx_backend")
+    again = Embedder(model=MODEL, backend="onnx")
+    assert again.engine_for(1) == "onnx"
+    assert not [r for r in caplog.records if "exporting" in r.getMessage()]
+    after = os.stat(onnx_file)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    texts = ["same file, same vectors", "x"]
+    assert np.array_equal(again.embed_documents(texts), onnx_embedder.embed_documents(texts))
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "unloadable file with a matching record"])
+def test_corrupt_cached_export_is_refused_for_torch(onnx_embedder, fp32_embedder, tmp_path,
+                                                    monkeypatch, caplog, damage):
+    folder = _copy_cache(_folder(), tmp_path)
+    onnx_file = folder / "embed-fp32.onnx"
+    if damage == "flipped bytes":
+        with open(onnx_file, "r+b") as fh:
+            fh.seek(os.path.getsize(onnx_file) // 2)
+            chunk = fh.read(64)
+            fh.seek(-len(chunk), 1)
+            fh.write(bytes(b ^ 0xFF for b in chunk))
+        expected = "does not match its recorded hash"
+    else:
+        onnx_file.write_bytes(b"not an onnx model")
+        record_file = folder / "embed-fp32.json"
+        record = json.loads(record_file.read_text())
+        record["sha256"] = onnx_backend._sha256(onnx_file)
+        record_file.write_text(json.dumps(record))
+        expected = "onnxruntime cannot load"
+    monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path))
+    caplog.set_level(logging.WARNING, logger="retrievekit.onnx_backend")
+    e = Embedder(model=MODEL, backend="onnx", dtype="float32")
+    assert e.engine_for(1) == "torch"
+    assert any(expected in m for m in _refusals(caplog))
+    q = "torch answers instead"
+    np.testing.assert_allclose(e.embed_query(q), fp32_embedder.embed_query(q), atol=1e-6)
+
+
+def test_export_failing_its_check_is_refused_and_not_retried(onnx_embedder, tmp_path,
+                                                             monkeypatch, caplog):
+    # the exported file without its record: the next load checks it against torch again
+    folder = _copy_cache(_folder(), tmp_path, skip=("embed-fp32.json",))
+    monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path))
+    caplog.set_level(logging.WARNING, logger="retrievekit.onnx_backend")
+    with monkeypatch.context() as strict:
+        strict.setitem(onnx_backend.TOLERANCE, ("embed", "fp32"), -1.0)  # nothing can pass
+        e = Embedder(model=MODEL, backend="onnx")
+        assert e.engine_for(1) == "torch"
+    assert any("exceeds the tolerance" in m for m in _refusals(caplog))
+    record_file = folder / "embed-fp32.json"
+    record = json.loads(record_file.read_text())
+    assert record["ok"] is False and record["deviation"] < 1e-4
+    assert not (folder / "embed-fp32.onnx").exists()
+    stamp = os.stat(record_file).st_mtime_ns
+    # the normal tolerance is back, but the recorded failure holds until the record is deleted
+    again = Embedder(model=MODEL, backend="onnx")
+    assert again.engine_for(1) == "torch"
+    assert os.stat(record_file).st_mtime_ns == stamp
+    assert again.embed_query("still answered").shape == (384,)
+
+
+def test_missing_onnxruntime(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    with pytest.raises(MissingDependencyError, match=r"pip install 'retrievekit\[onnx\]'"):
+        Embedder(model=MODEL, backend="onnx").embed_query("x")
+    assert Embedder(model=MODEL, dtype="float32").engine_for(1) == "torch"  # auto: no error
+
+
+# -- automatic choices ---------------------------------------------------------------------------
+def test_auto_backend_routes_by_call_size(onnx_embedder, fp32_embedder):
+    default = Embedder(model=MODEL)
+    assert default.dtype == ("bfloat16" if inference.cpu_has_native_bf16() else "float32")
+    half = Embedder(model=MODEL, dtype="bfloat16")
+    bulk = inference.AUTO_ONNX_MAX_ITEMS + 1
+    assert half.engine_for(1) == "onnx" and half.engine_for(bulk) == "torch"
+    full = Embedder(model=MODEL, dtype="float32")
+    assert full.engine_for(1) == "onnx" and full.engine_for(10_000) == "onnx"
+    texts = [f"passage number {i} about tea and cats" for i in range(bulk)]
+    got = half.embed_documents(texts)  # torch bf16
+    ref = fp32_embedder.embed_documents(texts)
+    assert np.min(np.sum(got * ref, axis=1)) > 1 - 1e-3
+    assert float(half.embed_query(texts[0]) @ ref[0]) > 1 - 1e-6  # ONNX fp32
+
+
+def test_model_is_full_precision_unless_a_dtype_is_named():
+    import torch
+
+    half = Embedder(model=MODEL, backend="torch", dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    assert half._torch_engine() is half.model  # one copy
+    default = Embedder(model=MODEL, backend="torch")  # dtype "auto"
+    assert next(default.model.parameters()).dtype == torch.float32  # to train or compare with
+    engine = default._torch_engine()
+    if default.dtype == "bfloat16":  # the internal bulk copy
+        assert engine is not default.model
+        assert next(engine.parameters()).dtype == torch.bfloat16
+
+
+def test_onnx_threads_follow_the_setting(onnx_embedder):
+    opts = onnx_embedder._onnx_engine().session.get_session_options()
+    assert opts.intra_op_num_threads == inference.default_num_threads()
+    one = Embedder(model=MODEL, backend="onnx", num_threads=1)
+    assert one._onnx_engine().session.get_session_options().intra_op_num_threads == 1
+
+
+# -- the reranker --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_cross_encoder(tmp_path_factory):
+    """A 2-layer BERT cross-encoder with random weights and MiniLM's tokenizer (fast export)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("small-ce")
+    tok = AutoTokenizer.from_pretrained(resolve_model(MODEL).load_from)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=128, num_labels=1,
+                     max_position_embeddings=512)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_reranker_backends_agree_and_export_beside_the_model(small_cross_encoder, corpus_docs,
+                                                             monkeypatch):
+    monkeypatch.delenv("RETRIEVEKIT_CACHE", raising=False)
+    resolved = resolve_model(small_cross_encoder)
+    before = model_fingerprint(resolved)
+    onnx = Reranker(model=small_cross_encoder, backend="onnx", sigmoid=False)
+    torch_ = Reranker(model=small_cross_encoder, backend="torch", dtype="float32", sigmoid=False)
+    assert onnx.engine_for(20) == "onnx"
+    passages = [d.text for d in corpus_docs] + ["", "word " * 700]  # empty, and past truncation
+    for query in QUERIES:
+        s_onnx, s_torch = onnx.score(query, passages), torch_.score(query, passages)
+        np.testing.assert_allclose(s_onnx, s_torch, atol=1e-5)
+        assert np.argsort(-s_onnx).tolist() == np.argsort(-s_torch).tolist()
+    beside = os.path.join(small_cross_encoder, "onnx", "retrievekit", before,
+                          "rerank-fp32.onnx")
+    assert os.path.exists(beside)  # a writable local model keeps its export next to it
+    models._hash_dir.cache_clear()
+    assert model_fingerprint(resolved) == before  # ... without changing the model's hash
+
+
+def test_reranker_max_length_is_honoured(small_cross_encoder, monkeypatch):
+    monkeypatch.delenv("RETRIEVEKIT_CACHE", raising=False)
+    long = "tea " * 300
+    short_onnx = Reranker(model=small_cross_encoder, backend="onnx", max_length=32)
+    short_torch = Reranker(model=small_cross_encoder, backend="torch", dtype="float32",
+                           max_length=32)
+    np.testing.assert_allclose(short_onnx.score("q", [long, "tea"]),
+                               short_torch.score("q", [long, "tea"]), atol=1e-6)
