@@ -8,6 +8,7 @@ BM25 index was saved before the last write that it must catch up.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
 import threading
@@ -96,6 +97,7 @@ class HybridRetriever:
                 changes["embedder"] = emb_changes
             cfg = cfg.replace(**changes)
         self.config = cfg
+        self._owned_cache = None
         self._write_lock = threading.RLock()
         #: what the last add_documents did: records written, unchanged (skipped), removed
         self.last_add_stats: dict[str, int] = {"written": 0, "unchanged": 0, "removed": 0}
@@ -105,7 +107,11 @@ class HybridRetriever:
         if cfg.cache_dir:
             from .cache import EmbeddingCache
 
+            if self.embedder is embedder:
+                # never mutate the caller's embedder: a shallow copy shares its loaded model
+                self.embedder = copy.copy(embedder)
             self.embedder.cache = EmbeddingCache(Path(cfg.cache_dir) / "embeddings.sqlite")
+            self._owned_cache = self.embedder.cache
         if isinstance(reranker, Reranker):
             self.reranker: Reranker | None = reranker
         else:
@@ -628,8 +634,10 @@ class HybridRetriever:
         """Release the store (and its directory lock)."""
         if self.store.client is not None:
             self.store.close()
-        cache = getattr(self.embedder, "cache", None)
-        if cache is not None:
+        cache = self._owned_cache
+        if cache is not None:  # only the cache this retriever opened (config.cache_dir)
+            self._owned_cache = None
+            self.embedder.cache = None
             cache.close()
 
     def __enter__(self) -> "HybridRetriever":
