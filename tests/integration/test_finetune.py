@@ -207,13 +207,14 @@ def test_embedder_training_improves_the_examples_and_loads_by_path(examples, emb
     info = json.loads((out / "retrievekit_finetune.json").read_text())
     assert info["kind"] == "embedder" and info["steps"] == 6
     assert info["loss"] == "MatryoshkaLoss(MultipleNegativesRankingLoss)"
-    tuned = Embedder(model=str(out))
+    tuned = Embedder(model=str(out), backend="torch")  # torch: no ONNX export in a test
     assert tuned.max_seq_length == embedder.max_seq_length  # saved with the original length
     assert (tuned.prefixes.query, tuned.prefixes.document) == ("", "")
     assert tuned.identity()["model_hash"] != embedder.identity()["model_hash"]
     assert _mean_gap(tuned, examples) > _mean_gap(embedder, examples)
 
-    with HybridRetriever(path=str(tmp_path / "store"), model=str(out)) as r:
+    with HybridRetriever({"embedder": {"model": str(out), "backend": "torch"},
+                          "store": {"path": str(tmp_path / "store")}}) as r:
         r.add_documents([{"id": d, "text": t} for d, t in DOCS.items()])
         assert r.search("animals that purr", k=3, mode="dense")
         assert r.info()["settings"]["embedder"]["model"] == str(out)
@@ -224,15 +225,14 @@ def test_embedder_training_improves_the_examples_and_loads_by_path(examples, emb
 def test_reranker_training_loads_by_path(examples, tmp_path):
     from retrievekit.rerank import Reranker
 
-    for loss in ("bce", "mnrl"):
-        out = train_reranker(examples, tmp_path / loss, config=TrainConfig(
-            max_steps=2, batch_size=4, max_seq_length=64, reranker_loss=loss, device="cpu"),
-            progress=False)
-        info = json.loads((out / "retrievekit_finetune.json").read_text())
-        assert info["kind"] == "reranker" and info["steps"] == 2
-        scores = Reranker(model=str(out), max_length=64).score(
-            "animals that purr", [DOCS["d-cat"], DOCS["d-rust"]])
-        assert scores.shape == (2,) and np.isfinite(scores).all()
+    out = train_reranker(examples, tmp_path / "bce", config=TrainConfig(
+        max_steps=2, batch_size=4, max_seq_length=64, device="cpu"), progress=False)
+    info = json.loads((out / "retrievekit_finetune.json").read_text())
+    assert info["kind"] == "reranker" and info["steps"] == 2
+    assert info["loss"] == "BinaryCrossEntropyLoss" and info["rows"] == 2 * len(examples)
+    scores = Reranker(model=str(out), max_length=64, backend="torch").score(
+        "animals that purr", [DOCS["d-cat"], DOCS["d-rust"]])
+    assert scores.shape == (2,) and np.isfinite(scores).all()
 
 
 def test_training_rejects_empty_examples(tmp_path):
@@ -270,7 +270,8 @@ def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_pa
     out = tmp_path / "rr"
     rc = main(["finetune", "reranker", "--data", str(beir_dir), "--out", str(out),
                "--max-steps", "2", "--batch-size", "4", "--max-seq-length", "64",
-               "--num-negatives", "2", "--keep-discarded", "--min-gain", "-1", "-q"])
+               "--num-negatives", "2", "--loss", "mnrl", "--keep-discarded", "--min-gain", "-1",
+               "-q"])
     assert rc == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -278,3 +279,5 @@ def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_pa
     assert report["decision"] == "keep"  # min_gain -1: any result is kept
     assert "\nkeep: hybrid ndcg@10" in text
     assert report["mining"]["mode"] == "hybrid" and (out / "model").is_dir()
+    info = json.loads((out / "model" / "retrievekit_finetune.json").read_text())
+    assert info["loss"] == "MultipleNegativesRankingLoss" and info["negatives_per_example"] == 2
