@@ -6,6 +6,10 @@ Three parts, each one training run that finishes within an hour on the shared 2-
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/finetune.py matryoshka   # MNRL in MatryoshkaLoss
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/finetune.py reranker     # cross-encoder, BCE
 
+The reranker part chooses the reranker's weight against the hybrid order
+(`RerankConfig.weight`) on qrels/dev.tsv and evaluates on qrels/test.tsv at weight 1 (the
+cross-encoder's order alone) and at the chosen weight.
+
 Training uses qrels/train.tsv, evaluation qrels/test.tsv (all 323 judged queries), both over
 the one nfcorpus corpus read in place from --data (never copied). Each part runs
 `retrievekit.finetune.run_finetune`, the code behind ``retrievekit finetune``: mine hard
@@ -57,11 +61,14 @@ PARTS: dict[str, dict[str, Any]] = {
                    "max_pairs": 14000, "max_steps": 100, "depth": 200,
                    "batch_size": 32, "max_seq_length": 128, "lr": 5e-5,
                    "num_negatives": 1, "mine_mode": "dense", "eval_dims": [128]},
-    "reranker": {"kind": "reranker", "train_minutes": 20.0, "matryoshka_dims": None,
-                 "max_pairs": 14000, "max_steps": 150, "depth": 200,
-                 "batch_size": 32, "max_seq_length": 192, "lr": 8e-5,
+    # the reranker learns from the lists it reorders: hybrid top 30, positives judged
+    # relevant inside them, 3 negatives drawn from the rest (MiningConfig.positive_depth)
+    "reranker": {"kind": "reranker", "train_minutes": 40.0, "matryoshka_dims": None,
+                 "max_pairs": None, "max_steps": 800, "depth": 30, "positive_depth": 30,
+                 "sampling": "random", "margin": None,
+                 "batch_size": 32, "max_seq_length": 128, "lr": 7e-5, "head_lr": 1e-3,
                  "num_negatives": 3, "mine_mode": "hybrid", "eval_dims": [],
-                 "loss": "bce", "rerank_candidates": 20},
+                 "loss": "bce", "rerank_candidates": 30},
 }
 
 
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--skip-top", type=int, default=0)
-    p.add_argument("--margin", type=float, default=0.05)
+    p.add_argument("--margin", type=float, default=None,
+                   help="mining margin (default per part: 0.05, none for the reranker)")
     p.add_argument("--loss", choices=["bce", "mnrl"], default=None, help="reranker loss")
     p.add_argument("--matryoshka-weights", default=None,
                    help="comma-separated loss weights of the Matryoshka dims (default per part)")
@@ -127,11 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         matryoshka_dims=cfg["matryoshka_dims"],
         matryoshka_weights=tuple(float(w) for w in args.matryoshka_weights.split(","))
         if args.matryoshka_weights else cfg.get("matryoshka_weights"),
-        reranker_loss=args.loss or cfg.get("loss", "bce"),
+        reranker_loss=args.loss or cfg.get("loss", "bce"), head_learning_rate=cfg.get("head_lr"),
         bf16=True, max_seconds=minutes * 60, seed=0, device="cpu")
     mining = MiningConfig(mode=cfg["mine_mode"], num_negatives=cfg["num_negatives"],
-                          depth=cfg["depth"],
-                          skip_top=args.skip_top, margin=args.margin)
+                          depth=cfg["depth"], skip_top=args.skip_top,
+                          margin=args.margin if args.margin is not None
+                          else cfg.get("margin", 0.05),
+                          positive_depth=cfg.get("positive_depth"),
+                          sampling=cfg.get("sampling", "top"))
     work = Path(args.work) if args.work else CACHE / "finetune" / args.part
     info = machine_info()
     start = time.perf_counter()

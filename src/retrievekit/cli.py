@@ -78,7 +78,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.rerank:
             from .rerank import Reranker
 
-            r.reranker = Reranker(model=args.rerank)
+            r.reranker = Reranker(model=args.rerank, weight=args.rerank_weight)
         hits = r.search(args.query, k=args.k, mode=args.mode, where=where)
         if args.json:
             print(json.dumps([{"id": h.id, "score": h.score, "ranks": dict(h.ranks),
@@ -87,7 +87,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                               for h in hits], ensure_ascii=False, indent=2))
             return 0
         for i, h in enumerate(hits, 1):
-            ranks = " ".join(f"{s}#{h.ranks[s]}" for s in ("dense", "sparse", "rerank")
+            ranks = " ".join(f"{s}#{h.ranks[s]}" for s in ("dense", "sparse", "rerank", "blend")
                              if s in h.ranks)
             snippet = " ".join(h.document.text.split())[:100]
             print(f"{i:2d}. {h.id}  score={h.score:.4f}  [{ranks}]\n    {snippet}")
@@ -113,7 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
              split=args.split, model=args.model, reranker=args.reranker,
              cache_dir=args.cache_dir, max_queries=args.max_queries, truncate_dim=args.truncate_dim,
              candidates=args.candidates, rerank_candidates=args.rerank_candidates,
-             dtype=args.dtype, progress=False if args.quiet else None)
+             rerank_weight=args.rerank_weight, dtype=args.dtype,
+             progress=False if args.quiet else None)
     return 0
 
 
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default=None)
     sp.add_argument("--where", help='a Chroma filter as JSON, e.g. \'{"topic": "code"}\'')
     sp.add_argument("--rerank", metavar="MODEL", help="rerank with this cross-encoder")
+    sp.add_argument("--rerank-weight", type=float, default=1.0,
+                    help="the cross-encoder's share of the order against the hybrid order, "
+                    "in (0, 1] (default 1: its order alone)")
     sp.add_argument("--json", action="store_true", help="print hits as JSON")
     store_args(sp)
     sp.set_defaults(func=cmd_search)
@@ -171,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "so Recall@100 is meaningful)")
     sp.add_argument("--rerank-candidates", type=int, default=None,
                     help="fused hits the cross-encoder reorders in the rerank mode (default 50)")
+    sp.add_argument("--rerank-weight", type=float, default=None,
+                    help="the cross-encoder's share of the order against the fused order, in "
+                    "(0, 1] (default 1: its order alone; `retrievekit finetune reranker` "
+                    "reports the weight it chose)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                     default="float32", help="embedding model precision")
     sp.add_argument("--threads", type=int, default=None,

@@ -94,6 +94,17 @@ class MiningConfig:
         margin: drop a candidate whose dense cosine is >= the positive's cosine - margin
             (None: no score filter). A negative margin allows negatives slightly above it.
         candidates: per-side candidates of the retriever search (default: what depth needs).
+        positive_depth: keep a (query, positive) pair only when the positive is among the
+            retriever's top `positive_depth` hits for the query (None: every judged pair).
+            For a reranker, set it (and `depth`) to about the number of candidates it will
+            reorder: it then learns from the lists it will see, relevant and non-relevant
+            documents that the first stage both ranks high. Trained on positives the first
+            stage never retrieves against negatives it ranks high, a cross-encoder learns
+            that looking like a first-stage hit means "not relevant".
+        sampling: "top" takes the highest-ranked usable candidates (the classic hard
+            negatives; every pair of a query gets the same ones); "random" draws them
+            uniformly (seeded, per pair) from the usable candidates within `depth`.
+        seed: seed of the "random" draw.
     """
 
     mode: str = "dense"
@@ -102,6 +113,9 @@ class MiningConfig:
     skip_top: int = 0
     margin: float | None = 0.05
     candidates: int | None = None
+    positive_depth: int | None = None
+    sampling: str = "top"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "hybrid"):
@@ -118,6 +132,14 @@ class MiningConfig:
                               "units, e.g. 0.05) or None to switch the score filter off")
         if self.candidates is not None and not _is_int(self.candidates, 1):
             raise ConfigError(f"candidates={self.candidates!r}: must be an int >= 1 or None")
+        if self.positive_depth is not None and not _is_int(self.positive_depth, 1):
+            raise ConfigError(f"positive_depth={self.positive_depth!r}: must be an int >= 1 "
+                              "or None (every judged positive)")
+        if self.sampling not in ("top", "random"):
+            raise ConfigError(f"sampling={self.sampling!r}: choose 'top' (highest-ranked "
+                              "negatives) or 'random' (drawn within depth)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed={self.seed!r}: must be an int")
 
 
 @dataclass(frozen=True)
@@ -139,6 +161,9 @@ class TrainConfig:
         reranker_loss: "bce" (binary cross-entropy on pos=1/neg=0) or "mnrl" (the
             cross-encoder MultipleNegativesRankingLoss: positive against hard and in-batch
             negatives).
+        head_learning_rate: reranker: learning rate of the classification head (parameters
+            named ``classifier``), which starts from random weights when the base is not a
+            cross-encoder; None: `learning_rate`.
         max_seconds: stop training after this much wall time (checked after each step;
             the learning-rate schedule still assumes the full run). None: no limit.
         bf16: bfloat16 autocast (CPUs with AVX512-BF16/AMX, recent GPUs).
@@ -157,6 +182,7 @@ class TrainConfig:
     matryoshka_dims: tuple[int, ...] | None = None
     matryoshka_weights: tuple[float, ...] | None = None
     reranker_loss: str = "bce"
+    head_learning_rate: float | None = None
     max_seconds: float | None = None
     bf16: bool = False
     seed: int = 0
@@ -174,8 +200,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not _is_int(v, 1):
                 raise ConfigError(f"{name}={v!r}: must be an int >= 1 or None")
-        for name in ("learning_rate", "scale"):
+        for name in ("learning_rate", "scale", "head_learning_rate"):
             v = getattr(self, name)
+            if v is None and name == "head_learning_rate":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name}={v!r}: must be a number > 0")
         if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
@@ -414,10 +442,13 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
         grouped.setdefault(qid, []).append(did)
     stats: dict[str, Any] = {
         "mode": cfg.mode, "queries": len(grouped), "pairs": len(pairs), "examples": 0,
-        "skipped_no_positive_in_store": 0, "skipped_too_few_negatives": 0,
+        "skipped_no_positive_in_store": 0, "skipped_positive_below_depth": 0,
+        "skipped_too_few_negatives": 0,
         "dropped_relevant": 0, "dropped_skip_top": 0, "dropped_margin": 0}
     k = cfg.skip_top + cfg.depth
-    n_cand = max(cfg.candidates or 0, k)
+    k_search = max(k, cfg.positive_depth or 0)
+    n_cand = max(cfg.candidates or 0, k_search)
+    rng = random.Random(cfg.seed)
     show = sys.stderr.isatty() if progress is None else bool(progress)
     start = time.perf_counter()
     examples: list[TrainingExample] = []
@@ -426,10 +457,11 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
         relevant = {str(d) for d, g in (qrels.get(qid) or {}).items() if g > 0}
         relevant.update(grouped[qid])
         qvec = retriever.embedder.embed_query(text)
-        hits = retriever.search(text, k=k, mode=cfg.mode, rerank=False, candidates=n_cand,
-                                query_vector=qvec)
+        hits = retriever.search(text, k=k_search, mode=cfg.mode, rerank=False,
+                                candidates=n_cand, query_vector=qvec)
+        hit_rank = {hit.id: rank for rank, hit in enumerate(hits, start=1)}
         cands: list[tuple[int, str]] = []
-        for rank, hit in enumerate(hits, start=1):
+        for rank, hit in enumerate(hits[:k], start=1):
             if hit.id in relevant:
                 stats["dropped_relevant"] += 1
             elif rank <= cfg.skip_top:
@@ -448,8 +480,13 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
             if pos_score is None or pos not in texts:
                 stats["skipped_no_positive_in_store"] += 1
                 continue
+            if cfg.positive_depth is not None and hit_rank.get(pos, math.inf) > \
+                    cfg.positive_depth:
+                stats["skipped_positive_below_depth"] += 1
+                continue
             chosen: list[tuple[int, str]] = []
-            for rank, did in cands:
+            order = cands if cfg.sampling == "top" else rng.sample(cands, len(cands))
+            for rank, did in order:
                 s = scores.get(did)
                 if cfg.margin is not None and s is not None and s >= pos_score - cfg.margin:
                     stats["dropped_margin"] += 1
@@ -462,6 +499,7 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
             if len(chosen) < cfg.num_negatives:
                 stats["skipped_too_few_negatives"] += 1
                 continue
+            chosen.sort()  # best rank first, whichever way they were drawn
             examples.append(TrainingExample(
                 query_id=qid, query=text, positive_id=pos, positive=texts[pos],
                 negative_ids=tuple(d for _, d in chosen),
@@ -760,6 +798,12 @@ def train_reranker(examples: Sequence[TrainingExample], out_dir: str | os.PathLi
         rows = _tuple_columns(examples, n_neg)
         loss = losses.MultipleNegativesRankingLoss(model)
         extra = {"batch_sampler": BatchSamplers.NO_DUPLICATES}
+    if cfg.head_learning_rate is not None:
+        if any("classifier" in name for name, _ in model.named_parameters()):
+            extra["learning_rate_mapping"] = {r"classifier": float(cfg.head_learning_rate)}
+        else:
+            logger.warning("head_learning_rate is ignored: %r has no parameters named "
+                           "'classifier'", base)
     return _train_and_save(
         "reranker", model, CrossEncoderTrainer, CrossEncoderTrainingArguments, rows, loss, cfg,
         out, progress,
@@ -801,12 +845,104 @@ def _evaluate(retriever: Any, dataset: Any, modes: Sequence[str], progress: bool
     return evaluate_modes(retriever, dataset, modes, k=10, progress=progress)
 
 
+#: Reranker weights tried on the tuning split (`RerankConfig.weight`; 1.0 = its order alone).
+BLEND_WEIGHTS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+
+
+@dataclass
+class _RerankedRuns:
+    """Per judged query: the hybrid ranking and the reranker scores of its head."""
+
+    ids: dict[str, list[str]]
+    scores: dict[str, np.ndarray]
+
+    def run(self, weight: float | None, rrf_k: float) -> dict[str, list[str]]:
+        """query id -> ranked ids: hybrid alone (weight None) or reranked with `weight`."""
+        from .rerank import blend_order
+
+        if weight is None:
+            return self.ids
+        out = {}
+        for qid, ids in self.ids.items():
+            sc = self.scores[qid]
+            order, _, _ = blend_order(sc, weight, rrf_k)
+            out[qid] = [ids[i] for i in order] + ids[len(sc):]
+        return out
+
+
+def _score_reranked(retriever: Any, reranker: Any, dataset: Any, candidates: int,
+                    progress: bool | None) -> _RerankedRuns:
+    """The hybrid top 100 of every judged query, its first `candidates` scored by `reranker`
+    once, so that any number of weights can be evaluated without scoring again."""
+    from tqdm.auto import tqdm
+
+    from .report import RECALL_DEPTH, mode_search_fn
+
+    search = mode_search_fn(retriever, "hybrid")
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    ids: dict[str, list[str]] = {}
+    scores: dict[str, np.ndarray] = {}
+    for qid in tqdm(sorted(dataset.qrels), desc=f"rerank {dataset.name}/{dataset.split}",
+                    unit="q", disable=not show):
+        text = dataset.queries.get(qid)
+        if text is None:
+            raise InvalidInputError(f"split {dataset.split!r} judges query {qid!r} but "
+                                    "queries.jsonl has no text for it")
+        n = max(RECALL_DEPTH, candidates) + (1 if qid in dataset.corpus else 0)
+        hits = [h for h in search(text, n) if h.id != qid]  # BEIR: never the query itself
+        ids[qid] = [h.id for h in hits]
+        head = hits[:candidates]
+        scores[qid] = reranker.score(text, [h.document.text for h in head])
+    return _RerankedRuns(ids, scores)
+
+
+def _run_rows(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]],
+              label: str, per_query: dict[str, float] | None = None) -> dict[str, float]:
+    """Metric rows of a run; `per_query` (if given) receives each query's nDCG@10."""
+    from .evaluation import evaluate_run
+
+    res = evaluate_run(run, qrels, ks=(10, 100), metrics=("ndcg", "recall", "mrr", "map"))
+    if per_query is not None:
+        per_query.update({q: v["ndcg@10"] for q, v in res.per_query.items()})
+    return {f"{label} {m}": float(res.means[m]) for m in _ROW_METRICS}
+
+
+def paired_p_value(before: Mapping[str, float], after: Mapping[str, float], *,
+                   resamples: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p-value of the mean per-query difference ``after - before`` under the
+    paired permutation (randomization) test, the usual significance test for IR runs
+    (`scipy.stats.permutation_test`, ``permutation_type="samples"``). 1.0 when nothing
+    differs."""
+    from scipy.stats import permutation_test
+
+    qids = sorted(set(before) & set(after))
+    a = np.array([before[q] for q in qids], dtype=np.float64)
+    b = np.array([after[q] for q in qids], dtype=np.float64)
+    if len(qids) < 2 or np.allclose(a, b):
+        return 1.0
+    res = permutation_test((a, b), lambda x, y, axis: np.mean(y - x, axis=axis),
+                           permutation_type="samples", n_resamples=resamples,
+                           vectorized=True, random_state=seed, alternative="two-sided")
+    return float(res.pvalue)
+
+
+def _tune_weight(runs: _RerankedRuns, qrels: Mapping[str, Mapping[str, int]],
+                 weights: Sequence[float], rrf_k: float) -> tuple[float, dict[str, float]]:
+    """The weight with the best nDCG@10 on the tuning queries (ties: the larger weight)."""
+    by_weight = {f"{w:g}": _run_rows(runs.run(w, rrf_k), qrels, "x")["x ndcg@10"]
+                 for w in weights}
+    best = max(weights, key=lambda w: (round(by_weight[f"{w:g}"], 12), w))
+    return float(best), by_weight
+
+
 def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathLike[str],
                  split: str = "train", eval_split: str = "test", base: str | None = None,
                  retriever_model: str | None = None, max_pairs: int | None = None,
                  max_pairs_per_query: int | None = None, max_eval_queries: int | None = None,
                  mining: MiningConfig | None = None, training: TrainConfig | None = None,
                  eval_dims: Sequence[int] | None = None, rerank_candidates: int = 30,
+                 tune_split: str | None = "dev",
+                 blend_weights: Sequence[float] = BLEND_WEIGHTS,
                  cache_dir: str | os.PathLike[str] | None = None, dtype: str = "float32",
                  base_dtype: str | None = None, min_gain: float = 0.0,
                  keep_discarded: bool = False, progress: bool | None = None,
@@ -827,10 +963,19 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
         retriever_model: the embedder of the first stage in the reranker flow (default
             the bundled MiniLM); ignored for "embedder".
         max_pairs / max_pairs_per_query: limit the training pairs (`pairs_from_qrels`).
+        mining: default: dense, 1 negative from the top 100 with margin 0.05 (embedder);
+            hybrid, 3 negatives drawn from the top `rerank_candidates`, positives within the
+            same depth, no margin (reranker).
         max_eval_queries: evaluate a seeded sample of this many queries.
         eval_dims: also evaluate the embedders truncated to these dims (truncated-only dense
             search, no rescoring); default: the Matryoshka dims below the full dimension.
         rerank_candidates: fused hits the reranker reorders in the evaluation.
+        tune_split: reranker: the qrels split on which its weight (`RerankConfig.weight`,
+            the share of the reranker's order against the hybrid order) is chosen from
+            `blend_weights`; never the evaluation split. None, or a split the collection
+            does not have: weight 1.0 (the reranker's order alone). The test split is then
+            evaluated once at weight 1.0 and once at the chosen weight; the chosen one
+            decides keep/discard.
         cache_dir: embedding cache for the *base* model's passages (default ``out/cache``).
         dtype / base_dtype: precision of the fine-tuned model (embedder or reranker) / of
             the base embedder in the evaluation (base_dtype defaults to dtype; an embedding
@@ -849,10 +994,22 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
         raise InvalidInputError(f"kind={kind!r}: choose 'embedder' or 'reranker'")
     if not _is_int(rerank_candidates, 1):
         raise InvalidInputError(f"rerank_candidates={rerank_candidates!r}: must be an int >= 1")
+    if tune_split is not None and tune_split == eval_split:
+        raise InvalidInputError(
+            f"tune_split={tune_split!r} is the evaluation split: choosing the reranker weight "
+            "on the queries it is judged on overstates the gain; use another split (dev) or "
+            "None for weight 1.0")
+    blend_weights = tuple(blend_weights)
+    if not blend_weights or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                                or not 0 < w <= 1 for w in blend_weights):
+        raise InvalidInputError(f"blend_weights={blend_weights!r}: give numbers in (0, 1], "
+                                "e.g. (1.0, 0.7, 0.5)")
     if max_eval_queries is not None and not _is_int(max_eval_queries, 1):
         raise InvalidInputError(f"max_eval_queries={max_eval_queries!r}: must be an int >= 1")
     training = training or TrainConfig()
-    mining = mining or MiningConfig(mode="dense" if kind == "embedder" else "hybrid")
+    mining = mining or (MiningConfig(mode="dense") if kind == "embedder" else MiningConfig(
+        mode="hybrid", num_negatives=3, depth=rerank_candidates, margin=None,
+        positive_depth=rerank_candidates, sampling="random"))
     base_model = base or DEFAULT_MODEL
     first_stage = base_model if kind == "embedder" else (retriever_model or DEFAULT_MODEL)
     base_dtype = base_dtype or dtype
@@ -910,6 +1067,7 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
             base_modes = ["dense"] if kind == "embedder" else ["hybrid"]
             res = _evaluate(r, evaluated, base_modes, progress)
             before.update(_eval_rows(res[base_modes[0]], base_modes[0]))
+            before_pq = {q: v["ndcg@10"] for q, v in res[base_modes[0]].per_query.items()}
         for dim in eval_dims:
             with open_eval_retriever(store_dir, train_ds.name, model=first_stage,
                                      truncate_dim=dim, dtype=base_dtype) as r:
@@ -940,23 +1098,55 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
                                          truncate_dim=dim, dtype=dtype) as r:
                     index_dataset(r, train_ds, cache=cache, progress=progress)
                     res = _evaluate(r, evaluated, ["dense"], progress)
+                    if dim is None:
+                        after_pq = {q: v["ndcg@10"] for q, v in res["dense"].per_query.items()}
                     after.update(_eval_rows(res["dense"],
                                             "dense" if dim is None else f"dense@{dim}"))
         criterion = "dense ndcg@10"
     else:
         from .rerank import Reranker
 
+        reranker = Reranker(model=str(model_dir), candidates=rerank_candidates,
+                            max_length=training.max_seq_length, device=training.device,
+                            dtype=dtype)
+        rrf_k = reranker.config.rrf_k
+        tune_ds = None
+        if tune_split is not None:
+            try:
+                tune_ds = sample_queries(load_beir(data, split=tune_split), max_eval_queries)
+            except InvalidInputError as exc:
+                say(f"no tuning split {tune_split!r} ({exc}); reranker weight 1.0")
         with open_eval_retriever(store_dir, train_ds.name, model=first_stage,
                                  dtype=base_dtype) as r:
-            r.reranker = Reranker(model=str(model_dir), candidates=rerank_candidates,
-                                  max_length=training.max_seq_length, device=training.device,
-                                  dtype=dtype)
-            res = _evaluate(r, evaluated, ["rerank"], progress)
-            after.update(_eval_rows(res["rerank"], "hybrid"))
+            weight = 1.0
+            if tune_ds is not None:
+                tuned = _score_reranked(r, reranker, tune_ds, rerank_candidates, progress)
+                weight, by_weight = _tune_weight(tuned, tune_ds.qrels, blend_weights, rrf_k)
+                tuning = {"split": tune_split, "queries": len(tuned.ids),
+                          "hybrid ndcg@10": _run_rows(tuned.run(None, rrf_k), tune_ds.qrels,
+                                                      "x")["x ndcg@10"],
+                          "ndcg@10 by weight": by_weight, "weight": weight}
+                say(f"reranker weight tuned on split {tune_split!r} ({len(tuned.ids)} "
+                    f"queries): {weight:g} (nDCG@10 hybrid alone "
+                    f"{tuning['hybrid ndcg@10']:.4f}; by weight " + ", ".join(
+                        f"{w}: {v:.4f}" for w, v in by_weight.items()) + ")")
+            else:
+                tuning = {"split": None, "weight": 1.0}
+            runs = _score_reranked(r, reranker, evaluated, rerank_candidates, progress)
+        after_pq: dict[str, float] = {}
+        after.update(_run_rows(runs.run(weight, rrf_k), evaluated.qrels, "hybrid", after_pq))
+        reranker_alone = _run_rows(runs.run(1.0, rrf_k), evaluated.qrels, "hybrid")
         criterion = "hybrid ndcg@10"
+        if model_dir.exists():  # the chosen weight travels with the model
+            info_path = model_dir / TRAINING_INFO_FILE
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            info["recommended_weight"] = weight
+            info["weight_tuning"] = tuning
+            info_path.write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     timings["eval_finetuned_s"] = round(time.perf_counter() - t0, 1)
 
     gain = after[criterion] - before[criterion]
+    p_value = paired_p_value(before_pq, after_pq)
     decision = "keep" if gain > min_gain else "discard"
     if decision == "discard" and not keep_discarded:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -965,24 +1155,37 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
                               after_label)
     report: dict[str, Any] = {
         "kind": kind, "dataset": train_ds.name, "data": str(data), "split": split,
-        "eval_split": eval_split, "eval_queries": res[next(iter(res))].num_queries,
+        "eval_split": eval_split, "eval_queries": len(evaluated.qrels),
         "base": base_model, "first_stage": first_stage, "dtype": dtype,
         "base_dtype": base_dtype,
         "model_dir": str(model_dir) if model_dir.exists() else None,
         "mining": {**asdict(mining), **mined.stats}, "training": training.to_dict(),
         "before": before, "after": after, "criterion": criterion, "gain": gain,
-        "min_gain": min_gain, "decision": decision, "timings": timings}
+        "p_value": p_value, "min_gain": min_gain, "decision": decision, "timings": timings}
+    if kind == "reranker":
+        report["reranker_weight"] = weight
+        report["weight_tuning"] = tuning
+        report["after_weight_1"] = reranker_alone
     tmp = out_dir / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
     os.replace(tmp, out_dir / "report.json")
     if echo:
         print(f"\n{train_ds.name}, split {eval_split!r}: {report['eval_queries']} queries")
         print(table)
+        if kind == "reranker":
+            a1 = reranker_alone[criterion]
+            print(f"reranker weight {weight:g} (chosen on split {tuning['split']!r}); the "
+                  f"reranker's order alone (weight 1): {criterion} {a1:.4f} "
+                  f"({a1 - before[criterion]:+.4f} vs hybrid alone)")
         verdict = (f"{decision}: {criterion} {before[criterion]:.4f} -> "
-                   f"{after[criterion]:.4f} ({gain:+.4f}, needs > {min_gain:+.4f})")
+                   f"{after[criterion]:.4f} ({gain:+.4f}, needs > {min_gain:+.4f}; paired "
+                   f"permutation test over {len(after_pq)} queries p={p_value:.3g})")
         if decision == "discard":
             verdict += "; " + ("model kept for inspection at " + str(model_dir)
                                if keep_discarded else "model removed")
+        elif kind == "reranker":
+            verdict += (f"; use Reranker(model={str(model_dir)!r}, weight={weight:g}, "
+                        f"max_length={training.max_seq_length})")
         else:
             verdict += f"; model at {model_dir}"
         print(verdict)
@@ -1019,19 +1222,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         learning_rate=args.lr, max_seq_length=args.max_seq_length, scale=args.scale,
         matryoshka_dims=args.matryoshka_dims, matryoshka_weights=args.matryoshka_weights,
-        reranker_loss=args.loss, bf16=args.bf16,
+        reranker_loss=args.loss, head_learning_rate=args.head_lr, bf16=args.bf16,
         max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
         seed=args.seed, device=args.device)
+    rr = args.kind == "reranker"
+    margin = args.margin if args.margin is not None else (None if rr else 0.05)
     mining = MiningConfig(
-        mode=args.mine_mode or ("dense" if args.kind == "embedder" else "hybrid"),
-        num_negatives=args.num_negatives, depth=args.mine_depth, skip_top=args.skip_top,
-        margin=None if args.no_margin else args.margin)
+        mode=args.mine_mode or ("hybrid" if rr else "dense"),
+        num_negatives=args.num_negatives or (3 if rr else 1),
+        depth=args.mine_depth or (args.rerank_candidates if rr else 100),
+        skip_top=args.skip_top, margin=None if args.no_margin else margin,
+        positive_depth=None if args.positive_depth == 0 else (
+            args.positive_depth or (args.rerank_candidates if rr else None)),
+        sampling=args.sampling or ("random" if rr else "top"))
     run_finetune(args.kind, args.data, out=args.out, split=args.split,
                  eval_split=args.eval_split, base=args.base,
                  retriever_model=args.retriever_model, max_pairs=args.max_pairs,
                  max_pairs_per_query=args.max_pairs_per_query,
                  max_eval_queries=args.max_eval_queries, mining=mining, training=training,
                  eval_dims=args.eval_dims, rerank_candidates=args.rerank_candidates,
+                 tune_split=None if args.tune_split in ("", "none") else args.tune_split,
+                 blend_weights=args.rerank_weights,
                  cache_dir=args.cache_dir, dtype=args.dtype, min_gain=args.min_gain,
                  keep_discarded=args.keep_discarded,
                  progress=False if args.quiet else None)
@@ -1075,6 +1286,8 @@ def add_cli(subparsers: Any) -> None:
                     help="embedder: MultipleNegativesRankingLoss scale (1/temperature)")
     sp.add_argument("--loss", choices=list(RERANKER_LOSSES), default="bce",
                     help="reranker: bce (pos=1/neg=0) or mnrl (listwise over negatives)")
+    sp.add_argument("--head-lr", type=float, default=None,
+                    help="reranker: learning rate of the (new) classification head")
     sp.add_argument("--bf16", action="store_true", help="bfloat16 autocast while training")
     sp.add_argument("--max-minutes", type=float, default=None,
                     help="stop training after this many minutes (evaluation still runs)")
@@ -1083,17 +1296,34 @@ def add_cli(subparsers: Any) -> None:
     sp.add_argument("--mine-mode", choices=["dense", "hybrid"], default=None,
                     help="retriever mode for mining (default: dense for an embedder, "
                     "hybrid for a reranker)")
-    sp.add_argument("--num-negatives", type=int, default=1)
-    sp.add_argument("--mine-depth", type=int, default=100,
-                    help="candidates per query considered as negatives")
+    sp.add_argument("--num-negatives", type=int, default=None,
+                    help="negatives per pair (default 1 for an embedder, 3 for a reranker)")
+    sp.add_argument("--mine-depth", type=int, default=None,
+                    help="candidates per query considered as negatives (default 100 for an "
+                    "embedder; --rerank-candidates for a reranker)")
+    sp.add_argument("--positive-depth", type=int, default=None,
+                    help="keep a pair only when its positive is in the retriever's top N "
+                    "(default: off for an embedder, --rerank-candidates for a reranker, so it "
+                    "learns from the lists it will reorder); 0: off")
+    sp.add_argument("--sampling", choices=["top", "random"], default=None,
+                    help="negatives: the highest-ranked (top, embedder default) or drawn "
+                    "within the depth (random, reranker default)")
     sp.add_argument("--skip-top", type=int, default=0,
                     help="never take ranks 1..N as negatives")
-    sp.add_argument("--margin", type=float, default=0.05,
-                    help="drop candidates whose cosine is within this of the positive's")
+    sp.add_argument("--margin", type=float, default=None,
+                    help="drop candidates whose cosine is within this of the positive's "
+                    "(default 0.05 for an embedder, off for a reranker)")
     sp.add_argument("--no-margin", action="store_true", help="switch the margin filter off")
     sp.add_argument("--max-eval-queries", type=int, default=None)
     sp.add_argument("--rerank-candidates", type=int, default=30,
                     help="reranker evaluation: fused hits the reranker reorders")
+    sp.add_argument("--tune-split", default="dev",
+                    help="reranker: qrels split on which the reranker's weight against the "
+                    "hybrid order is chosen (default dev; 'none': weight 1)")
+    sp.add_argument("--rerank-weights", type=_number_list(float, "1,0.7,0.5"),
+                    default=BLEND_WEIGHTS,
+                    help="reranker: weights tried on the tuning split (default "
+                    + ",".join(f"{w:g}" for w in BLEND_WEIGHTS) + ")")
     sp.add_argument("--cache-dir", default=None,
                     help="embedding cache of the base model's passages (default <out>/cache)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],

@@ -486,7 +486,8 @@ class RetrieveKitReranker(BaseNodePostprocessor):
             `SentenceTransformerRerank` does.
         keep_retrieval_score: keep the score from before reranking in
             ``metadata["retrieval_score"]`` of the copy.
-        batch_size, max_length, device, dtype: as in `RerankConfig` (when building a model).
+        batch_size, max_length, device, dtype, weight: as in `RerankConfig` (when building a
+            model); ``weight < 1`` fuses the cross-encoder's rank with the incoming order.
     """
 
     model: str = Field(default=DEFAULT_RERANKER, description="Cross-encoder name or path.")
@@ -503,8 +504,8 @@ class RetrieveKitReranker(BaseNodePostprocessor):
                  top_n: int | None = None, threshold: float | None = None,
                  metadata_mode: MetadataMode | str = MetadataMode.NONE,
                  keep_retrieval_score: bool = False, **kwargs: Any) -> None:
-        build = {k: kwargs.pop(k) for k in ("batch_size", "max_length", "device", "dtype")
-                 if k in kwargs}
+        build = {k: kwargs.pop(k) for k in ("batch_size", "max_length", "device", "dtype",
+                                            "weight") if k in kwargs}
         if reranker is not None:
             if not isinstance(reranker, Reranker):
                 raise ConfigError(f"reranker must be a retrievekit Reranker, got "

@@ -127,7 +127,8 @@ def open_eval_retriever(store_dir: str | Path, dataset_name: str, *,
                         model: str | None = None, truncate_dim: int | None = None,
                         dtype: str = "float32", sparse: Mapping[str, Any] | None = None,
                         reranker: str | None = None, rerank_candidates: int | None = None,
-                        embedder: Any = None, options: Mapping[str, Any] | None = None):
+                        rerank_weight: float | None = None, embedder: Any = None,
+                        options: Mapping[str, Any] | None = None):
     """A `HybridRetriever` over `store_dir`, in a collection named after the dataset and the
     settings that decide what the index means (model, truncate_dim, BM25 settings).
 
@@ -160,6 +161,8 @@ def open_eval_retriever(store_dir: str | Path, dataset_name: str, *,
         rr: dict[str, Any] = {"model": reranker}
         if rerank_candidates is not None:
             rr["candidates"] = rerank_candidates
+        if rerank_weight is not None:
+            rr["weight"] = rerank_weight
         cfg["reranker"] = RerankConfig(**rr)
     if embedder is not None and embedder.config != base.embedder:
         embedder = None
@@ -405,7 +408,9 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
         f"{max(report['k'], RECALL_DEPTH)} hits with {s['candidates']} candidates per side.",
         f"- model `{s['model']}` (truncate_dim={s['truncate_dim']}, dtype={s['dtype']})"
         + (f"; reranker `{s['reranker']}` over the top {s['rerank_candidates']} fused hits "
-           "(lower ranks keep the fused order)" if s.get("reranker") else ""),
+           + (f"at weight {s['rerank_weight']:g} against the fused order "
+              if s.get("rerank_weight", 1.0) != 1.0 else "")
+           + "(lower ranks keep the fused order)" if s.get("reranker") else ""),
         "- latency: one search call, query embedding included (queries are not cached).",
         "- a retrieved document whose id equals the query id is ignored (BEIR convention).",
     ]
@@ -425,7 +430,8 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
              model: str | None = None, reranker: str | None = None,
              cache_dir: str | Path | None = None, max_queries: int | None = None,
              truncate_dim: int | None = None, *, candidates: int = RECALL_DEPTH,
-             rerank_candidates: int | None = None, dtype: str = "float32",
+             rerank_candidates: int | None = None, rerank_weight: float | None = None,
+             dtype: str = "float32",
              progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
     """Evaluate a BEIR-layout collection in several modes and write a report.
 
@@ -440,6 +446,8 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
         k: cut-off of nDCG, MRR and MAP (Recall is at 100).
         candidates: per-side candidates fused in hybrid mode (at least 100 are used).
         rerank_candidates: fused hits the cross-encoder reorders (default: RerankConfig's).
+        rerank_weight: the cross-encoder's share of the order (`RerankConfig.weight`;
+            default 1.0: its order alone).
         max_queries: evaluate a seeded sample of this many queries only.
         echo: print the table to stdout.
 
@@ -467,7 +475,8 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
     with EmbeddingCache(cache_path / "embeddings.sqlite") as cache, \
             open_eval_retriever(out_dir / "store", dataset.name, model=model,
                                 truncate_dim=truncate_dim, dtype=dtype, reranker=reranker,
-                                rerank_candidates=rerank_candidates) as retriever:
+                                rerank_candidates=rerank_candidates,
+                                rerank_weight=rerank_weight) as retriever:
         index_stats = index_dataset(retriever, dataset, cache=cache, progress=progress)
         results = evaluate_modes(retriever, evaluated, modes_t, k=k, candidates=candidates,
                                  progress=progress)
@@ -475,6 +484,8 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
                     "dtype": dtype, "candidates": max(candidates, k, RECALL_DEPTH),
                     "reranker": reranker,
                     "rerank_candidates": retriever.reranker.config.candidates
+                    if retriever.reranker else None,
+                    "rerank_weight": retriever.reranker.config.weight
                     if retriever.reranker else None,
                     "store": str(out_dir / "store"),
                     "collection": retriever.config.store.collection,

@@ -34,6 +34,15 @@ class RerankConfig:
         batch_size: pairs per forward pass.
         max_length: tokens per (query, passage) pair; None uses the model's.
         sigmoid: map raw logits to 0..1.
+        weight: the cross-encoder's share of the final order. 1.0 (default): the
+            cross-encoder's order alone, the usual setting for a strong reranker. Below 1,
+            its rank is fused with the first-stage rank by weighted RRF,
+            ``(1 - weight) / (rrf_k + first_rank) + weight / (rrf_k + rerank_rank)``: the
+            safer choice for a reranker of unproven strength in your domain (a small or
+            freshly fine-tuned one), since a reranker that is weaker than the first stage
+            can otherwise drag it down. ``retrievekit finetune reranker`` picks it on a
+            held-out split.
+        rrf_k: the RRF constant of that fusion.
         device / dtype / backend / onnx_quantize / num_threads: as for the embedder
             (`EmbedderConfig`); here a call's size is its number of (query, passage) pairs.
     """
@@ -50,6 +59,8 @@ class RerankConfig:
     backend: str = "auto"
     onnx_quantize: str | None = None
     num_threads: int | None = None
+    weight: float = 1.0
+    rrf_k: float = 60.0
 
     def __post_init__(self) -> None:
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
@@ -59,6 +70,7 @@ class RerankConfig:
         if self.threshold is not None and not isinstance(self.threshold, (int, float)):
             raise ConfigError(f"reranker.threshold must be a number or None, got "
                               f"{self.threshold!r}")
+        _check_blend(self.weight, self.rrf_k, "reranker.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"reranker.batch_size must be an int >= 1, got {self.batch_size!r}")
         object.__setattr__(self, "onnx_quantize", validate_inference(
@@ -67,6 +79,39 @@ class RerankConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_blend(weight: Any, rrf_k: Any, prefix: str = "") -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+        raise ConfigError(f"{prefix}weight must be a number in (0, 1] (1: the cross-encoder's "
+                          f"order alone; 0.5: fused equally with the first stage), got "
+                          f"{weight!r}")
+    if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or not rrf_k >= 0:
+        raise ConfigError(f"{prefix}rrf_k must be a number >= 0 (60 is the usual value), got "
+                          f"{rrf_k!r}")
+
+
+def blend_order(scores: Sequence[float], weight: float = 1.0, rrf_k: float = 60.0
+                ) -> tuple[list[int], list[int], list[float]]:
+    """The final order of candidates given in first-stage order, with their reranker scores.
+
+    Returns:
+        ``(order, rerank_rank, final)``: candidate indices best first; each candidate's
+        1-based rank by reranker score (ties keep the first-stage order); each candidate's
+        final score (the reranker score when ``weight == 1``, else the weighted RRF of its
+        first-stage position and its reranker rank; ties go to the better reranker rank).
+    """
+    _check_blend(weight, rrf_k)
+    n = len(scores)
+    by_score = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+    rank = [0] * n
+    for r, i in enumerate(by_score, start=1):
+        rank[i] = r
+    if weight >= 1:
+        return by_score, rank, [float(s) for s in scores]
+    final = [(1.0 - weight) / (rrf_k + i + 1) + weight / (rrf_k + rank[i]) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-final[i], rank[i]))
+    return order, rank, final
 
 
 class Reranker(ModelEngines):
@@ -137,26 +182,43 @@ class Reranker(ModelEngines):
         return 1.0 / (1.0 + np.exp(-raw)) if self.config.sigmoid else raw
 
     def rerank(self, query: str, hits: Sequence[Hit], *, top_n: int | None = None,
-               threshold: float | None = None) -> list[Hit]:
-        """Reorder `hits` by cross-encoder score (ties keep the input order).
+               threshold: float | None = None, weight: float | None = None) -> list[Hit]:
+        """Reorder `hits` (given best first by the first stage) by cross-encoder score.
+
+        Each hit gets the ``rerank`` rank and score of the cross-encoder. With a weight
+        below 1 the order is the weighted RRF of the first-stage position and the reranker
+        rank (see `RerankConfig.weight`); those hits also carry a ``blend`` rank and score,
+        and `Hit.score` is the blended score.
 
         Args:
             top_n: keep at most this many (default: config.top_n, else all).
-            threshold: drop hits scoring below it (default: config.threshold).
+            threshold: drop hits whose cross-encoder score is below it (default:
+                config.threshold).
+            weight: the cross-encoder's share of the order (default: config.weight).
         """
         top_n = self.config.top_n if top_n is None else top_n
         threshold = self.config.threshold if threshold is None else threshold
-        if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
+        weight = self.config.weight if weight is None else weight
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
+                                  or top_n < 1):
             raise InvalidInputError(f"top_n must be an int >= 1 or None, got {top_n!r}")
+        try:
+            _check_blend(weight, self.config.rrf_k)
+        except ConfigError as exc:
+            raise InvalidInputError(str(exc)) from None
         hits = list(hits)
         scores = self.score(query, [h.document.text for h in hits])
-        order = sorted(range(len(hits)), key=lambda i: (-float(scores[i]), i))
+        order, rank, final = blend_order(scores, weight, self.config.rrf_k)
         out: list[Hit] = []
-        for rank, i in enumerate(order, start=1):
+        for pos, i in enumerate(order, start=1):
             s = float(scores[i])
             if threshold is not None and s < threshold:
                 continue
             h = hits[i]
-            out.append(replace(h, score=s, ranks={**h.ranks, "rerank": rank},
-                               scores={**h.scores, "rerank": s}))
+            ranks = {**h.ranks, "rerank": rank[i]}
+            stage_scores = {**h.scores, "rerank": s}
+            if weight < 1:
+                ranks["blend"] = pos
+                stage_scores["blend"] = final[i]
+            out.append(replace(h, score=final[i], ranks=ranks, scores=stage_scores))
         return out[:top_n] if top_n is not None else out

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 #: Stages a hit can carry ranks and scores for, in pipeline order.
-STAGES = ("dense", "funnel", "sparse", "fused", "rerank")
+STAGES = ("dense", "funnel", "sparse", "fused", "rerank", "blend")
 
 
 def text_id(text: str) -> str:
@@ -42,12 +42,14 @@ class Hit:
 
     Attributes:
         document: the document (parent id when chunks are collapsed; text of the best chunk).
-        score: the final score the results are ordered by (rerank score when reranked,
+        score: the final score the results are ordered by (rerank score when reranked, the
+            blend score when the reranker's weight is below 1,
             else the fused RRF score in hybrid mode, else the single side's score).
         ranks: 1-based rank of this document in each stage it appeared in
             (keys from `STAGES`); a stage it did not appear in is absent.
         scores: the score in each stage (dense: cosine similarity, sparse: BM25,
-            fused: RRF, rerank: cross-encoder score).
+            fused: RRF, rerank: cross-encoder score, blend: the RRF of the first-stage and
+            the reranker rank when the reranker's weight is below 1).
         chunk_id: id of the stored record that matched (equals `document.id` when unchunked).
         chunk_index: position of that chunk in its parent document.
     """

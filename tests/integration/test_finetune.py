@@ -57,7 +57,8 @@ def beir_dir(tmp_path_factory) -> Path:
         for qid, (text, _) in {**TRAIN, **TEST}.items():
             fh.write(json.dumps({"_id": qid, "text": text}) + "\n")
     (root / "qrels").mkdir()
-    for split, qs in (("train", TRAIN), ("test", TEST)):
+    # dev: the train queries again (a tiny slice has no others); tunes the reranker weight
+    for split, qs in (("train", TRAIN), ("test", TEST), ("dev", TRAIN)):
         lines = ["query-id\tcorpus-id\tscore"]
         lines += [f"{qid}\t{d}\t1" for qid, (_, rel) in qs.items() for d in rel]
         (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
@@ -149,6 +150,45 @@ def test_mining_respects_skip_top_and_margin(mining_retriever):
     assert none.examples == [] and none.stats["skipped_too_few_negatives"] == 7
 
 
+def test_mining_positive_depth_keeps_pairs_the_first_stage_ranks_high(mining_retriever):
+    ranked = {q: [h.id for h in mining_retriever.search(t, k=12, mode="hybrid")]
+              for q, t in _queries().items()}
+    pos_rank = {(q, d): ranked[q].index(d) + 1 for q, (_, rel) in TRAIN.items() for d in rel}
+    depth, pos_depth = 4, 1  # t2 has two positives: only one of them can rank first
+    res = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                              config=MiningConfig(mode="hybrid", num_negatives=1, margin=None,
+                                                  depth=depth, positive_depth=pos_depth))
+    kept = {(ex.query_id, ex.positive_id) for ex in res.examples}
+    assert kept == {p for p, r in pos_rank.items() if r <= pos_depth}
+    assert res.stats["skipped_positive_below_depth"] == sum(
+        1 for r in pos_rank.values() if r > pos_depth) > 0
+    for ex in res.examples:
+        assert all(r <= depth for r in ex.negative_ranks)
+
+
+def test_mining_random_sampling_draws_within_depth_seeded(mining_retriever):
+    def mine(seed):
+        return mine_hard_negatives(
+            mining_retriever, _queries(), _qrels(), corpus=DOCS,
+            config=MiningConfig(num_negatives=2, margin=None, depth=8, sampling="random",
+                                seed=seed))
+
+    a, b, c = mine(0), mine(0), mine(1)
+    assert [e.negative_ids for e in a.examples] == [e.negative_ids for e in b.examples]
+    assert [e.negative_ids for e in a.examples] != [e.negative_ids for e in c.examples]
+    for ex in a.examples:
+        assert list(ex.negative_ranks) == sorted(ex.negative_ranks)
+        assert all(r <= 8 for r in ex.negative_ranks)
+        assert not set(TRAIN[ex.query_id][1]) & set(ex.negative_ids)
+    top = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
+                              config=MiningConfig(num_negatives=2, margin=None, depth=8))
+    assert [e.negative_ids for e in top.examples] != [e.negative_ids for e in a.examples]
+    with pytest.raises(ConfigError, match="sampling"):
+        MiningConfig(sampling="hardest")
+    with pytest.raises(ConfigError, match="positive_depth"):
+        MiningConfig(positive_depth=0)
+
+
 def test_mining_hybrid_mode_reads_texts_from_the_store(mining_retriever, tmp_path):
     res = mine_hard_negatives(mining_retriever, _queries(), _qrels(), pairs=[("t1", "d-cat")],
                               config=MiningConfig(mode="hybrid", num_negatives=3, margin=None))
@@ -170,6 +210,10 @@ def test_configs_reject_bad_values():
         TrainConfig(matryoshka_dims=(128, 128))
     with pytest.raises(ConfigError, match="reranker_loss"):
         TrainConfig(reranker_loss="hinge")
+    with pytest.raises(ConfigError, match="head_learning_rate"):
+        TrainConfig(head_learning_rate=0)
+    with pytest.raises(ConfigError, match="margin"):
+        MiningConfig(margin=float("nan"))
     assert TrainConfig(matryoshka_dims=(64, 384, 128)).matryoshka_dims == (384, 128, 64)
     # weights follow their dims when the dims are sorted
     cfg = TrainConfig(matryoshka_dims=(128, 384, 64), matryoshka_weights=(3, 1, 2))
@@ -270,8 +314,8 @@ def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_pa
     out = tmp_path / "rr"
     rc = main(["finetune", "reranker", "--data", str(beir_dir), "--out", str(out),
                "--max-steps", "2", "--batch-size", "4", "--max-seq-length", "64",
-               "--num-negatives", "2", "--loss", "mnrl", "--keep-discarded", "--min-gain", "-1",
-               "-q"])
+               "--num-negatives", "2", "--loss", "mnrl", "--head-lr", "1e-3",
+               "--keep-discarded", "--min-gain", "-1", "-q"])
     assert rc == 0
     text = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -281,3 +325,57 @@ def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_pa
     assert report["mining"]["mode"] == "hybrid" and (out / "model").is_dir()
     info = json.loads((out / "model" / "retrievekit_finetune.json").read_text())
     assert info["loss"] == "MultipleNegativesRankingLoss" and info["negatives_per_example"] == 2
+    assert info["config"]["head_learning_rate"] == 1e-3
+    # the reranker's weight against the hybrid order was chosen on dev, evaluated on test
+    from retrievekit.finetune import BLEND_WEIGHTS
+
+    tuning = report["weight_tuning"]
+    assert tuning["split"] == "dev" and tuning["queries"] == len(TRAIN)
+    assert sorted(float(w) for w in tuning["ndcg@10 by weight"]) == sorted(BLEND_WEIGHTS)
+    best = max(tuning["ndcg@10 by weight"].values())
+    assert tuning["ndcg@10 by weight"][f"{report['reranker_weight']:g}"] == best
+    assert info["recommended_weight"] == report["reranker_weight"]
+    assert set(report["after_weight_1"]) == set(report["after"])
+    assert "reranker's order alone (weight 1)" in text
+    assert 0 < report["p_value"] <= 1 and "paired permutation test over 4 queries" in text
+    if report["reranker_weight"] == 1.0:
+        assert report["after_weight_1"] == report["after"]
+
+
+def test_finetune_refuses_tuning_on_the_evaluation_split(beir_dir, tmp_path):
+    from retrievekit.finetune import run_finetune
+
+    with pytest.raises(InvalidInputError, match="tune_split='test' is the evaluation split"):
+        run_finetune("reranker", beir_dir, out=tmp_path / "x", tune_split="test")
+    with pytest.raises(InvalidInputError, match="blend_weights"):
+        run_finetune("reranker", beir_dir, out=tmp_path / "x", blend_weights=(1.0, 1.5))
+    assert not (tmp_path / "x").exists()
+
+
+def test_paired_p_value():
+    from retrievekit.finetune import paired_p_value
+
+    rng = np.random.default_rng(0)
+    before = {f"q{i}": float(v) for i, v in enumerate(rng.random(60))}
+    assert paired_p_value(before, before) == 1.0
+    better = {q: v + 0.1 for q, v in before.items()}
+    assert paired_p_value(before, better) < 0.001
+    noisy = {q: v + float(rng.normal(0, 0.2)) for q, v in before.items()}
+    assert paired_p_value(before, noisy) > 0.05
+    # only the queries both runs scored are paired
+    assert paired_p_value(before, {"q0": 1.0}) == 1.0
+
+
+def test_reranked_runs_blend_and_tune_by_hand():
+    from retrievekit.finetune import _RerankedRuns, _tune_weight
+
+    runs = _RerankedRuns(ids={"q": ["a", "b", "c", "d"]},
+                         scores={"q": np.array([0.1, 0.2, 0.9], dtype=np.float32)})
+    assert runs.run(None, 60) == {"q": ["a", "b", "c", "d"]}
+    assert runs.run(1.0, 60) == {"q": ["c", "b", "a", "d"]}  # the tail stays behind the head
+    qrels = {"q": {"c": 1}}
+    weight, by_weight = _tune_weight(runs, qrels, (1.0, 0.5, 0.2), 60)
+    assert weight == 1.0 and by_weight["1"] == 1.0  # ties go to the larger weight
+    qrels = {"q": {"a": 1}}
+    weight, by_weight = _tune_weight(runs, qrels, (1.0, 0.5, 0.2), 60)
+    assert weight == 0.2 and by_weight["0.2"] == 1.0 and by_weight["1"] < 1.0

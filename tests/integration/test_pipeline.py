@@ -176,6 +176,34 @@ def test_rerank_adds_a_stage_and_keeps_input(tmp_path, embedder, corpus_docs,
         assert len(again) == 2
 
 
+def test_rerank_weight_blends_with_the_first_stage(tiny_cross_encoder_path):
+    from retrievekit.errors import InvalidInputError
+    from retrievekit.types import Hit
+
+    texts = ["bread and butter", "a passage on tea", "sourdough starters", "green tea"]
+    hits = [Hit(Document(t, id=f"d{i}"), 1.0 / (i + 1), ranks={"fused": i + 1})
+            for i, t in enumerate(texts)]
+    kept = [(h.id, h.score, dict(h.ranks)) for h in hits]
+    rr = Reranker(model=tiny_cross_encoder_path)
+    scores = rr.score("tea", texts)
+    alone = rr.rerank("tea", hits)
+    assert all("blend" not in h.ranks for h in alone)
+    assert [h.id for h in alone] == [f"d{i}" for i in np.argsort(-scores, kind="stable")]
+    blended = Reranker(model=tiny_cross_encoder_path, weight=0.5).rerank("tea", hits)
+    assert [h.ranks["blend"] for h in blended] == [1, 2, 3, 4]
+    for h in blended:
+        pos = int(h.id[1]) + 1
+        assert h.score == pytest.approx(0.5 / (60 + pos) + 0.5 / (60 + h.ranks["rerank"]))
+        assert h.scores["blend"] == h.score and h.scores["rerank"] == pytest.approx(
+            float(scores[pos - 1]), abs=1e-6)
+    assert [h.score for h in blended] == sorted((h.score for h in blended), reverse=True)
+    # a call-time weight overrides the config; the input is never changed
+    assert [h.id for h in rr.rerank("tea", hits, weight=0.5)] == [h.id for h in blended]
+    assert [(h.id, h.score, dict(h.ranks)) for h in hits] == kept
+    with pytest.raises(InvalidInputError, match="weight"):
+        rr.rerank("tea", hits, weight=2)
+
+
 def test_reranker_threshold_and_raw_scores(tiny_cross_encoder_path):
     raw = Reranker(model=tiny_cross_encoder_path, sigmoid=False)
     sig = Reranker(model=tiny_cross_encoder_path, sigmoid=True)

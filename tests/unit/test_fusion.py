@@ -66,3 +66,46 @@ def test_bad_parameters_are_named(bad):
     with pytest.raises(ConfigError) as err:
         reciprocal_rank_fusion({"l": [("a", 1.0)]}, **bad)
     assert ("rrf_k" in str(err.value)) or ("weight" in str(err.value))
+
+
+# -- the reranker blend (retrievekit.rerank.blend_order) -------------------------------------
+
+
+def test_blend_order_hand_computed():
+    from retrievekit.rerank import blend_order
+
+    scores = [0.1, 0.9, 0.5]  # candidates in first-stage order 0, 1, 2
+    order, rank, final = blend_order(scores, 1.0)
+    assert order == [1, 2, 0] and rank == [3, 1, 2] and final == pytest.approx(scores)
+    order, rank, final = blend_order(scores, 0.5, 60)
+    assert rank == [3, 1, 2]
+    assert final == pytest.approx([0.5 / 61 + 0.5 / 63, 0.5 / 62 + 0.5 / 61,
+                                   0.5 / 63 + 0.5 / 62])
+    assert order == [1, 0, 2]
+    # a small weight keeps the first-stage order
+    assert blend_order(scores, 0.01)[0] == [0, 1, 2]
+    # a tie in the blend goes to the better reranker rank: positions 0/1 swap ranks 2/1
+    order, _, final = blend_order([0.5, 0.9], 0.5, 60)
+    assert final[0] == pytest.approx(final[1]) and order == [1, 0]
+    assert blend_order([], 0.5) == ([], [], [])
+
+
+@pytest.mark.parametrize("weight", [0, -0.1, 1.5, True, "0.5", float("nan")])
+def test_blend_weight_must_be_in_0_1(weight):
+    from retrievekit.rerank import RerankConfig, blend_order
+
+    with pytest.raises(ConfigError, match="weight"):
+        blend_order([0.1, 0.2], weight)
+    with pytest.raises(ConfigError, match=r"reranker\.weight"):
+        RerankConfig(weight=weight)
+
+
+def test_blend_rrf_k_checked_and_config_round_trips():
+    from retrievekit.config import RetrieverConfig
+    from retrievekit.rerank import RerankConfig
+
+    with pytest.raises(ConfigError, match=r"reranker\.rrf_k"):
+        RerankConfig(rrf_k=-1)
+    cfg = RetrieverConfig(reranker=RerankConfig(model="m", weight=0.6, rrf_k=20))
+    again = RetrieverConfig.from_dict(cfg.to_dict())
+    assert again.reranker.weight == 0.6 and again.reranker.rrf_k == 20
