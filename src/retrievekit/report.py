@@ -154,16 +154,16 @@ def open_eval_retriever(store_dir: str | Path, dataset_name: str, *,
     identity = {"model": base.embedder.model, "truncate_dim": truncate_dim,
                 "sparse": base.sparse.to_dict(), "chunking": base.chunking.to_dict()}
     collection = _collection_name(dataset_name, identity)
-    Path(store_dir).mkdir(parents=True, exist_ok=True)
-    cfg["store"] = {"path": str(store_dir), "collection": collection}
-    cfg.update(options or {})
-    if reranker is not None:
+    if reranker is not None:  # checked before anything is written
         rr: dict[str, Any] = {"model": reranker}
         if rerank_candidates is not None:
             rr["candidates"] = rerank_candidates
         if rerank_weight is not None:
             rr["weight"] = rerank_weight
         cfg["reranker"] = RerankConfig(**rr)
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    cfg["store"] = {"path": str(store_dir), "collection": collection}
+    cfg.update(options or {})
     if embedder is not None and embedder.config != base.embedder:
         embedder = None
     return HybridRetriever(RetrieverConfig.from_dict(cfg), embedder=embedder)

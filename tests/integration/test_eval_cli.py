@@ -168,6 +168,22 @@ def test_rerank_without_reranker_is_a_clear_error(beir_dir, tmp_path, capsys):
     assert not (tmp_path / "store").exists()  # failed before indexing anything
 
 
+def test_rerank_weight_is_recorded_and_checked(beir_dir, tmp_path, tiny_cross_encoder_path,
+                                              capsys):
+    bad = main(["eval", str(beir_dir), "--modes", "hybrid,rerank", "--out", str(tmp_path / "b"),
+                "--reranker", tiny_cross_encoder_path, "--rerank-weight", "2", "-q"])
+    assert bad == 2
+    assert "reranker.weight" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "store").exists()
+    out = tmp_path / "w"
+    assert main(["eval", str(beir_dir), "--modes", "hybrid,rerank", "--out", str(out),
+                 "--reranker", tiny_cross_encoder_path, "--rerank-weight", "0.3",
+                 "--threads", "1", "-q"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["rerank_weight"] == 0.3
+    assert "at weight 0.3 against the fused order" in (out / "results.md").read_text()
+
+
 def test_unknown_mode_is_a_clear_error(beir_dir, tmp_path, capsys):
     code = main(["eval", str(beir_dir), "--modes", "sparse,bm42", "--out", str(tmp_path), "-q"])
     assert code == 2
