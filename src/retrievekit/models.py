@@ -93,9 +93,10 @@ def model_not_found(name: str, resolved: ResolvedModel, exc: BaseException) -> M
 def _hash_dir(path: str, stamp: tuple) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(path).rglob("*")):
+        rel = f.relative_to(path)  # only parts *inside* the model: it may live under ~/.cache
         if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".onnx") \
-                and ".cache" not in f.parts and "onnx" not in f.parts:
-            h.update(str(f.relative_to(path)).encode())
+                and ".cache" not in rel.parts and "onnx" not in rel.parts:
+            h.update(str(rel).encode())
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
