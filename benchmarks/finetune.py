@@ -4,6 +4,9 @@ Three parts, each one training run that finishes within an hour on the shared 2-
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/finetune.py embedder     # MNRL
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/finetune.py matryoshka   # MNRL in MatryoshkaLoss
+    # the other runs in docs/finetuning.md, e.g. the -w8 one:
+    #   ... finetune.py matryoshka --threads 2 --max-pairs 1000000 --max-steps 500 \
+    #       --train-minutes 36 --matryoshka-weights 1,1,8,1 --tag=-w8
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/finetune.py reranker     # cross-encoder, BCE
 
 The reranker part chooses the reranker's weight against the hybrid order
@@ -56,10 +59,11 @@ PARTS: dict[str, dict[str, Any]] = {
                  "max_pairs": 14000, "max_steps": 100, "depth": 200,
                  "batch_size": 32, "max_seq_length": 128, "lr": 5e-5,
                  "num_negatives": 1, "mine_mode": "dense", "eval_dims": [128]},
-    "matryoshka": {"kind": "embedder", "train_minutes": 30.0,
-                   "matryoshka_dims": (384, 256, 128, 64),
-                   "max_pairs": 14000, "max_steps": 100, "depth": 200,
-                   "batch_size": 32, "max_seq_length": 128, "lr": 5e-5,
+    # the best 128-dim ratio measured (95.1%, benchmarks/results/finetune-matryoshka-w4.json)
+    "matryoshka": {"kind": "embedder", "train_minutes": 40.0,
+                   "matryoshka_dims": (384, 256, 128, 64), "matryoshka_weights": (1.0, 1.0, 4.0, 1.0),
+                   "max_pairs": 14000, "max_steps": 350, "depth": 200,
+                   "batch_size": 32, "max_seq_length": 128, "lr": 8e-5,
                    "num_negatives": 1, "mine_mode": "dense", "eval_dims": [128]},
     # the reranker learns from the lists it reorders: hybrid top 30, positives judged
     # relevant inside them, 3 negatives drawn from the rest (MiningConfig.positive_depth)
