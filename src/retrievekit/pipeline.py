@@ -21,8 +21,7 @@ import numpy as np
 from .chunking import chunk_id, split_text
 from .config import MODES, RetrieverConfig
 from .embedding import Embedder
-from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
-                     StoreMismatchError)
+from .errors import ConfigError, InvalidInputError, StoreError, StoreMismatchError
 from .funnel import FunnelVectors, short_vectors
 from .fusion import reciprocal_rank_fusion
 from .rerank import RerankConfig, Reranker
