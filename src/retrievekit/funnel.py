@@ -17,16 +17,17 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .embedding import truncate_and_normalize
 from .persist import current_snapshot, load_array, load_json, save_snapshot
+from .records import Record, parent_of
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
@@ -35,52 +36,58 @@ def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
 
 
 class FunnelVectors:
-    """Full-dimension vectors by id: a float32 matrix plus an id -> row map."""
+    """Full-dimension vectors by record id: a float32 matrix plus an id -> row map.
 
-    def __init__(self, dim: int) -> None:
+    A derived index (`sync.Derived`): `replace` takes the live records of some documents,
+    with their full vectors when the caller has them (a writer's own), else encodes them with
+    `encode`. Saved as a snapshot under `directory` at each commit (embedded stores)."""
+
+    def __init__(self, dim: int, encode: Callable[[list[str]], np.ndarray],
+                 directory: str | os.PathLike | None = None) -> None:
         self.dim = dim
+        self.encode = encode
+        self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
         self._rows: dict[str, int] = {}
-        self._hashes: dict[str, str] = {}
+        self._by_parent: dict[str, set[str]] = {}
         self._matrix = np.zeros((0, dim), dtype=np.float32)
         self._free: list[int] = []
-        self.marker = ""
+        self.watermark = -1
+        if self.directory is not None:
+            self._load()
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def hashes(self) -> dict[str, str]:
+    def replace(self, parents: Sequence[str], records: Sequence[Record],
+                vectors: Mapping[str, np.ndarray] | None = None) -> None:
+        vectors = vectors or {}
+        todo = [r for r in records if r.id not in vectors]
+        encoded = dict(zip([r.id for r in todo], self.encode([r.text for r in todo]))) \
+            if todo else {}
         with self._lock:
-            return dict(self._hashes)
-
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, hashes: Sequence[str]) -> None:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        with self._lock:
-            matrix = np.array(self._matrix)  # copy: readers keep the old one
             rows = dict(self._rows)
-            new = [i for i in ids if i not in rows]
-            need = max(0, len(set(new)) - len(self._free))
+            for p in parents:
+                for rid in self._by_parent.pop(p, ()):
+                    self._free.append(rows.pop(rid))
+            need = max(0, len(records) - len(self._free))
+            matrix = np.array(self._matrix)  # copy: readers keep the old one
             if need:
                 start = matrix.shape[0]
                 matrix = np.vstack([matrix, np.zeros((need, self.dim), np.float32)])
                 self._free.extend(range(start, start + need))
-            for doc_id, vec, h in zip(ids, vectors, hashes):
-                row = rows.get(doc_id)
+            for r in records:
+                row = rows.get(r.id)
                 if row is None:
-                    row = rows[doc_id] = self._free.pop()
-                matrix[row] = vec
-                self._hashes[doc_id] = h
+                    row = rows[r.id] = self._free.pop()
+                matrix[row] = vectors[r.id] if r.id in vectors else encoded[r.id]
+                self._by_parent.setdefault(r.parent, set()).add(r.id)
             self._matrix, self._rows = matrix, rows
 
-    def delete(self, ids: Sequence[str]) -> None:
+    def clear(self) -> None:
         with self._lock:
-            rows = dict(self._rows)
-            for doc_id in ids:
-                row = rows.pop(doc_id, None)
-                if row is not None:
-                    self._free.append(row)
-                    self._hashes.pop(doc_id, None)
-            self._rows = rows
+            self._rows, self._by_parent, self._free = {}, {}, []
+            self._matrix = np.zeros((0, self.dim), dtype=np.float32)
 
     def similarities(self, ids: Sequence[str], query: np.ndarray) -> np.ndarray:
         """Cosine similarity of `query` (full dim, normalized) with each id's vector;
@@ -97,37 +104,39 @@ class FunnelVectors:
         return len(self._rows) * self.dim * 4
 
     # -- persistence (persist.py: new folder, then an atomic pointer swap) ----------------
-    def save(self, directory: str | os.PathLike, marker: str) -> None:
+    def commit(self, watermark: int) -> None:
+        self.watermark = watermark
+        if self.directory is None:
+            return
         with self._lock:
             ids = sorted(self._rows)
             matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
                 np.zeros((0, self.dim), np.float32)
-            hashes = [self._hashes.get(i, "") for i in ids]
-        save_snapshot(directory, "funnel", {
-            "vectors": matrix, "ids": ids, "hashes": hashes,
+        save_snapshot(self.directory, "funnel", {
+            "vectors": matrix, "ids": ids,
             "meta": {"format": FORMAT_VERSION, "dim": self.dim, "count": len(ids),
-                     "marker": marker}})
-        self.marker = marker
+                     "watermark": watermark}})
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike, dim: int) -> "FunnelVectors | None":
-        root = Path(directory)
+    def _load(self) -> None:
+        root = self.directory
+        assert root is not None
         try:
             d = current_snapshot(root)
             meta = load_json(d, "meta")
             ids = load_json(d, "ids")
-            hashes = load_json(d, "hashes")
             matrix = load_array(d, "vectors")
-            if meta["dim"] != dim or matrix.shape != (len(ids), dim) or len(hashes) != len(ids) \
-                    or meta["count"] != len(ids) or matrix.dtype != np.float32:
+            if meta["dim"] != self.dim or matrix.shape != (len(ids), self.dim) \
+                    or meta["count"] != len(ids) or matrix.dtype != np.float32 \
+                    or meta.get("format") != FORMAT_VERSION \
+                    or not all(isinstance(i, str) for i in ids) \
+                    or not np.isfinite(matrix).all():
                 raise ValueError("inconsistent funnel arrays")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if (root / "current.json").exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
-            return None
-        out = cls(dim)
-        out._matrix = matrix
-        out._rows = {doc_id: i for i, doc_id in enumerate(ids)}
-        out._hashes = dict(zip(ids, hashes))
-        out.marker = meta["marker"]
-        return out
+            return
+        self._matrix = matrix
+        self._rows = {doc_id: i for i, doc_id in enumerate(ids)}
+        for rid in ids:
+            self._by_parent.setdefault(parent_of(rid), set()).add(rid)
+        self.watermark = int(meta["watermark"])

@@ -1,57 +1,33 @@
-"""`HybridRetriever`: dense (Chroma) + BM25, fused by RRF, optionally reranked.
+"""`HybridRetriever`: the facade over a writer and a searcher.
 
-Writes go Chroma first, derived state (the BM25 index) after, and every write is an
-idempotent upsert by id. A change marker in the collection's metadata tells any reader whose
-BM25 index was saved before the last write that it must catch up.
+It reconciles the configuration with what the store records (settings.py), opens the parts,
+and delegates: writes to `Writer` (writer.py), the catch-up of derived indexes to `Follower`
+(sync.py), searches to `Searcher` (searcher.py). docs/design.md has the whole picture.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
-import logging
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .chunking import chunk_id, split_text
-from .config import MODES, RetrieverConfig
+from .changelog import ChangeLog
+from .config import RetrieverConfig
 from .embedding import Embedder
-from .errors import ConfigError, InvalidInputError, StoreError, StoreMismatchError
-from .funnel import FunnelVectors, short_vectors
-from .fusion import reciprocal_rank_fusion
+from .errors import ConfigError, InvalidInputError, StoreError
+from .funnel import FunnelVectors
+from .records import PARENT_KEY, check_document_id, from_chroma, reassemble
 from .rerank import RerankConfig, Reranker
-from .sparse import BM25Index
-from .store import CHUNK_KEY, PARENT_KEY, ChromaStore, clean_metadata, public_metadata
+from .searcher import FusionSettings, LocalEngine, Searcher
+from .settings import config_from_settings, reconcile
+from .sparse import SparseIndex
+from .store import ChromaStore, clean_metadata
+from .sync import Follower
 from .types import Document, Hit, text_id
-
-logger = logging.getLogger(__name__)
-
-STORE_FORMAT = 1
-HASH_KEY = "_rk_hash"
-START_KEY = "_rk_start"
-END_KEY = "_rk_end"
-#: The marker of derived state known to be out of step; no store ever holds it.
-STALE_MARKER = "stale"
-
-
-def _hash_record(text: str, metadata: Mapping[str, Any]) -> str:
-    h = hashlib.sha256(text.encode("utf-8"))
-    h.update(repr(sorted(metadata.items())).encode("utf-8"))
-    return h.hexdigest()[:24]
-
-
-@dataclass(frozen=True)
-class _Record:
-    id: str
-    parent: str
-    position: int
-    text: str
-    metadata: dict[str, Any]
+from .writer import Writer
 
 
 class HybridRetriever:
@@ -97,10 +73,8 @@ class HybridRetriever:
             cfg = cfg.replace(**changes)
         self.config = cfg
         self._owned_cache = None
-        self._write_lock = threading.RLock()
         #: what the last add_documents did: records written, unchanged (skipped), removed
         self.last_add_stats: dict[str, int] = {"written": 0, "unchanged": 0, "removed": 0}
-        self._sync_lock = threading.Lock()
         self.embedder = embedder if embedder is not None and embedder.config == cfg.embedder \
             else Embedder(cfg.embedder)
         if cfg.cache_dir:
@@ -111,18 +85,42 @@ class HybridRetriever:
                 self.embedder = copy.copy(embedder)
             self.embedder.cache = EmbeddingCache(Path(cfg.cache_dir) / "embeddings.sqlite")
             self._owned_cache = self.embedder.cache
-        if isinstance(reranker, Reranker):
-            self.reranker: Reranker | None = reranker
-        else:
-            self.reranker = Reranker(cfg.reranker) if cfg.reranker else None
-        self.store = ChromaStore(cfg.store)
+        self._reranker = reranker if isinstance(reranker, Reranker) else \
+            Reranker(cfg.reranker) if cfg.reranker else None
+        self._store = ChromaStore(cfg.store)
+        self._sparse: SparseIndex | None = None
         try:
-            self._check_settings()
-            self.sparse = self._open_sparse()
-            self.funnel = self._open_funnel()
+            self._open_parts()
         except BaseException:
-            self.store.close()
+            self.close()
             raise
+
+    def _open_parts(self) -> None:
+        cfg, store = self.config, self._store
+        upgraded = reconcile(store, cfg, self.embedder)
+        local = store.local_dir
+        if upgraded and local is not None:
+            import shutil
+
+            shutil.rmtree(local, ignore_errors=True)  # format-1 derived files
+        log = ChangeLog(store.client, cfg.store.collection)
+        self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None)
+        indexes: list[Any] = [self._sparse]
+        self._funnel = None
+        if cfg.funnel_dim is not None:
+            self._funnel = FunnelVectors(self.embedder.dim, self.embedder.embed_documents,
+                                         local / "funnel" if local else None)
+            indexes.append(self._funnel)
+        self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server)
+        self._follower.catch_up()
+        self._writer = Writer(store, log, self._follower, self.embedder, cfg.chunking,
+                              cfg.funnel_dim)
+        engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
+            cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates))
+        self._searcher = Searcher(
+            store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
+            collapse=cfg.collapse_chunks,
+            before=self._follower.catch_up if cfg.store.is_server else None)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -146,188 +144,33 @@ class HybridRetriever:
             raise StoreError(f"no retrievekit store in collection {collection!r} at "
                              f"{host + ':' + str(port) if host else path!r}; create one with "
                              "HybridRetriever(path=...) and add_documents")
-        emb = recorded["embedder"]
-        cfg = {
-            "store": store_cfg,
-            "embedder": {"model": emb["model"], "truncate_dim": emb["truncate_dim"],
-                         "normalize": emb["normalize"], "query_prefix": emb["query_prefix"],
-                         "document_prefix": emb["document_prefix"]},
-            "sparse": {k: v for k, v in recorded["sparse"].items() if k != "format"},
-            "chunking": recorded.get("chunking", {}),
-            "funnel_dim": recorded.get("funnel_dim"),
-        }
         reranker = changes.pop("reranker", None)
-        cfg.update(changes)
-        return cls(RetrieverConfig.from_dict(cfg), reranker=reranker)
+        return cls(config_from_settings(recorded, store_cfg, changes), reranker=reranker)
 
-    def _settings(self) -> dict[str, Any]:
-        return {"format": STORE_FORMAT, "embedder": self.embedder.identity(),
-                "sparse": BM25Index(self.config.sparse).signature(),
-                "chunking": self.config.chunking.to_dict(),
-                "funnel_dim": self.config.funnel_dim}
+    # -- parts other modules may use -------------------------------------------------------
+    @property
+    def reranker(self) -> Reranker | None:
+        return self._reranker
 
-    def _check_settings(self) -> None:
-        td = self.config.embedder.truncate_dim
-        if td is not None:  # checked against the model before a new store records it
-            dim = self.embedder.model_dim
-            if td > dim:
-                raise ConfigError(
-                    f"truncate_dim={td} is larger than the dimension of "
-                    f"{self.config.embedder.model!r} ({dim}); use a value <= {dim} or None")
-        fd = self.config.funnel_dim
-        if fd is not None and fd >= self.embedder.dim:
-            raise ConfigError(
-                f"funnel_dim={fd} must be smaller than the embedding dimension "
-                f"({self.embedder.dim}); try {self.embedder.dim // 3} or None to switch it off")
-        ours = self._settings()
-        recorded = self.store.read_settings()
-        if recorded is None:
-            n = self.store.count()
-            if n:
-                raise StoreMismatchError(
-                    f"collection {self.config.store.collection!r} holds {n} records that "
-                    "retrievekit did not write (no recorded settings); use another "
-                    "store.collection name")
-            self.store.write_settings(ours, marker="")
-            return
-        diffs = _diff(recorded, ours)
-        if diffs:
-            lines = "; ".join(f"{k}: store has {a!r}, this retriever has {b!r}"
-                              for k, a, b in diffs)
-            raise StoreMismatchError(
-                f"the store at collection {self.config.store.collection!r} was made with other "
-                f"settings ({lines}). Open it with HybridRetriever.open(path) to use its "
-                "settings, or choose another store.path/collection for the new ones")
-
-    def _open_sparse(self) -> BM25Index:
-        marker = self.store.read_marker()
-        local = self.store.local_dir
-        index = _load_derived(BM25Index.load, local / "sparse", self.config.sparse) \
-            if local else None
-        if index is not None and index.marker == marker and len(index) == self.store.count():
-            return index
-        if index is not None:
-            logger.info("BM25 index is out of step with Chroma; catching up")
-        index = index or BM25Index(self.config.sparse)
-        self._catch_up(index, marker)
-        return index
-
-    def _open_funnel(self) -> FunnelVectors | None:
-        fd = self.config.funnel_dim
-        if fd is None:
-            return None
-        local = self.store.local_dir
-        dim = self.embedder.dim
-        funnel = _load_derived(FunnelVectors.load, local / "funnel", dim) if local else None
-        marker = self.store.read_marker()
-        if funnel is not None and funnel.marker == marker and len(funnel) == self.store.count():
-            return funnel
-        funnel = funnel or FunnelVectors(dim)
-        self._catch_up_funnel(funnel, marker)
-        return funnel
-
-    def _remote_hashes(self) -> dict[str, str]:
-        remote: dict[str, str] = {}
-        for batch in self.store.iter_records(include=["metadatas"]):
-            for rid, meta in zip(batch["ids"], batch["metadatas"]):
-                remote[rid] = str((meta or {}).get(HASH_KEY, ""))
-        return remote
-
-    def _catch_up_funnel(self, funnel: FunnelVectors, marker: str) -> None:
-        """Re-encode the texts whose full vectors are missing or stale (cache makes it cheap)."""
-        remote = self._remote_hashes()
-        local = funnel.hashes()
-        stale = [rid for rid in local if rid not in remote]
-        changed = [rid for rid, h in remote.items() if local.get(rid) != h]
-        funnel.delete(stale)
-        step = self.store.max_batch
-        for s in range(0, len(changed), step):
-            got = self.store.get(ids=changed[s:s + step], include=["documents", "metadatas"])
-            vecs = self.embedder.embed_documents(got["documents"])
-            funnel.upsert(got["ids"], vecs,
-                          [str((m or {}).get(HASH_KEY, "")) for m in got["metadatas"]])
-        funnel.marker = marker
-        if self.store.local_dir is not None and (stale or changed or not
-                                                 (self.store.local_dir / "funnel").exists()):
-            funnel.save(self.store.local_dir / "funnel", marker)
-
-    def _catch_up(self, index: BM25Index, marker: str) -> None:
-        """Make `index` equal to what Chroma holds, fetching only changed records."""
-        remote = self._remote_hashes()
-        local = index.hashes()
-        stale = [rid for rid in local if rid not in remote]
-        changed = [rid for rid, h in remote.items() if local.get(rid) != h]
-        if stale:
-            index.delete(stale)
-        step = self.store.max_batch
-        for s in range(0, len(changed), step):
-            got = self.store.get(ids=changed[s:s + step], include=["documents", "metadatas"])
-            index.upsert(got["ids"], got["documents"],
-                         [str((m or {}).get(HASH_KEY, "")) for m in got["metadatas"]])
-        index.marker = marker
-        if self.store.local_dir is not None and (stale or changed or not
-                                                 (self.store.local_dir / "sparse").exists()):
-            index.save(self.store.local_dir / "sparse", marker)
-        if stale or changed:
-            logger.info("BM25 caught up with Chroma: %d removed, %d added or changed",
-                        len(stale), len(changed))
-
-    def _sync(self) -> None:
-        """Before a search against a server: catch up with writes made by other clients."""
-        if not self.config.store.is_server:
-            return
-        marker = self.store.read_marker()
-        if marker != self.sparse.marker:
-            with self._sync_lock:
-                if marker != self.sparse.marker:
-                    self._catch_up(self.sparse, marker)
-        if self.funnel is not None and marker != self.funnel.marker:
-            with self._sync_lock:
-                if marker != self.funnel.marker:
-                    self._catch_up_funnel(self.funnel, marker)
+    @reranker.setter
+    def reranker(self, reranker: Reranker | None) -> None:
+        if reranker is not None and not isinstance(reranker, Reranker):
+            raise ConfigError(f"reranker must be a Reranker or None, got {type(reranker).__name__}")
+        self._reranker = reranker
+        self._searcher.reranker = reranker
 
     # -- writes ----------------------------------------------------------------------------
-    def _records(self, docs: Sequence[Document]) -> list[_Record]:
-        ch = self.config.chunking
-        emb = self.embedder
-        window = ch.max_tokens
-        if window is None:
-            prefix_tokens = len(emb.tokenizer(emb.prefixes.document, add_special_tokens=False)
-                                ["input_ids"])
-            window = emb.max_seq_length - 2 - prefix_tokens
-        overlap = min(ch.overlap_tokens, window // 2)
-        lengths = [len(ids) for ids in emb.tokenizer(
-            [d.text for d in docs], add_special_tokens=False, truncation=False,
-            verbose=False)["input_ids"]]
-        out: list[_Record] = []
-        for doc, n in zip(docs, lengths):
-            meta = dict(doc.metadata)
-            if n <= window:
-                out.append(_Record(doc.id, doc.id, 0, doc.text,
-                                   {**meta, PARENT_KEY: doc.id, CHUNK_KEY: 0}))
-                continue
-            if not ch.enabled:
-                raise InvalidInputError(
-                    f"document {doc.id!r} has {n} tokens, more than the model reads ({window}); "
-                    "enable chunking (chunking.enabled=true) or split it before adding")
-            spans = split_text(doc.text, emb.tokenizer, window, overlap)
-            for pos, (begin, end) in enumerate(spans):
-                out.append(_Record(chunk_id(doc.id, pos), doc.id, pos, doc.text[begin:end],
-                                   {**meta, PARENT_KEY: doc.id, CHUNK_KEY: pos,
-                                    START_KEY: begin, END_KEY: end}))
-        return out
-
     def add_documents(self, documents: Iterable[Document | str | Mapping[str, Any]], *,
                       progress: bool | None = None) -> list[str]:
         """Insert or replace documents by id; returns their ids in input order.
 
         Unchanged documents (same text and metadata under the same id) are skipped without
-        re-encoding. The whole batch is validated and embedded before anything is written.
+        re-encoding. The whole batch is validated and embedded before anything is written;
+        each document then lands whole (its old version or its new one, even after a crash).
         """
         docs = _normalize_documents(documents)
         if not docs:
             return []
-        ids = [d.id for d in docs]
         unique: dict[str, Document] = {}
         for d in docs:
             prev = unique.get(d.id)
@@ -336,127 +179,52 @@ class HybridRetriever:
                     f"documents has two different entries with id {d.id!r}; ids must be unique "
                     "within a batch (drop one, or give them different ids)")
             unique[d.id] = d
-        records = self._records(list(unique.values()))
-        for r in records:
-            r.metadata[HASH_KEY] = _hash_record(r.text, public_metadata(r.metadata))
-        with self._write_lock:
-            existing = self._existing(list(unique))
-            new_ids = {r.id for r in records}
-            stale = [rid for rid in existing if rid not in new_ids]
-            todo = [r for r in records if existing.get(r.id) != r.metadata[HASH_KEY]]
-            self.last_add_stats = {"written": len(todo), "unchanged": len(records) - len(todo),
-                                   "removed": len(stale)}
-            if not todo and not stale:
-                return ids
-            vectors = self.embedder.embed_documents([r.text for r in todo], progress=progress)
-            stored = vectors if self.funnel is None else short_vectors(vectors,
-                                                                       self.config.funnel_dim)
-            started, in_step = self._begin_write()
-            self.store.upsert([r.id for r in todo], stored, [r.text for r in todo],
-                              [r.metadata for r in todo])
-            if stale:
-                self.store.delete(stale)
-            with self._sync_lock:  # no catch-up may interleave with applying our own write
-                self.sparse.upsert([r.id for r in todo], [r.text for r in todo],
-                                   [r.metadata[HASH_KEY] for r in todo])
-                self.sparse.delete(stale)
-                if self.funnel is not None:
-                    self.funnel.upsert([r.id for r in todo], vectors,
-                                       [r.metadata[HASH_KEY] for r in todo])
-                    self.funnel.delete(stale)
-                self._finish_write(started, in_step)
-        return ids
-
-    def _begin_write(self) -> tuple[str, bool]:
-        """Set a fresh change marker before writing to Chroma: derived state saved under an
-        older one is stale from here on (a crash mid-write is caught up on the next open).
-        Returns the marker and whether our derived state was in step with Chroma before."""
-        before, started = self.store.swap_marker()
-        return started, before == self.sparse.marker
-
-    def _finish_write(self, started: str, in_step: bool) -> None:
-        """Set another fresh marker now that the records are in Chroma, and save the derived
-        state under it.
-
-        A server client that caught up while the write was under way recorded `started`
-        with only part of the records; the new marker makes it catch up again. Our own
-        derived state takes the new marker only if it was in step before the write and no
-        other client changed the marker during it; otherwise it is marked stale, and the
-        next search (server) or open (embedded) catches up from Chroma."""
-        current, final = self.store.swap_marker()
-        self._save_sparse(final if in_step and current == started else STALE_MARKER)
-
-    def _existing(self, parents: Sequence[str]) -> dict[str, str]:
-        """Records now stored for these parent ids: record id -> content hash."""
-        out: dict[str, str] = {}
-        step = 1000
-        for s in range(0, len(parents), step):
-            part = list(parents[s:s + step])
-            got = self.store.get(where={PARENT_KEY: {"$in": part}}, include=["metadatas"])
-            for rid, meta in zip(got["ids"], got["metadatas"]):
-                out[rid] = str((meta or {}).get(HASH_KEY, ""))
-        return out
-
-    def _save_sparse(self, marker: str) -> None:
-        """Save the derived state (BM25 and funnel vectors) under the write's marker."""
-        self.sparse.marker = marker
-        if self.funnel is not None:
-            self.funnel.marker = marker
-        if self.store.local_dir is not None:
-            self.sparse.save(self.store.local_dir / "sparse", marker)
-            if self.funnel is not None:
-                self.funnel.save(self.store.local_dir / "funnel", marker)
+        stats = self._writer.add(list(unique.values()), progress=progress)
+        self.last_add_stats = stats.to_dict()
+        return [d.id for d in docs]
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents (and all their chunks) by id; returns how many records went.
         Unknown ids are ignored, so a repeated delete is safe."""
-        if isinstance(ids, str):
-            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
-        ids = list(ids)
-        for i, x in enumerate(ids):
-            if not isinstance(x, str) or not x:
-                raise InvalidInputError(f"ids[{i}] must be a non-empty str, got {x!r}")
-        if not ids:
-            return 0
-        with self._write_lock:
-            records = list(self._existing(ids))
-            if not records:
-                return 0
-            started, in_step = self._begin_write()
-            self.store.delete(records)
-            with self._sync_lock:
-                self.sparse.delete(records)
-                if self.funnel is not None:
-                    self.funnel.delete(records)
-                self._finish_write(started, in_step)
-        return len(records)
+        ids = _id_list(ids)
+        return self._writer.delete(ids) if ids else 0
 
     # -- reads -----------------------------------------------------------------------------
     def count(self) -> int:
         """Number of stored records (chunks count one each)."""
-        return self.store.count()
+        return len(self._sparse) if self._sparse is not None else 0
 
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id (chunked ones are put back together); unknown ids are skipped."""
-        ids = list(ids)
+        ids = _id_list(ids)
         if not ids:
             return []
-        got = self.store.get(where={PARENT_KEY: {"$in": ids}}, include=["documents", "metadatas"])
-        parts: dict[str, list[tuple[int, str, dict[str, Any]]]] = {}
-        for text, meta in zip(got["documents"], got["metadatas"]):
-            parts.setdefault(meta[PARENT_KEY], []).append((int(meta.get(CHUNK_KEY, 0)), text, meta))
+        got = self._store.of_parents(ids)
+        parts: dict[str, list] = {}
+        for r in from_chroma(got["ids"], got["documents"], got["metadatas"]):
+            parts.setdefault(r.parent, []).append(r)
         out = []
         for doc_id in ids:
-            if doc_id not in parts:
-                continue
-            pieces = sorted(parts[doc_id], key=lambda p: p[0])
-            text = pieces[0][1]
-            end = pieces[0][2].get(END_KEY, len(text))
-            for _, piece, meta in pieces[1:]:
-                text += piece[end - meta[START_KEY]:]
-                end = meta[END_KEY]
-            out.append(Document(text=text, id=doc_id, metadata=public_metadata(pieces[0][2])))
+            if doc_id in parts:
+                text, meta = reassemble(parts[doc_id])
+                out.append(Document(text=text, id=doc_id, metadata=meta))
         return out
+
+    def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
+        """Ids of the stored documents (matching a Chroma `where` filter when given)."""
+        seen: dict[str, None] = {}
+        for batch in self._store.iter_records(include=["metadatas"], where=where):
+            for r in from_chroma(batch["ids"], [None] * len(batch["ids"]), batch["metadatas"]):
+                seen.setdefault(r.parent)
+        return list(seen)
+
+    def stored_vectors(self, ids: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """(document id, vector) for each stored record of these documents: one per chunk;
+        with a funnel, the short vectors Chroma holds."""
+        got = self._store.of_parents(_id_list(ids), include=["embeddings", "metadatas"])
+        for vec, meta in zip(got["embeddings"], got["metadatas"]):
+            if from_chroma([""], [None], [meta]):
+                yield str(meta[PARENT_KEY]), np.asarray(vec, dtype=np.float32)
 
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
                mode: str | None = None, rerank: bool | None = None,
@@ -475,141 +243,14 @@ class HybridRetriever:
                 (same model, prefix, truncation, normalization); used as given instead of
                 encoding `query`, which the BM25 side and the reranker still read.
         """
-        _check_query(query)
-        qvec = None if query_vector is None else _check_query_vector(query_vector,
-                                                                      self.embedder.dim)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
-        mode = mode or self.config.mode
-        if mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        if where is not None and not isinstance(where, Mapping):
-            raise InvalidInputError(
-                f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
-                f"{type(where).__name__}")
-        where = dict(where) if where else None
-        if rerank and self.reranker is None:
-            raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
-                              "or set config.reranker")
-        use_rerank = self.reranker is not None if rerank is None else bool(rerank)
-        n = candidates if candidates is not None else self.config.candidates
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidInputError(f"candidates must be an int >= 1, got {n!r}")
-        want = max(k, self.reranker.config.candidates if use_rerank and self.reranker else k)
-        n = max(n, want)
-        self._sync()
-        total = len(self.sparse)
-        n = min(n, total)
-        if n == 0:
-            return []
+        return self._searcher.search(
+            query, k, total=self.count, where=where, mode=mode or self.config.mode,
+            rerank=rerank, query_vector=query_vector,
+            candidates=candidates if candidates is not None else self.config.candidates)
 
-        vec = None
-        if mode in ("hybrid", "dense"):
-            vec = self.embedder.embed_query(query) if qvec is None else qvec
-        allowed = None
-        if mode in ("hybrid", "sparse") and where is not None:
-            try:
-                allowed = self.store.get(where=where, include=[])["ids"]
-            except ValueError as exc:
-                raise InvalidInputError(
-                    f"where={where!r} is not a valid Chroma filter: {exc}") from exc
-        while True:
-            hits, full = self._ranked_hits(query, vec, mode, n, where, allowed, want)
-            # chunks of one document collapse into one hit: when that leaves fewer than
-            # asked for, widen the candidate lists rather than return a short page
-            if len(hits) >= want or n >= total or not full:
-                break
-            n = min(total, 2 * n)
-        if use_rerank and self.reranker is not None:
-            hits = self.reranker.rerank(query, hits[:self.reranker.config.candidates])
-        return hits[:k]
-
-    def _ranked_hits(self, query: str, vec: np.ndarray | None, mode: str, n: int,
-                     where: dict[str, Any] | None, allowed: list[str] | None, want: int
-                     ) -> tuple[list[Hit], bool]:
-        """Candidates of each side, fused (hybrid) and turned into at most `want` hits.
-        Also says whether any side returned a full list of `n` (more may exist)."""
-        texts: dict[str, tuple[str, dict[str, Any]]] = {}
-        lists: dict[str, list[tuple[str, float]]] = {}
-        extra: dict[str, tuple[int, float]] = {}  # funnel stage-1 rank and score by id
-        if mode in ("hybrid", "dense"):
-            try:
-                if self.funnel is None:
-                    dense = self.store.query(vec, n, where, with_text=False)
-                else:
-                    dense = self._funnel_query(vec, n, where, extra)
-            except ValueError as exc:
-                raise InvalidInputError(f"where={where!r} is not a valid Chroma filter: {exc}") from exc
-            lists["dense"] = [(rid, sim) for rid, sim, _, _ in dense]
-            texts.update({rid: (t, m) for rid, _, t, m in dense if t is not None})
-        if mode in ("hybrid", "sparse"):
-            lists["sparse"] = self.sparse.search(query, n, allowed=allowed)
-
-        if mode == "hybrid":
-            weights = {s: self.config.weights[s] for s in lists}
-            fused = reciprocal_rank_fusion(lists, k=self.config.rrf_k, weights=weights)
-            ranked = [(f.id, f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
-                      for r, f in enumerate(fused, start=1)]
-        else:
-            side = mode
-            ranked = [(rid, s, {side: r}, {side: s})
-                      for r, (rid, s) in enumerate(lists[side], start=1)]
-
-        if extra:
-            ranked = [(rid, sc, {**ranks, "funnel": extra[rid][0]} if rid in extra else ranks,
-                       {**scores, "funnel": extra[rid][1]} if rid in extra else scores)
-                      for rid, sc, ranks, scores in ranked]
-        full = any(len(v) >= n for v in lists.values())
-        return self._to_hits(ranked, texts, limit=want), full
-
-    def _funnel_query(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
-                      extra: dict[str, tuple[int, float]]
-                      ) -> list[tuple[str, float, str, dict[str, Any]]]:
-        """Stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones."""
-        assert self.funnel is not None and self.config.funnel_dim is not None
-        n1 = max(n, self.config.funnel_candidates or 4 * n)
-        stage1 = self.store.query(short_vectors(vec, self.config.funnel_dim)[0], n1, where,
-                                  with_text=False)
-        sims = self.funnel.similarities([rid for rid, *_ in stage1], vec)
-        for r, (rid, s1, _, _) in enumerate(stage1, start=1):
-            extra[rid] = (r, s1)
-        order = sorted(range(len(stage1)), key=lambda i: (-float(sims[i]), i))[:n]
-        return [(stage1[i][0], float(sims[i]), stage1[i][2], stage1[i][3]) for i in order
-                if np.isfinite(sims[i])]
-
-    def _to_hits(self, ranked: list[tuple[str, float, dict[str, int], dict[str, float]]],
-                 texts: dict[str, tuple[str, dict[str, Any]]], limit: int) -> list[Hit]:
-        """Hits for the best `limit` entries of `ranked`; texts are read from Chroma only for
-        the entries that can still make the cut (a page at a time, since collapsing chunks
-        to parents can drop entries)."""
-        collapse = self.config.collapse_chunks
-        hits: list[Hit] = []
-        seen: set[str] = set()
-        pos = 0
-        while pos < len(ranked) and len(hits) < limit:
-            page = ranked[pos:pos + max(2 * (limit - len(hits)), 10)]
-            pos += len(page)
-            missing = [rid for rid, *_ in page if rid not in texts]
-            if missing:
-                got = self.store.get(ids=missing, include=["documents", "metadatas"])
-                texts.update({rid: (t, m or {}) for rid, t, m in
-                              zip(got["ids"], got["documents"], got["metadatas"])})
-            for rid, score, ranks, scores in page:
-                if rid not in texts:  # deleted between the two reads
-                    continue
-                text, meta = texts[rid]
-                parent = str(meta.get(PARENT_KEY, rid))
-                if collapse:
-                    if parent in seen:
-                        continue
-                    seen.add(parent)
-                doc_id = parent if collapse else rid
-                hits.append(Hit(Document(text=text, id=doc_id, metadata=public_metadata(meta)),
-                                score=float(score), ranks=ranks, scores=scores, chunk_id=rid,
-                                chunk_index=int(meta.get(CHUNK_KEY, 0))))
-                if len(hits) >= limit:
-                    break
-        return hits
+    def sparse_candidates(self, query: str, n: int) -> list[tuple[str, float]]:
+        """The BM25 side alone: up to `n` (record id, score), best first."""
+        return self._sparse.search(query, n) if self._sparse is not None else []
 
     async def asearch(self, query: str, k: int = 10, **kwargs: Any) -> list[Hit]:
         """`search` run in a worker thread, so the event loop is not blocked."""
@@ -626,13 +267,17 @@ class HybridRetriever:
     # -- lifecycle -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What the store holds and its settings."""
-        return {"records": self.store.count(), "bm25_records": len(self.sparse),
-                "store": self.config.store.to_dict(), "settings": self.store.read_settings()}
+        return {"records": self.count(), "chroma_records": self._store.count(),
+                "log_watermark": self._sparse.watermark if self._sparse else None,
+                "store": self.config.store.to_dict(), "settings": self._store.read_settings()}
 
     def close(self) -> None:
         """Release the store (and its directory lock)."""
-        if self.store.client is not None:
-            self.store.close()
+        sparse, self._sparse = self._sparse, None
+        if sparse is not None:
+            sparse.close()
+        if self._store.client is not None:
+            self._store.close()
         cache = self._owned_cache
         if cache is not None:  # only the cache this retriever opened (config.cache_dir)
             self._owned_cache = None
@@ -646,15 +291,15 @@ class HybridRetriever:
         self.close()
 
 
-def _load_derived(load: Any, directory: Path, *args: Any) -> Any:
-    """Load saved derived state; None (rebuilt from Chroma) on any failure to read it, e.g.
-    numpy's EOFError for an empty `.npy` file, which a loader may not expect."""
-    try:
-        return load(directory, *args)
-    except Exception as exc:
-        logger.warning("derived state at %s is unreadable (%s: %s); it will be rebuilt",
-                       directory, type(exc).__name__, exc)
-        return None
+def _id_list(ids: Any) -> list[str]:
+    if isinstance(ids, str) or not isinstance(ids, Iterable):
+        raise InvalidInputError(f"ids must be a list of document ids, got {ids!r:.80}; wrap a "
+                                "single id in a list")
+    ids = list(ids)
+    for i, x in enumerate(ids):
+        if not isinstance(x, str) or not x:
+            raise InvalidInputError(f"ids[{i}] must be a non-empty str, got {x!r}")
+    return ids
 
 
 def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> RetrieverConfig:
@@ -668,27 +313,6 @@ def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> Retr
         return RetrieverConfig.from_toml(config)
     raise ConfigError(f"config must be a RetrieverConfig, a dict or a TOML path, got "
                       f"{type(config).__name__}")
-
-
-def _check_query(query: Any) -> None:
-    if not isinstance(query, str):
-        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
-    if not query.strip():
-        raise InvalidInputError("query is empty or whitespace; pass the text to search for")
-
-
-def _check_query_vector(vector: Any, dim: int) -> np.ndarray:
-    try:
-        vec = np.asarray(vector, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"query_vector must be a 1-d array of {dim} floats: {exc}") from exc
-    if vec.shape != (dim,):
-        raise InvalidInputError(
-            f"query_vector has shape {vec.shape}, expected ({dim},): pass one vector from "
-            "embedder.embed_query(query) of this retriever's model")
-    if not np.isfinite(vec).all():
-        raise InvalidInputError("query_vector contains NaN or inf; pass a finite vector")
-    return vec
 
 
 def _normalize_documents(documents: Any) -> list[Document]:
@@ -712,19 +336,9 @@ def _normalize_documents(documents: Any) -> list[Document]:
             raise InvalidInputError(f"documents[{i}].text must be a non-empty str, got {d.text!r:.40}")
         if d.id is not None and (not isinstance(d.id, str) or not d.id):
             raise InvalidInputError(f"documents[{i}].id must be a non-empty str or None, got {d.id!r}")
+        if d.id is not None:
+            check_document_id(d.id, f"documents[{i}].id")
         meta = clean_metadata(d.metadata, f"documents[{i}]")
         out.append(Document(text=d.text, id=d.id if d.id is not None else text_id(d.text),
                             metadata=meta))
-    return out
-
-
-def _diff(recorded: Mapping[str, Any], ours: Mapping[str, Any], prefix: str = ""
-          ) -> list[tuple[str, Any, Any]]:
-    out = []
-    for key in sorted(set(recorded) | set(ours)):
-        a, b = recorded.get(key), ours.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out.extend(_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
     return out

@@ -1,33 +1,38 @@
-"""The BM25 side: a sparse index derived from the documents in Chroma.
+"""The BM25 side: a durable, incremental sparse index derived from the records in Chroma.
 
-Engines: `bm25s` (default; sparse-matrix scoring, sub-millisecond at 100k docs) and
-`rank_bm25` (BM25Okapi, the reference implementation, slow but useful as an oracle).
+Built on tantivy (segments, delete by term, atomic commits, memory-mapped files): a write of
+d documents costs O(d) plus tantivy's amortized segment merges, a search never waits for a
+rebuild, and opening an index rebuilds nothing. Terms come from the project's own tokenizer
+(`tokenize.py`), fed to tantivy pre-tokenized, so every tokenizer setting means what it did.
+docs/design.md says why tantivy and not a segmented bm25s (measured).
 
-The index keeps each document's term ids, so that a change (upsert/delete by id) rebuilds
-the engine without re-tokenizing, and persists them as plain `.npy` + JSON. Writers build a
-new immutable snapshot and swap it in, so concurrent searches never see half an update.
+Each indexed record has its id (stored), its parent document id (to replace or delete a
+document by one term) and its terms (frequencies only, no positions). The log watermark the
+index has caught up to is written beside it after each commit; a crash between the two only
+makes the next catch-up re-apply entries, which is idempotent.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
 
-import numpy as np
-
 from .errors import ConfigError, MissingDependencyError
-from .persist import current_snapshot, load_array, load_json, save_snapshot
+from .persist import write_json
+from .records import Record
 from .tokenize import Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_ENGINES = ("bm25s", "rank_bm25")
-_METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
+FORMAT_VERSION = 2
+_STATE = "state.json"
+_HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 
 
 @dataclass(frozen=True)
@@ -35,31 +40,22 @@ class SparseConfig:
     """Settings of the BM25 side.
 
     Args:
-        engine: "bm25s" (fast, default) or "rank_bm25" (BM25Okapi reference).
-        k1, b: the BM25 parameters.
-        method: bm25s's idf/tf variant ("lucene" is Lucene's/Elasticsearch's BM25).
         tokenizer: how text becomes terms.
+        k1, b: the BM25 parameters. tantivy scores with Lucene's BM25 at k1=1.2, b=0.75 and
+            cannot be changed from Python; other values are refused rather than ignored.
     """
 
-    engine: str = "bm25s"
-    k1: float = 1.5
-    b: float = 0.75
-    method: str = "lucene"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    k1: float = 1.2
+    b: float = 0.75
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, dict):
             object.__setattr__(self, "tokenizer", TokenizerConfig(**self.tokenizer))
-        if self.engine not in _ENGINES:
-            raise ConfigError(f"sparse.engine must be one of {list(_ENGINES)}, got {self.engine!r}")
-        if self.method not in _METHODS:
-            raise ConfigError(f"sparse.method must be one of {list(_METHODS)}, got {self.method!r}")
-        for name in ("k1", "b"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"sparse.{name} must be a number >= 0, got {v!r}")
-        if self.b > 1:
-            raise ConfigError(f"sparse.b must be between 0 and 1, got {self.b!r}")
+        if (self.k1, self.b) != (1.2, 0.75):
+            raise ConfigError(
+                f"sparse.k1={self.k1!r}, sparse.b={self.b!r}: the BM25 engine (tantivy) scores "
+                "with k1=1.2, b=0.75 only; leave both unset")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,224 +63,171 @@ class SparseConfig:
         return d
 
 
-class _Snapshot:
-    """An immutable scoring engine over a fixed list of ids."""
-
-    def __init__(self, config: SparseConfig, ids: list[str], term_ids: list[np.ndarray],
-                 vocab: dict[str, int]) -> None:
-        self.ids = ids
-        self.pos = {d: i for i, d in enumerate(ids)}
-        self.vocab = vocab
-        self.engine = None
-        if not any(len(a) for a in term_ids):  # no terms at all (e.g. emoji-only texts):
-            return  # nothing can score, and the engines fail on an empty vocabulary
-        if config.engine == "bm25s":
-            import bm25s
-
-            # Only the terms in use: a vocabulary that kept deleted words would change idf-free
-            # columns only, but compacting keeps the matrix small.
-            used = np.unique(np.concatenate(term_ids)) if term_ids else np.zeros(0, np.int64)
-            remap = np.full(max(len(vocab), 1), -1, dtype=np.int64)
-            remap[used] = np.arange(len(used))
-            inv = {i: t for t, i in vocab.items()}
-            self.vocab = {inv[int(t)]: int(j) for j, t in enumerate(used)}
-            corpus_ids = [remap[a].tolist() for a in term_ids]
-            engine = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
-            engine.index((corpus_ids, dict(self.vocab)), show_progress=False)
-            self.engine = engine
-        else:
-            try:
-                from rank_bm25 import BM25Okapi
-            except ImportError as exc:  # pragma: no cover
-                raise MissingDependencyError(
-                    "sparse.engine='rank_bm25' needs rank-bm25: pip install rank-bm25") from exc
-            inv = {i: t for t, i in vocab.items()}
-            self.engine = BM25Okapi([[inv[int(t)] for t in a] for a in term_ids],
-                                    k1=config.k1, b=config.b)
-
-    def scores(self, terms: list[str], mask: np.ndarray | None) -> np.ndarray:
-        if self.engine is None:
-            return np.zeros(0, dtype=np.float32)
-        if hasattr(self.engine, "get_scores_from_ids"):
-            tids = [self.vocab[t] for t in terms if t in self.vocab]
-            if not tids:
-                return np.zeros(len(self.ids), dtype=np.float32)
-            s = np.asarray(self.engine.get_scores_from_ids(tids), dtype=np.float32)
-        else:
-            s = np.asarray(self.engine.get_scores(terms), dtype=np.float32)
-        if mask is not None:
-            s = s * mask
-        return s
+def _tantivy():
+    try:
+        import tantivy
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise MissingDependencyError("the BM25 side needs tantivy: pip install tantivy") from exc
+    return tantivy
 
 
-class BM25Index:
-    """A BM25 index keyed by document id, following upserts and deletes."""
+class SparseIndex:
+    """BM25 over record ids, kept in step with Chroma through `replace` and `commit`.
 
-    def __init__(self, config: SparseConfig | None = None) -> None:
+    Args:
+        config: tokenizer and BM25 settings.
+        directory: where the index lives; None keeps it in memory (server clients, tests).
+    """
+
+    def __init__(self, config: SparseConfig | None = None,
+                 directory: str | os.PathLike | None = None) -> None:
         self.config = config or SparseConfig()
         self.tokenizer = Tokenizer(self.config.tokenizer)
+        self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
-        self._terms: dict[str, np.ndarray] = {}
-        self._hashes: dict[str, str] = {}
-        self._vocab: dict[str, int] = {}
-        self._snapshot: _Snapshot | None = _Snapshot(self.config, [], [], {})
-        self.marker: str = ""
+        #: the change-log seq this index has caught up to; -1: nothing known, rebuild
+        self.watermark = -1
+        self._open()
 
-    # -- writes ----------------------------------------------------------------------------
-    def _term_ids(self, text: str) -> np.ndarray:
-        out = []
-        vocab = self._vocab
-        for t in self.tokenizer(text):
-            i = vocab.get(t)
-            if i is None:
-                i = vocab[t] = len(vocab)
-            out.append(i)
-        return np.asarray(out, dtype=np.int32)
+    # -- opening ---------------------------------------------------------------------------
+    @staticmethod
+    def describe(config: SparseConfig) -> dict[str, Any]:
+        """The settings that decide what the tokens and scores mean (recorded in stores)."""
+        return {"format": FORMAT_VERSION, "engine": "tantivy", **config.to_dict()}
 
-    def upsert(self, ids: Sequence[str], texts: Sequence[str],
-               hashes: Sequence[str] | None = None) -> None:
-        """Insert or replace documents by id.
+    def signature(self) -> dict[str, Any]:
+        return self.describe(self.config)
 
-        Args:
-            hashes: the content hash recorded in Chroma for each document, kept so that a
-                later catch-up can tell which documents changed.
-        """
-        if hashes is None:
-            hashes = [""] * len(ids)
+    def _schema(self):
+        tv = _tantivy()
+        sb = tv.SchemaBuilder()
+        sb.add_text_field("id", stored=True, tokenizer_name="raw", index_option="basic")
+        sb.add_text_field("parent", stored=False, tokenizer_name="raw", index_option="basic")
+        sb.add_text_field("body", stored=False, index_option="freq")
+        return sb.build()
+
+    def _open(self) -> None:
+        tv = _tantivy()
+        schema = self._schema()
+        d = self.directory
+        if d is None:
+            self._index = tv.Index(schema)
+        else:
+            state = self._read_state()
+            if state is None or state.get("signature") != self.signature():
+                shutil.rmtree(d, ignore_errors=True)
+                state = None
+            d.mkdir(parents=True, exist_ok=True)
+            try:
+                self._index = tv.Index(schema, path=str(d), reuse=True)
+            except Exception as exc:  # damaged files: derived state, rebuilt from Chroma
+                logger.warning("BM25 index at %s is unreadable (%s); rebuilding", d, exc)
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+                self._index = tv.Index(schema, path=str(d), reuse=False)
+                state = None
+            if state is not None:
+                self.watermark = int(state["watermark"])
+        self._schema_obj = schema
+        self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
+        self._index.reload()
+        self._searcher = self._index.searcher()
+
+    def _read_state(self) -> dict[str, Any] | None:
+        assert self.directory is not None
+        try:
+            state = json.loads((self.directory / _STATE).read_text(encoding="utf-8"))
+            int(state["watermark"])
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- writes (staged until commit) -------------------------------------------------------
+    def replace(self, parents: Iterable[str], records: Sequence[Record],
+                vectors: Any = None) -> None:
+        """Remove every record of `parents`, then index `records` (all of them live)."""
+        tv = _tantivy()
         with self._lock:
-            for doc_id, text, h in zip(ids, texts, hashes):
-                self._terms[doc_id] = self._term_ids(text)
-                self._hashes[doc_id] = h
-            self._snapshot = None
+            for p in parents:
+                self._writer.delete_documents_by_term("parent", p)
+            for r in records:
+                doc = tv.Document()
+                doc.add_text("id", r.id)
+                doc.add_text("parent", r.parent)
+                doc.add_pre_tokenized_text("body", self._tokens(r.text))
+                self._writer.add_document(doc)
 
-    def hashes(self) -> dict[str, str]:
-        """id -> content hash for every indexed document."""
-        with self._lock:
-            return dict(self._hashes)
+    def _tokens(self, text: str):
+        tv = _tantivy()
+        terms = self.tokenizer(text)
+        # offsets are unused (no highlighting): positions are all BM25 needs to count terms
+        return tv.PreTokenizedString("", [tv.Token(t, i, 0, 0) for i, t in enumerate(terms)])
 
-    def delete(self, ids: Iterable[str]) -> None:
+    def clear(self) -> None:
         with self._lock:
-            for doc_id in ids:
-                self._terms.pop(doc_id, None)
-                self._hashes.pop(doc_id, None)
-            self._snapshot = None
+            self._writer.delete_all_documents()
 
-    def replace_all(self, ids: Sequence[str], texts: Sequence[str]) -> None:
-        """Rebuild from scratch (used when Chroma and the index are found out of step)."""
+    def commit(self, watermark: int) -> None:
+        """Make the staged changes durable and visible; record `watermark` with them."""
         with self._lock:
-            self._terms, self._hashes, self._vocab = {}, {}, {}
-            self.upsert(ids, texts)
+            self._writer.commit()
+            self._index.reload()
+            self._searcher = self._index.searcher()
+            self.watermark = watermark
+            if self.directory is not None:
+                write_json(self.directory / _STATE,
+                           {"watermark": watermark, "signature": self.signature()})
+
+    def close(self) -> None:
+        with self._lock:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.rollback()  # nothing staged survives a close; releases the lock
+                del writer
 
     # -- reads -----------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._terms)
+        return int(self._searcher.num_docs)
 
     def ids(self) -> set[str]:
-        with self._lock:
-            return set(self._terms)
-
-    def _current(self) -> _Snapshot:
-        snap = self._snapshot
-        if snap is None:
-            with self._lock:
-                if self._snapshot is None:
-                    ids = sorted(self._terms)
-                    self._snapshot = _Snapshot(self.config, ids, [self._terms[d] for d in ids],
-                                               dict(self._vocab))
-                snap = self._snapshot
-        return snap
-
-    def refresh(self) -> None:
-        """Build the scoring engine now rather than on the next search."""
-        self._current()
+        """Every indexed record id (reads them all: for checks, not for the query path)."""
+        tv = _tantivy()
+        searcher = self._searcher
+        n = searcher.num_docs
+        if n == 0:
+            return set()
+        res = searcher.search(tv.Query.all_query(), limit=n)
+        return {searcher.doc(addr)["id"][0] for _, addr in res.hits}
 
     def search(self, query: str, k: int, *, allowed: Collection[str] | None = None
                ) -> list[tuple[str, float]]:
-        """Top `k` (id, score) by BM25, best first; scores <= 0 dropped; ties by id.
+        """Top `k` (record id, score) by BM25, best first; scores <= 0 dropped; ties by id.
 
         Args:
             allowed: when given, only these ids may be returned (the `where` filter).
         """
-        snap = self._current()
-        n = len(snap.ids)
-        if n == 0 or k <= 0:
-            return []
+        tv = _tantivy()
         terms = self.tokenizer(query)
-        if not terms:
+        searcher = self._searcher
+        if not terms or k <= 0 or searcher.num_docs == 0 or (allowed is not None
+                                                            and not allowed):
             return []
-        mask = None
+        schema = self._schema_obj
+        should = [(tv.Occur.Should, tv.Query.term_query(schema, "body", t, index_option="freq"))
+                  for t in terms]
+        q = tv.Query.boolean_query(should)
         if allowed is not None:
-            mask = np.zeros(n, dtype=np.float32)
-            idx = [snap.pos[d] for d in allowed if d in snap.pos]
-            if not idx:
-                return []
-            mask[idx] = 1.0
-        scores = snap.scores(terms, mask)
-        positive = np.flatnonzero(scores > 0)
-        if positive.size == 0:
-            return []
-        k = min(k, positive.size)
-        if positive.size > k:
-            part = np.argpartition(-scores[positive], k - 1)[:k]
-            # keep every doc tied with the k-th score so the id tie-break is exact
-            kth = scores[positive[part]].min()
-            top = positive[scores[positive] >= kth]
-        else:
-            top = positive
-        order = sorted(top.tolist(), key=lambda i: (-float(scores[i]), snap.ids[i]))[:k]
-        return [(snap.ids[i], float(scores[i])) for i in order]
-
-    # -- persistence -----------------------------------------------------------------------
-    def signature(self) -> dict[str, Any]:
-        """The settings that decide what the tokens and scores mean."""
-        return {"format": FORMAT_VERSION, **self.config.to_dict()}
-
-    def save(self, directory: str | os.PathLike, marker: str) -> None:
-        """Write the index under `directory` atomically (a new folder, then a pointer swap)."""
-        with self._lock:
-            ids = sorted(self._terms)
-            arrays = [self._terms[d] for d in ids]
-            hashes = [self._hashes.get(d, "") for d in ids]
-            vocab_list = [""] * len(self._vocab)
-            for t, i in self._vocab.items():
-                vocab_list[i] = t
-        lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        terms = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-        save_snapshot(directory, "bm25", {
-            "offsets": offsets, "terms": terms, "ids": ids, "vocab": vocab_list,
-            "hashes": hashes,
-            "meta": {"signature": self.signature(), "marker": marker, "count": len(ids)}})
-        self.marker = marker
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, config: SparseConfig) -> "BM25Index | None":
-        """Load a saved index; None when missing, unreadable, or saved with other settings."""
-        root = Path(directory)
-        try:
-            d = current_snapshot(root)
-            meta = load_json(d, "meta")
-            index = cls(config)
-            if meta["signature"] != index.signature():
-                logger.info("BM25 index at %s has other settings; it will be rebuilt", d)
-                return None
-            ids = load_json(d, "ids")
-            vocab_list = load_json(d, "vocab")
-            offsets = load_array(d, "offsets")
-            terms = load_array(d, "terms")
-            hashes = load_json(d, "hashes")
-            if len(hashes) != len(ids) or len(offsets) != len(ids) + 1 or int(offsets[-1]) != len(terms) \
-                    or meta["count"] != len(ids) or (len(terms) and terms.max() >= len(vocab_list)):
-                raise ValueError("inconsistent arrays")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            if (root / "current.json").exists():
-                logger.warning("BM25 index at %s is unreadable (%s); it will be rebuilt",
-                               root, exc)
-            return None
-        index._vocab = {t: i for i, t in enumerate(vocab_list)}
-        index._terms = {doc_id: terms[offsets[i]:offsets[i + 1]]
-                        for i, doc_id in enumerate(ids)}
-        index._snapshot = None
-        index.marker = meta["marker"]
-        return index
-
+            only = tv.Query.boost_query(
+                tv.Query.term_set_query(schema, "id", list(allowed)), 0.0)
+            q = tv.Query.boolean_query([(tv.Occur.Must, only), (tv.Occur.Must, q)])
+        # a few extra hits so that ties with the k-th score are broken by id exactly
+        hits = searcher.search(q, limit=k + 16, count=False).hits
+        out = [(searcher.doc(addr)["id"][0], float(score)) for score, addr in hits
+               if score > 0]
+        out.sort(key=lambda x: (-x[1], x[0]))
+        if len(hits) == k + 16 and out and len(out) > k and out[k - 1][1] == out[-1][1]:
+            # more ties than fetched: fetch them all
+            hits = searcher.search(q, limit=searcher.num_docs, count=False).hits
+            out = sorted(((searcher.doc(a)["id"][0], float(s)) for s, a in hits if s > 0),
+                         key=lambda x: (-x[1], x[0]))
+        return out[:k]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -18,15 +19,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError, StoreError, StoreLockedError
+from .records import PARENT_KEY, RESERVED_PREFIX
 
 logger = logging.getLogger(__name__)
 
-#: Metadata keys reserved for retrievekit's own bookkeeping on each record.
-RESERVED_PREFIX = "_rk_"
-PARENT_KEY = "_rk_parent"
-CHUNK_KEY = "_rk_chunk"
 _SETTINGS_KEY = "rk_settings"
-_MARKER_KEY = "rk_marker"
+_OLD_MARKER_KEY = "rk_marker"  # format 1's change marker, dropped on migration
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 
 
@@ -91,9 +89,26 @@ class StoreConfig:
         return "StoreConfig(" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + ")"
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _check_scalar(value: Any, where: str) -> None:
+    """Refuse the scalars Chroma stores but cannot index: NaN/inf, ints outside 64 bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInputError(
+            f"{where} is {value!r}; Chroma's index cannot hold NaN or inf (the store would "
+            "fail on every later write): use a finite number or drop the key")
+    if isinstance(value, int) and not isinstance(value, bool) \
+            and not _INT64[0] <= value <= _INT64[1]:
+        raise InvalidInputError(
+            f"{where} is {value}, outside the 64-bit integers Chroma stores; store it as a "
+            "str or a float")
+
+
 def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     """Validate user metadata for Chroma: flat str/int/float/bool values (or non-empty lists
-    of one of those types); None values are dropped. Raises InvalidInputError otherwise."""
+    of one of those types); None values are dropped. Everything Chroma would refuse or choke
+    on later (NaN/inf, ints past 64 bits, reserved keys) raises InvalidInputError."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
@@ -102,38 +117,36 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:
             raise InvalidInputError(f"{where}.metadata keys must be non-empty str, got {key!r}")
-        if key.startswith(RESERVED_PREFIX):
+        if key.startswith(RESERVED_PREFIX) or key.startswith("$") or key.startswith("chroma:"):
             raise InvalidInputError(
-                f"{where}.metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}; "
+                f"{where}.metadata key {key!r} is reserved (keys starting with "
+                f"{RESERVED_PREFIX!r}, '$' or 'chroma:' belong to retrievekit and Chroma); "
                 "rename it")
+        name = f"{where}.metadata[{key!r}]"
         if value is None:
             continue
         if isinstance(value, (str, bool, int, float)):
-            if isinstance(value, float) and value != value:
-                raise InvalidInputError(f"{where}.metadata[{key!r}] is NaN; use a number or drop it")
+            _check_scalar(value, name)
             out[key] = value
         elif isinstance(value, (list, tuple)):
             if not value:
                 raise InvalidInputError(
-                    f"{where}.metadata[{key!r}] is an empty list, which Chroma rejects; "
+                    f"{name} is an empty list, which Chroma rejects; "
                     "drop the key or give at least one value")
             kinds = {type(v) for v in value}
             if len(kinds) != 1 or not kinds <= {str, int, float, bool}:
                 raise InvalidInputError(
-                    f"{where}.metadata[{key!r}] must be a list of one scalar type "
-                    f"(str, int, float or bool), got {value!r}")
+                    f"{name} must be a list of one scalar type "
+                    f"(str, int, float or bool), got {value!r:.200}")
+            for i, v in enumerate(value):
+                _check_scalar(v, f"{name}[{i}]")
             out[key] = list(value)
         else:
             raise InvalidInputError(
-                f"{where}.metadata[{key!r}] has type {type(value).__name__}; Chroma takes "
+                f"{name} has type {type(value).__name__}; Chroma takes "
                 "str, int, float, bool or a list of one of those. Flatten nested dicts "
                 "(e.g. 'author.name') or json.dumps the value")
     return out
-
-
-def public_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Metadata without retrievekit's reserved keys."""
-    return {k: v for k, v in (metadata or {}).items() if not k.startswith(RESERVED_PREFIX)}
 
 
 class ChromaStore:
@@ -260,7 +273,7 @@ class ChromaStore:
             return None
         return Path(self.config.path).expanduser() / "retrievekit" / self.config.collection
 
-    # -- recorded settings and change marker ----------------------------------------------
+    # -- recorded settings ---------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
         if self.config.is_server:  # another client may have changed it
             self.collection = self.client.get_collection(self.config.collection,
@@ -271,28 +284,10 @@ class ChromaStore:
         raw = self._metadata().get(_SETTINGS_KEY)
         return json.loads(raw) if raw else None
 
-    def read_marker(self) -> str:
-        return str(self._metadata().get(_MARKER_KEY, ""))
-
-    def write_settings(self, settings: Mapping[str, Any], marker: str | None = None) -> None:
-        meta = self._metadata()
+    def write_settings(self, settings: Mapping[str, Any]) -> None:
+        meta = {k: v for k, v in self._metadata().items() if k != _OLD_MARKER_KEY}
         meta[_SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
-        if marker is not None:
-            meta[_MARKER_KEY] = marker
         self.collection.modify(metadata=meta)
-
-    def new_marker(self) -> str:
-        """Record that a write is starting; derived state saved with an older marker is stale."""
-        return self.swap_marker()[1]
-
-    def swap_marker(self) -> tuple[str, str]:
-        """Set a fresh change marker; returns (the marker it replaced, the new one)."""
-        marker = uuid.uuid4().hex
-        meta = self._metadata()
-        previous = str(meta.get(_MARKER_KEY, ""))
-        meta[_MARKER_KEY] = marker
-        self.collection.modify(metadata=meta)
-        return previous, marker
 
     # -- records ---------------------------------------------------------------------------
     @property
@@ -303,23 +298,31 @@ class ChromaStore:
             return 5000
 
     def count(self) -> int:
+        """Records held, dead ones included (see `records.py`)."""
         return int(self.collection.count())
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str],
-               metadatas: Sequence[Mapping[str, Any]]) -> None:
+    def write(self, groups: Sequence[tuple[Sequence[str], np.ndarray, Sequence[str],
+                                           Sequence[Mapping[str, Any]]]]) -> None:
+        """Upsert groups of records (ids, vectors, texts, metadatas); a group (all records of
+        one document) is never split across Chroma calls, so each document lands whole."""
         step = self.max_batch
-        for s in range(0, len(ids), step):
-            part = list(ids[s:s + step])
-            metas = [dict(m) for m in metadatas[s:s + step]]
-            # Chroma's upsert merges metadata into a stored record's; a None value removes a
-            # key, so keys the new metadata lacks are set to None to replace, not merge.
-            old = self.collection.get(ids=part, include=["metadatas"])
-            stored = {rid: (m or {}) for rid, m in zip(old["ids"], old["metadatas"])}
-            for rid, meta in zip(part, metas):
-                for key in stored.get(rid, {}):
-                    meta.setdefault(key, None)
-            self.collection.upsert(ids=part, embeddings=np.asarray(vectors[s:s + step]),
-                                   documents=list(texts[s:s + step]), metadatas=metas)
+        batch: list[tuple] = []
+        size = 0
+        for group in groups:
+            if batch and size + len(group[0]) > step:
+                self._upsert(batch)
+                batch, size = [], 0
+            batch.append(group)
+            size += len(group[0])
+        if batch:
+            self._upsert(batch)
+
+    def _upsert(self, groups: list[tuple]) -> None:
+        ids = [i for g in groups for i in g[0]]
+        vectors = np.concatenate([np.asarray(g[1], dtype=np.float32) for g in groups])
+        self.collection.upsert(ids=ids, embeddings=vectors,
+                               documents=[t for g in groups for t in g[2]],
+                               metadatas=[dict(m) for g in groups for m in g[3]])
 
     def delete(self, ids: Sequence[str]) -> None:
         step = self.max_batch
@@ -330,6 +333,18 @@ class ChromaStore:
             include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
         return self.collection.get(ids=list(ids) if ids is not None else None,
                                    where=dict(where) if where else None, include=list(include))
+
+    def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
+                                                                           "metadatas")
+                   ) -> dict[str, list]:
+        """Every record (dead ones too) of these documents, in one `get` per 1,000."""
+        out: dict[str, list] = {"ids": [], **{k: [] for k in include}}
+        parents = list(dict.fromkeys(parents))
+        for s in range(0, len(parents), 1000):
+            got = self.get(where={PARENT_KEY: {"$in": parents[s:s + 1000]}}, include=include)
+            for key in out:
+                out[key].extend(got[key])
+        return out
 
     def iter_records(self, include: Sequence[str] = ("documents", "metadatas"),
                      page: int = 5000, where: Mapping[str, Any] | None = None
@@ -344,22 +359,13 @@ class ChromaStore:
             yield batch
             offset += len(batch["ids"])
 
-    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None,
-              *, with_text: bool = True
-              ) -> list[tuple[str, float, str | None, dict[str, Any] | None]]:
-        """Nearest records by cosine similarity: [(id, similarity, text, metadata)].
-
-        With `with_text=False` only ids and similarities are read (text and metadata are
-        None): much cheaper when most candidates are dropped later."""
+    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
+              ) -> list[tuple[str, float]]:
+        """Nearest records by cosine similarity: [(id, similarity)], best first."""
         if n <= 0:
             return []
-        include = ["distances", "documents", "metadatas"] if with_text else ["distances"]
         res = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
                                     n_results=n, where=dict(where) if where else None,
-                                    include=include)
-        ids, dist = res["ids"][0], res["distances"][0]
-        if not with_text:
-            return [(i, 1.0 - float(d), None, None) for i, d in zip(ids, dist)]
+                                    include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
-        return [(i, 1.0 - float(d), t, m or {}) for i, d, t, m in
-                zip(ids, dist, res["documents"][0], res["metadatas"][0])]
+        return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]

@@ -1,0 +1,153 @@
+"""The change log: one entry per write batch, kept in Chroma beside the records.
+
+Every write claims the next sequence number `seq` before it touches the records (entry state
+"pending", listing the documents it changes), and marks the entry "done" after. Any client
+catches up from the log alone: the documents named by entries past its watermark are re-read
+from Chroma and replace what its derived indexes hold, so catching up costs what changed.
+
+Sequence numbers are claimed with Chroma's `add`, which ignores an id that exists: a writer
+adds entry `seq` with its own token and reads it back; if the token is another writer's, it
+tries `seq + 1`. So numbers are unique and dense, with no lock, across processes and machines.
+
+A pending entry means a write is under way, or that its writer died. A reader never advances
+its watermark past a pending entry younger than `LEASE_S` (it re-reads those documents on
+each sync, so whatever landed is seen at once); an older one is abandoned, and whoever finds
+it repairs it (`Writer.repair`). A writer whose write outlives half the lease re-announces its
+documents under a fresh entry before it finishes, so no reader that moved past it misses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+#: Seconds after which a pending entry counts as abandoned by a dead writer.
+LEASE_S = 120.0
+#: Entries kept after trimming; a client whose watermark falls below the trimmed floor
+#: rebuilds its derived state from a scan of the collection instead.
+KEEP = 20_000
+_SUFFIX = "-rklog"
+_FLOOR_KEY = "rk_floor"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One write batch: its sequence number, the documents it changes, its state."""
+
+    seq: int
+    parents: tuple[str, ...]
+    state: str  # "pending" or "done"
+    ts: float
+    writer: str
+
+    @property
+    def abandoned(self) -> bool:
+        return self.state == "pending" and time.time() - self.ts > LEASE_S
+
+
+def log_name(collection: str) -> str:
+    """The name of the log collection of `collection` (within Chroma's 512 characters)."""
+    return collection[:512 - len(_SUFFIX)] + _SUFFIX
+
+
+def _entry_id(seq: int) -> str:
+    return f"{seq:020d}"
+
+
+class ChangeLog:
+    """The log collection of one retrievekit collection."""
+
+    def __init__(self, client: Any, collection: str) -> None:
+        self._client = client
+        self._name = log_name(collection)
+        self._col = client.get_or_create_collection(self._name, embedding_function=None)
+        self.token = uuid.uuid4().hex  # this client's writer token
+        self._head = 0  # the highest seq this client knows of
+
+    # -- writers -----------------------------------------------------------------------------
+    def begin(self, parents: Sequence[str]) -> Entry:
+        """Claim the next sequence number for a write of these documents (state pending)."""
+        doc = json.dumps(list(parents), ensure_ascii=False)
+        seq = max(self._head, self.floor()) + 1
+        while True:
+            now = time.time()
+            meta = {"seq": seq, "state": "pending", "writer": self.token, "ts": now}
+            self._col.add(ids=[_entry_id(seq)], embeddings=[[1.0]], documents=[doc],
+                          metadatas=[meta])
+            got = self._col.get(ids=[_entry_id(seq)], include=["metadatas"])
+            if got["metadatas"] and got["metadatas"][0].get("writer") == self.token:
+                self._head = seq
+                return Entry(seq, tuple(parents), "pending", now, self.token)
+            # taken by another writer: jump past everything claimed since
+            later = self.since(seq)
+            seq = (later[-1].seq if later else seq) + 1
+
+    def finish(self, entry: Entry, *, reannounce: bool = True) -> None:
+        """Mark a write done. A write that ran for more than half the lease announces its
+        documents again under a fresh entry first: a reader may have taken it as abandoned."""
+        if reannounce and time.time() - entry.ts > LEASE_S / 2:
+            self.finish(self.begin(entry.parents))
+        self._col.update(ids=[_entry_id(entry.seq)],
+                         metadatas=[{"state": "done", "ts": time.time()}])
+
+    # -- readers -----------------------------------------------------------------------------
+    def since(self, watermark: int) -> list[Entry]:
+        """The entries after `watermark`, in order."""
+        got = self._col.get(where={"seq": {"$gt": int(watermark)}},
+                            include=["metadatas", "documents"])
+        out = [Entry(int(m["seq"]), tuple(json.loads(d)), str(m["state"]), float(m["ts"]),
+                     str(m["writer"])) for m, d in zip(got["metadatas"], got["documents"])]
+        out.sort(key=lambda e: e.seq)
+        if out:
+            self._head = max(self._head, out[-1].seq)
+        return out
+
+    def head(self) -> int:
+        """The highest sequence number claimed so far (0 for an empty log)."""
+        later = self.since(self._head)
+        return later[-1].seq if later else max(self._head, self.floor())
+
+    def floor(self) -> int:
+        """Entries at or below this seq may have been trimmed away."""
+        meta = self._client.get_collection(self._name, embedding_function=None).metadata or {}
+        return int(meta.get(_FLOOR_KEY, 0))
+
+    def pending(self) -> list[Entry]:
+        """Entries not marked done."""
+        got = self._col.get(where={"state": "pending"}, include=["metadatas", "documents"])
+        return sorted((Entry(int(m["seq"]), tuple(json.loads(d)), "pending", float(m["ts"]),
+                             str(m["writer"]))
+                       for m, d in zip(got["metadatas"], got["documents"])),
+                      key=lambda e: e.seq)
+
+    def trim(self, keep: int = KEEP) -> None:
+        """Delete done entries older than the newest `keep` (amortized: only past 2 x keep)."""
+        head = self._head
+        if head <= 2 * keep:
+            return
+        cut = head - keep
+        if cut <= self.floor():
+            return
+        old = self._col.get(where={"$and": [{"seq": {"$lte": cut}}, {"state": "done"}]},
+                            include=[])
+        if old["ids"]:
+            self._col.delete(ids=old["ids"])
+        col = self._client.get_collection(self._name, embedding_function=None)
+        col.modify(metadata={**(col.metadata or {}), _FLOOR_KEY: cut})
+        logger.info("change log trimmed to seq > %d", cut)
+
+
+def advance(watermark: int, entries: Iterable[Entry]) -> int:
+    """The new watermark after applying `entries` (sorted): past every entry that is done or
+    abandoned, stopping before a gap or a write still under way."""
+    for e in entries:
+        if e.seq != watermark + 1 or (e.state == "pending" and not e.abandoned):
+            break
+        watermark = e.seq
+    return watermark

@@ -1,0 +1,223 @@
+"""The query path: candidates from each side, fusion, hits, reranking.
+
+The seam: an `Engine` turns a `Request` into fused candidates (record ids with scores and
+per-stage ranks). `LocalEngine` does it on this client (Chroma's HNSW or the funnel for the
+dense side, the local BM25 index for the sparse side, RRF). A server-side hybrid engine
+(Chroma's Search API with a sparse BM25 index and Rrf, on distributed Chroma or Chroma
+Cloud) can take its place without the rest of this module changing; `LocalEngine` stays
+its oracle. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from .config import MODES
+from .errors import ConfigError, InvalidInputError
+from .funnel import FunnelVectors, short_vectors
+from .fusion import Fused, reciprocal_rank_fusion
+from .records import CHUNK_KEY, PARENT_KEY, is_live, public_metadata
+from .rerank import Reranker
+from .sparse import SparseIndex
+from .store import ChromaStore
+from .types import Document, Hit
+
+
+@dataclass(frozen=True)
+class Request:
+    """One retrieval: the query, its vector (dense sides), the mode, candidates per side."""
+
+    query: str
+    vector: np.ndarray | None
+    mode: str
+    n: int
+    where: Mapping[str, Any] | None
+
+
+class Engine(Protocol):
+    def ranked(self, request: Request) -> tuple[list[Fused], bool]:
+        """Fused candidates, best first, and whether any side returned a full list of
+        `request.n` (so that more may exist)."""
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    rrf_k: float
+    weights: Mapping[str, float]
+    funnel_dim: int | None
+    funnel_candidates: int | None
+
+
+class LocalEngine:
+    """Dense from Chroma (or the funnel), sparse from the local BM25 index, fused by RRF."""
+
+    def __init__(self, store: ChromaStore, sparse: SparseIndex, funnel: FunnelVectors | None,
+                 settings: FusionSettings) -> None:
+        self.store = store
+        self.sparse = sparse
+        self.funnel = funnel
+        self.settings = settings
+
+    def ranked(self, request: Request) -> tuple[list[Fused], bool]:
+        lists: dict[str, list[tuple[str, float]]] = {}
+        stage1: dict[str, tuple[int, float]] = {}
+        where = request.where
+        if request.mode in ("hybrid", "dense"):
+            assert request.vector is not None
+            lists["dense"] = self._dense(request.vector, request.n, where, stage1)
+        if request.mode in ("hybrid", "sparse"):
+            allowed = None
+            if where is not None:
+                allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
+                                    where)
+            lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed)
+        if request.mode == "hybrid":
+            weights = {s: self.settings.weights[s] for s in lists}
+            fused = reciprocal_rank_fusion(lists, k=self.settings.rrf_k, weights=weights)
+            fused = [Fused(f.id, f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
+                     for r, f in enumerate(fused, start=1)]
+        else:
+            side = request.mode
+            fused = [Fused(rid, s, {side: r}, {side: s})
+                     for r, (rid, s) in enumerate(lists[side], start=1)]
+        if stage1:
+            fused = [Fused(f.id, f.score, {**f.ranks, "funnel": stage1[f.id][0]},
+                           {**f.scores, "funnel": stage1[f.id][1]}) if f.id in stage1 else f
+                     for f in fused]
+        return fused, any(len(v) >= request.n for v in lists.values())
+
+    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
+               stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
+        if self.funnel is None:
+            return _filtered(lambda: self.store.query(vec, n, where), where)
+        # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
+        s = self.settings
+        assert s.funnel_dim is not None
+        first = _filtered(lambda: self.store.query(
+            short_vectors(vec, s.funnel_dim)[0], max(n, s.funnel_candidates or 4 * n), where),
+            where)
+        sims = self.funnel.similarities([rid for rid, _ in first], vec)
+        for r, (rid, s1) in enumerate(first, start=1):
+            stage1[rid] = (r, s1)
+        order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
+        return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
+
+def _filtered(call: Callable[[], Any], where: Mapping[str, Any] | None) -> Any:
+    try:
+        return call()
+    except ValueError as exc:  # chromadb's filter validation errors derive from ValueError
+        if where is None:
+            raise
+        raise InvalidInputError(f"where={dict(where)!r} is not a valid Chroma filter: {exc}") \
+            from exc
+
+
+class Searcher:
+    """Search over an engine: widen until enough documents, attach texts, rerank."""
+
+    def __init__(self, store: ChromaStore, engine: Engine, embed_query: Callable[[str], Any],
+                 reranker: Reranker | None, *, dim: int, collapse: bool,
+                 before: Callable[[], Any] | None = None) -> None:
+        self.store = store
+        self.engine = engine
+        self.embed_query = embed_query
+        self.reranker = reranker
+        self.dim = dim
+        self.collapse = collapse
+        self.before = before  # called before each search (server clients catch up)
+
+    def search(self, query: str, k: int, *, total: int, where: Mapping[str, Any] | None,
+               mode: str, rerank: bool | None, candidates: int,
+               query_vector: np.ndarray | None) -> list[Hit]:
+        _check_query(query)
+        qvec = None if query_vector is None else _check_query_vector(query_vector, self.dim)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        if where is not None and not isinstance(where, Mapping):
+            raise InvalidInputError(
+                f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
+                f"{type(where).__name__}")
+        if rerank and self.reranker is None:
+            raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
+                              "or set config.reranker")
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise InvalidInputError(f"candidates must be an int >= 1, got {candidates!r}")
+        reranker = self.reranker if rerank is not False else None
+        want = max(k, reranker.config.candidates if reranker else k)
+        if self.before is not None:
+            self.before()
+        n = min(max(candidates, want), total())
+        if n == 0:
+            return []
+        vec = None
+        if mode in ("hybrid", "dense"):
+            vec = self.embed_query(query) if qvec is None else qvec
+        request = Request(query, vec, mode, n, dict(where) if where else None)
+        while True:
+            fused, full = self.engine.ranked(request)
+            hits = self._hits(fused, want)
+            # chunks of one document collapse into one hit: when that leaves fewer than
+            # asked for, widen the candidate lists rather than return a short page
+            if len(hits) >= want or request.n >= total() or not full:
+                break
+            request = Request(query, vec, mode, min(total(), 2 * request.n), request.where)
+        if reranker is not None:
+            hits = reranker.rerank(query, hits[:reranker.config.candidates])
+        return hits[:k]
+
+    def _hits(self, fused: list[Fused], limit: int) -> list[Hit]:
+        """Hits for the best `limit` entries; texts are read from Chroma only for entries that
+        can still make the cut, a page at a time (collapsing chunks and skipping dead records
+        can drop entries)."""
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        pos = 0
+        while pos < len(fused) and len(hits) < limit:
+            page = fused[pos:pos + max(2 * (limit - len(hits)), 10)]
+            pos += len(page)
+            got = self.store.get(ids=[f.id for f in page], include=["documents", "metadatas"])
+            texts = {rid: (t, m or {}) for rid, t, m in
+                     zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m)}
+            for f in page:
+                if f.id not in texts:  # deleted, or dead, since the candidates were found
+                    continue
+                text, meta = texts[f.id]
+                parent = str(meta.get(PARENT_KEY, f.id))
+                if self.collapse:
+                    if parent in seen:
+                        continue
+                    seen.add(parent)
+                hits.append(Hit(Document(text=text, id=parent if self.collapse else f.id,
+                                         metadata=public_metadata(meta)),
+                                score=float(f.score), ranks=f.ranks, scores=f.scores,
+                                chunk_id=f.id, chunk_index=int(meta.get(CHUNK_KEY, 0))))
+                if len(hits) >= limit:
+                    break
+        return hits
+
+
+def _check_query(query: Any) -> None:
+    if not isinstance(query, str):
+        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+    if not query.strip():
+        raise InvalidInputError("query is empty or whitespace; pass the text to search for")
+
+
+def _check_query_vector(vector: Any, dim: int) -> np.ndarray:
+    try:
+        vec = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"query_vector must be a 1-d array of {dim} floats: {exc}") from exc
+    if vec.shape != (dim,):
+        raise InvalidInputError(
+            f"query_vector has shape {vec.shape}, expected ({dim},): pass one vector from "
+            "embedder.embed_query(query) of this retriever's model")
+    if not np.isfinite(vec).all():
+        raise InvalidInputError("query_vector contains NaN or inf; pass a finite vector")
+    return vec

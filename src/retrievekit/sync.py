@@ -1,0 +1,118 @@
+"""Derived indexes follow the change log: one catch-up for all of them.
+
+A derived index (the BM25 index, the funnel's full vectors) implements `Derived`: it can
+replace the records of some documents, be cleared, and commit the log watermark it has
+reached. `Follower.catch_up` reads the log past the lowest watermark, re-reads from Chroma
+the documents those entries name, and hands their live records to every index: the cost is
+that of the changes. An index with no usable state (watermark -1, or below the trimmed log)
+is rebuilt from a scan of the collection once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .changelog import ChangeLog, Entry, advance
+from .records import DEAD_KEY, Record, from_chroma
+from .store import ChromaStore
+
+logger = logging.getLogger(__name__)
+
+
+class Derived(Protocol):
+    """What the follower needs of a derived index."""
+
+    watermark: int
+
+    def replace(self, parents: Sequence[str], records: Sequence[Record],
+                vectors: Mapping[str, np.ndarray] | None = None) -> None:
+        """Drop every record of `parents`, then hold `records` (live records from Chroma)."""
+
+    def clear(self) -> None: ...
+
+    def commit(self, watermark: int) -> None:
+        """Make the changes durable (where persistent) and record the watermark."""
+
+
+class Follower:
+    """Keeps derived indexes in step with Chroma through the change log."""
+
+    def __init__(self, store: ChromaStore, log: ChangeLog, indexes: Sequence[Derived],
+                 *, sole_writer: bool) -> None:
+        self.store = store
+        self.log = log
+        self.indexes = list(indexes)
+        #: embedded stores have one writer process (the directory lock): a pending entry
+        #: found at open belongs to a writer that died
+        self.sole_writer = sole_writer
+        self.lock = threading.RLock()
+
+    def catch_up(self, vectors: Mapping[str, np.ndarray] | None = None) -> int:
+        """Apply every change past the indexes' watermarks; returns the entries read.
+
+        `vectors`: full vectors the caller already has (a writer's own records), by id."""
+        with self.lock:
+            floor = self.log.floor()
+            stale = [ix for ix in self.indexes if ix.watermark < floor or ix.watermark < 0]
+            if stale:
+                self._rebuild(stale)
+            low = min((ix.watermark for ix in self.indexes), default=0)
+            entries = self.log.since(low)
+            if not entries:
+                return 0
+            dead = [e for e in entries if e.state == "pending"
+                    and (e.abandoned or (self.sole_writer and e.writer != self.log.token))]
+            if dead:
+                self.repair(dead)
+                entries = self.log.since(low)
+            parents = list(dict.fromkeys(p for e in entries for p in e.parents))
+            got = self.store.of_parents(parents)
+            live = from_chroma(got["ids"], got["documents"], got["metadatas"])
+            for ix in self.indexes:
+                mine = [e for e in entries if e.seq > ix.watermark]
+                if not mine:
+                    continue
+                names = list(dict.fromkeys(p for e in mine for p in e.parents))
+                keep = set(names)
+                ix.replace(names, [r for r in live if r.parent in keep], vectors)
+                ix.commit(advance(ix.watermark, mine))
+            if len(entries) > 1:
+                logger.info("caught up with %d writes (%d documents)", len(entries),
+                            len(parents))
+            return len(entries)
+
+    def repair(self, entries: Sequence[Entry]) -> None:
+        """Finish writes whose writer died: delete the dead records they left, mark done.
+        Each document already holds its old version or its new one (records.py)."""
+        parents = list(dict.fromkeys(p for e in entries for p in e.parents))
+        got = self.store.of_parents(parents, include=["metadatas"])
+        dead = [rid for rid, m in zip(got["ids"], got["metadatas"]) if (m or {}).get(DEAD_KEY)]
+        if dead:
+            self.store.delete(dead)
+        for e in entries:
+            self.log.finish(e, reannounce=False)
+        logger.warning("repaired %d interrupted writes (%d documents, %d dead records removed)",
+                       len(entries), len(parents), len(dead))
+
+    def _rebuild(self, indexes: Sequence[Derived]) -> None:
+        """Rebuild from a scan of the collection; entries from the scan's start on are then
+        applied by the normal catch-up (idempotent)."""
+        head = self.log.head()
+        pending = [e.seq for e in self.log.pending()]
+        start = min([head] + [s - 1 for s in pending])
+        for ix in indexes:
+            ix.clear()
+        n = 0
+        for batch in self.store.iter_records(include=["documents", "metadatas"]):
+            live = from_chroma(batch["ids"], batch["documents"], batch["metadatas"])
+            for ix in indexes:
+                ix.replace((), live)
+            n += len(live)
+        for ix in indexes:
+            ix.commit(start)
+        logger.info("rebuilt %d derived index(es) from %d records in Chroma", len(indexes), n)
+
