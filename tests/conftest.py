@@ -101,3 +101,35 @@ def chroma_server(tmp_path_factory):
     server = ChromaServer(tmp_path_factory.mktemp("chroma-server") / "data", binary).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 1-layer, 32-dim BERT with random weights and the bundled MiniLM tokenizer, saved as a
+    sentence-transformers model: thousands of texts a second on one thread, for crash tests.
+    Scores are meaningless; identical texts still get identical vectors."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from retrievekit.models import resolve_model
+
+    raw = tmp_path_factory.mktemp("tiny-raw")
+    out = tmp_path_factory.mktemp("tiny-st")
+    tok = AutoTokenizer.from_pretrained(resolve_model(MODEL).load_from, local_files_only=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=256)).save_pretrained(raw)
+    tok.save_pretrained(raw)
+    st = SentenceTransformer(modules=[models.Transformer(str(raw), max_seq_length=128),
+                                      models.Pooling(32, "mean"), models.Normalize()])
+    st.save(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_model):
+    from retrievekit.embedding import Embedder
+
+    return Embedder(model=tiny_model, batch_size=256)

@@ -372,28 +372,16 @@ def pairs_from_qrels(qrels: Mapping[str, Mapping[str, int]], *, max_pairs: int |
 def _dense_scores(retriever: HybridRetriever, qvec: np.ndarray, ids: Sequence[str]
                   ) -> dict[str, float]:
     """Cosine of the query vector with each document (its best chunk), from the stored vectors."""
-    from .store import PARENT_KEY
-
     if not ids:
         return {}
     out: dict[str, float] = {}
     q = np.asarray(qvec, dtype=np.float32)
-    step = 500
-    for s in range(0, len(ids), step):
-        got = retriever.store.get(where={PARENT_KEY: {"$in": list(ids[s:s + step])}},
-                                  include=["embeddings", "metadatas"])
-        vecs = np.asarray(got["embeddings"], dtype=np.float32)
-        if len(vecs) == 0:
-            continue
+    for parent, vec in retriever.stored_vectors(list(ids)):
         # with a funnel the store holds only the leading dims: compare on those
-        qd = q[:vecs.shape[1]]
-        qn = qd / (np.linalg.norm(qd) or 1.0)
-        norms = np.linalg.norm(vecs, axis=1)
-        sims = vecs @ qn / np.where(norms == 0, 1.0, norms)
-        for meta, sim in zip(got["metadatas"], sims):
-            parent = str((meta or {}).get(PARENT_KEY))
-            if sim > out.get(parent, -math.inf):
-                out[parent] = float(sim)
+        qd = q[:vec.shape[0]]
+        sim = float(vec @ qd / ((np.linalg.norm(qd) * np.linalg.norm(vec)) or 1.0))
+        if sim > out.get(parent, -math.inf):
+            out[parent] = sim
     return out
 
 

@@ -59,6 +59,9 @@ class FunnelVectors:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def ids(self) -> set[str]:
+        return set(self._rows)
+
     def replace(self, parents: Sequence[str], records: Sequence[Record],
                 vectors: Mapping[str, np.ndarray] | None = None) -> None:
         vectors = vectors or {}

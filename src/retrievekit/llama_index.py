@@ -66,7 +66,7 @@ from .embedding import DEFAULT_MODEL, Embedder, EmbedderConfig
 from .pipeline import HybridRetriever
 from .prefixes import Prefixes
 from .rerank import DEFAULT_RERANKER, RerankConfig, Reranker
-from .store import PARENT_KEY, clean_metadata
+from .store import clean_metadata
 from .types import Document, Hit
 
 __all__ = ["RetrieveKitEmbedding", "RetrieveKitNode", "RetrieveKitReranker",
@@ -460,8 +460,7 @@ class RetrieveKitRetriever(BaseRetriever):
         """Delete every node whose source document is `ref_doc_id`; returns records removed."""
         if not isinstance(ref_doc_id, str) or not ref_doc_id:
             raise InvalidInputError(f"ref_doc_id must be a non-empty str, got {ref_doc_id!r}")
-        got = self.retriever.store.get(where={REF_DOC_KEY: ref_doc_id}, include=["metadatas"])
-        parents = sorted({str(m[PARENT_KEY]) for m in got["metadatas"] if m})
+        parents = self.retriever.document_ids(where={REF_DOC_KEY: ref_doc_id})
         return self.retriever.delete(parents) if parents else 0
 
 

@@ -149,6 +149,11 @@ class HybridRetriever:
 
     # -- parts other modules may use -------------------------------------------------------
     @property
+    def store(self) -> ChromaStore:
+        """The Chroma store, to inspect the truth (writes go through this retriever)."""
+        return self._store
+
+    @property
     def reranker(self) -> Reranker | None:
         return self._reranker
 
@@ -263,6 +268,27 @@ class HybridRetriever:
 
     async def adelete(self, ids: Sequence[str]) -> int:
         return await asyncio.to_thread(self.delete, list(ids))
+
+    def verify(self) -> dict[str, Any]:
+        """Compare the derived indexes with Chroma, record by record (reads every id: a
+        check for tests and operators, not for the query path).
+
+        Returns the live record ids in Chroma and in the BM25 index, the number of dead
+        records and of unfinished log entries, and `ok`: whether they all agree."""
+        live: set[str] = set()
+        dead = 0
+        for batch in self._store.iter_records(include=["metadatas"]):
+            for rid, meta in zip(batch["ids"], batch["metadatas"]):
+                if from_chroma([rid], [None], [meta]):
+                    live.add(rid)
+                else:
+                    dead += 1
+        sparse = self._sparse.ids() if self._sparse is not None else set()
+        funnel = self._funnel.ids() if self._funnel is not None else None
+        pending = len(self._follower.log.pending())
+        return {"chroma_ids": live, "sparse_ids": sparse, "funnel_ids": funnel, "dead": dead,
+                "pending": pending,
+                "ok": live == sparse and funnel in (None, live) and not dead and not pending}
 
     # -- lifecycle -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -188,7 +188,6 @@ def index_dataset(retriever: Any, dataset: BeirDataset, *, cache: Any = None,
     """
     from tqdm.auto import tqdm
 
-    from .store import PARENT_KEY
     from .types import Document
 
     start = time.perf_counter()
@@ -203,10 +202,7 @@ def index_dataset(retriever: Any, dataset: BeirDataset, *, cache: Any = None,
         logger.warning("%s: %d documents have neither title nor text and are not indexed "
                        "(first: %s)", dataset.name, len(empty), empty[:5])
     wanted = {d.id for d in docs}
-    stored: set[str] = set()
-    for batch in retriever.store.iter_records(include=["metadatas"]):
-        for rid, meta in zip(batch["ids"], batch["metadatas"]):
-            stored.add(str((meta or {}).get(PARENT_KEY, rid)))
+    stored = set(retriever.document_ids())
     stats = {"documents": len(docs), "written": 0, "unchanged": 0, "removed": 0,
              "skipped_empty": len(empty)}
     stale = sorted(stored - wanted)
@@ -284,7 +280,7 @@ def mode_search_fn(retriever: Any, mode: str, *, candidates: int = RECALL_DEPTH
         exhausted = None
         if mode == "sparse":
             def exhausted(c: int) -> bool:
-                return len(retriever.sparse.search(query, c)) < c
+                return len(retriever.sparse_candidates(query, c)) < c
 
         return _filled(lambda c: retriever.search(query, k=n, mode=mode, rerank=False,
                                                   candidates=c, query_vector=vec),

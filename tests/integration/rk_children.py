@@ -31,7 +31,7 @@ def mp_context():
         ctx = multiprocessing.get_context("forkserver")
         # Modules importable from the default sys.path only: Python 3.11's forkserver does
         # not apply the parent's sys.path before preloading (a failed preload is silent).
-        ctx.set_forkserver_preload(["torch", "sentence_transformers", "chromadb",
+        ctx.set_forkserver_preload(["torch", "sentence_transformers", "chromadb", "tantivy",
                                     "retrievekit.pipeline", "retrievekit.persist"])
         _CTX = ctx
     return _CTX
@@ -55,39 +55,74 @@ def _die() -> None:
 
 def install_kill_hook(point: str) -> None:
     """SIGKILL this process at a named point of a write (child processes only)."""
-    import retrievekit.sparse as sparse
     from chromadb.api.models.Collection import Collection
 
-    if point == "after-first-chroma-batch":
-        original = Collection.upsert
-        calls = {"n": 0}
+    import retrievekit.sparse as sparse
 
-        def upsert(self, *args: Any, **kwargs: Any) -> None:
-            original(self, *args, **kwargs)
-            calls["n"] += 1
-            if calls["n"] == 1:
+    def after(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(self, *args, **kwargs)
+            if not self.name.endswith("-rklog"):  # the records, not the change log
                 _die()
+            return out
 
-        Collection.upsert = upsert
-    elif point == "before-bm25-save":
-        def save(self, *args: Any, **kwargs: Any) -> None:
+        setattr(cls, name, call)
+
+    if point in ("after-first-chroma-batch", "after-upsert"):
+        after(Collection, "upsert")  # the records are in; dead ones not yet deleted
+    elif point == "after-chroma-delete":
+        after(Collection, "delete")  # Chroma has deleted; log and BM25 not yet told
+    elif point == "before-sparse-commit":
+        def commit(self, *args: Any, **kwargs: Any) -> None:
             _die()
 
-        sparse.BM25Index.save = save
-    elif point in ("bm25-folder-half-written", "bm25-before-pointer-swap"):
-        target = "hashes.json" if point == "bm25-folder-half-written" else "current.json"
-        from retrievekit import persist
-
-        original_write = persist.write_json
-
-        def write_json(path, obj):
-            if path.name == target and "sparse" in str(path):
-                _die()
-            original_write(path, obj)
-
-        persist.write_json = write_json
+        sparse.SparseIndex.commit = commit
     elif point != "none":
         raise ValueError(f"unknown kill point {point!r}")
+
+
+def versioned_text(doc: str, version: int, chunks: int) -> str:
+    """A text of doc `doc` at `version` that makes about `chunks` chunks of 16 tokens; every
+    word names the doc and version, so a mix of two versions is visible."""
+    words = " ".join(f"w{doc}v{version}n{i}" for i in range(6 * chunks))
+    return f"{doc} version{version} {words}"
+
+
+def crash_loop(path: str, model: str, journal: str, seed: int, started) -> None:
+    """Random updates (chunk counts change) and deletes over a pool of documents, forever;
+    each op is journaled as 'begin' before and 'ack' after, flushed, so the parent knows
+    after a SIGKILL which writes were acknowledged."""
+    import json
+    import random
+
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    r = HybridRetriever(path=path, model=model,
+                        config={"embedder": {"batch_size": 64},
+                                "chunking": {"max_tokens": 16, "overlap_tokens": 2}})
+    with open(journal, "a", encoding="utf-8") as fh:
+        def note(*entry: Any) -> None:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+        started.set()
+        while True:
+            batch = rng.sample(range(12), rng.randint(1, 4))
+            if rng.random() < 0.25:
+                ids = [f"p{i}" for i in batch]
+                note("begin", "delete", ids, 0)
+                r.delete(ids)
+                note("ack", "delete", ids, 0)
+            else:
+                version = rng.randint(1, 10 ** 9)
+                docs = [Document(text=versioned_text(f"p{i}", version, rng.randint(1, 5)),
+                                 id=f"p{i}", metadata={"v": version}) for i in batch]
+                note("begin", "add", [d.id for d in docs], version)
+                r.add_documents(docs)
+                note("ack", "add", [d.id for d in docs], version)
 
 
 def crash_add(path: str, model: str, n: int, version: int, point: str, started,
@@ -171,3 +206,18 @@ def server_client(host: str, port: int, collection: str, model: str | None, conn
             conn.send(("ok", result))
         except Exception:
             conn.send(("error", traceback.format_exc()))
+
+
+def run_ops(path: str, model: str, ops: list, point: str, config: dict) -> None:
+    """Apply `ops` [("add", [doc dicts]) | ("delete", [ids])]; the kill hook `point` is armed
+    before the last one."""
+    torch.set_num_threads(1)
+    r = HybridRetriever(path=path, model=model, config=config)
+    for i, (op, payload) in enumerate(ops):
+        if i == len(ops) - 1:
+            install_kill_hook(point)
+        if op == "add":
+            r.add_documents([Document(**d) for d in payload])
+        else:
+            r.delete(payload)
+    r.close()

@@ -30,7 +30,7 @@ def state(r: HybridRetriever):
     """What a failed call must not change."""
     results = [[(h.id, h.document.text, round(h.score, 5)) for h in r.search(q, k=8, mode=m)]
                for q in QUERIES for m in ("hybrid", "dense", "sparse")]
-    return r.count(), sorted(r.sparse.ids()), sorted(r.store.get(include=[])["ids"]), results
+    return r.count(), sorted(r.verify()['sparse_ids']), sorted(r.store.get(include=[])["ids"]), results
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_long_text_with_chunking_disabled(tmp_path, embedder):
         with pytest.raises(InvalidInputError) as err:
             r.add_documents([Document("another", id="a"), Document(LONG, id="long")])
         assert "'long'" in str(err.value) and "chunking.enabled" in str(err.value)
-        assert r.count() == 1 and r.sparse.ids() == {"s"}
+        assert r.count() == 1 and r.verify()['sparse_ids'] == {"s"}
 
 
 # -- opening -------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_searches_during_writes_never_fail_or_tear(live):
     # afterwards both sides hold exactly what Chroma holds
     stored = set(retriever.store.get(include=[])["ids"])
     expected = ({i for i, _, _ in CORPUS} - {"cats"}) | {"extra9", "extra10", "extra11"}
-    assert stored == expected == retriever.sparse.ids()
+    assert stored == expected == retriever.verify()['sparse_ids']
 
 
 def test_second_process_is_refused_at_once_with_store_locked(tmp_path, embedder):

@@ -51,10 +51,10 @@ def test_funnel_follows_delete_and_reopen(tmp_path, embedder, corpus_docs):
     r = HybridRetriever({"store": {"path": path}, "funnel_dim": 32}, embedder=embedder)
     r.add_documents(corpus_docs)
     r.delete(["dogs"])
-    assert len(r.funnel) == 7
+    assert len(r.verify()['funnel_ids']) == 7
     r.close()
     r2 = HybridRetriever.open(path)
-    assert r2.config.funnel_dim == 32 and len(r2.funnel) == 7
+    assert r2.config.funnel_dim == 32 and len(r2.verify()['funnel_ids']) == 7
     assert r2.search("loyal companions wolves", k=1, mode="dense")[0].id != "dogs"
     r2.close()
     # lost funnel arrays are rebuilt from the texts in Chroma
@@ -62,7 +62,7 @@ def test_funnel_follows_delete_and_reopen(tmp_path, embedder, corpus_docs):
 
     shutil.rmtree(tmp_path / "g" / "retrievekit" / "retrievekit" / "funnel")
     r3 = HybridRetriever.open(path)
-    assert len(r3.funnel) == 7
+    assert len(r3.verify()['funnel_ids']) == 7
     r3.close()
 
 

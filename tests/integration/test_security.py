@@ -110,7 +110,7 @@ def test_opening_a_store_runs_no_code_from_its_files(written_store, embedder, ca
         assert not marker.exists()
         # the planted files were refused and the derived state rebuilt from Chroma
         ids = set(r.store.get(include=[])["ids"])
-        assert r.sparse.ids() == ids and len(r.funnel) == len(ids)
+        assert r.verify()['sparse_ids'] == ids and len(r.verify()['funnel_ids']) == len(ids)
         assert r.search("flux capacitor", k=1)[0].id == "xq7"
     assert not marker.exists()
     assert "unreadable" in caplog.text

@@ -79,7 +79,7 @@ def test_writes_of_another_process_are_seen_on_next_search(chroma_server, embedd
                         "id": "zebra", "metadata": {"topic": "animals"}}])
         for mode in ("sparse", "dense", "hybrid"):
             assert _ids(b.search("zebra stripes herds", k=3, mode=mode))[0] == "zebra", mode
-        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+        assert b.verify()['sparse_ids'] == set(b.store.get(include=[])["ids"])
         # a changed text replaces the old one in B's BM25 index
         a.call("add", [{"text": "Oolong tea is partly oxidised.", "id": "tea",
                         "metadata": {"topic": "food"}}])
@@ -90,7 +90,7 @@ def test_writes_of_another_process_are_seen_on_next_search(chroma_server, embedd
         for mode in ("sparse", "dense", "hybrid"):
             got = _ids(b.search("zebra stripes cats purr mice", k=9, mode=mode))
             assert "zebra" not in got and "cats" not in got, mode
-        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+        assert b.verify()['sparse_ids'] == set(b.store.get(include=[])["ids"])
         assert b.count() == len(corpus_docs) - 1
     finally:
         a.close()
@@ -115,7 +115,7 @@ def test_search_during_another_clients_write_catches_up_afterwards(chroma_server
         assert a.recv() == ("ok", ["quokka"])
         for mode in ("sparse", "dense", "hybrid"):
             assert _ids(b.search("quokka marsupials", k=3, mode=mode))[0] == "quokka", mode
-        assert b.sparse.ids() == set(b.store.get(include=[])["ids"])
+        assert b.verify()['sparse_ids'] == set(b.store.get(include=[])["ids"])
     finally:
         a.close()
         b.close()

@@ -126,7 +126,7 @@ def test_long_document_is_chunked_and_deleted_whole(backend):
     hits = r.search("glaciers fjords", k=5)
     assert [h.id for h in hits].count("long") == 1  # chunks collapse to their parent
     assert r.delete(["long"]) > 1
-    assert r.count() == 1 and r.sparse.ids() == {"short"}
+    assert r.count() == 1 and r.verify()['sparse_ids'] == {"short"}
 
 
 def test_reopen_keeps_documents_and_settings(backend, filled):
@@ -137,7 +137,7 @@ def test_reopen_keeps_documents_and_settings(backend, filled):
     assert r.count() == len(CORPUS)
     assert r.info()["settings"] == settings
     assert [(h.id, round(h.score, 5)) for h in r.search("pets", k=8)] == before
-    assert r.sparse.ids() == set(TEXT)
+    assert r.verify()['sparse_ids'] == set(TEXT)
 
 
 @pytest.mark.parametrize("kwargs, field", [

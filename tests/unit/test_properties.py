@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retrievekit.fusion import reciprocal_rank_fusion
-from retrievekit.sparse import BM25Index
+from retrievekit.records import Record
+from retrievekit.sparse import SparseIndex
 from retrievekit.tokenize import Tokenizer, TokenizerConfig
 
 settings.register_profile("rk", max_examples=150, deadline=None)
@@ -120,8 +121,9 @@ def test_empty_and_symbol_only_texts():
 
 @given(st.lists(st.one_of(any_text, mixed), min_size=1, max_size=6), st.one_of(any_text, mixed))
 def test_bm25_search_on_any_text_never_crashes(texts, query):
-    index = BM25Index()
-    index.upsert([f"d{i}" for i in range(len(texts))], texts)
+    index = SparseIndex()
+    index.replace([], [Record(f"d{i}", f"d{i}", t, {}) for i, t in enumerate(texts)])
+    index.commit(1)
     hits = index.search(query, 5)
     assert len(hits) <= 5 and all(score > 0 for _, score in hits)
     assert len({d for d, _ in hits}) == len(hits)

@@ -1,14 +1,16 @@
-"""BM25: tokenizer behaviour, parity with rank-bm25 (the oracle), persistence."""
+"""BM25: tokenizer behaviour, parity with rank-bm25 (the oracle), incremental updates,
+persistence."""
 
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from retrievekit.sparse import BM25Index, SparseConfig
+from retrievekit.records import Record
+from retrievekit.sparse import SparseConfig, SparseIndex
 from retrievekit.tokenize import Tokenizer, TokenizerConfig
 
 PLAIN = TokenizerConfig(stopwords=None, stemmer=None)
@@ -22,6 +24,23 @@ DOCS = {
 }
 
 
+class LuceneBM25(BM25Okapi):
+    """rank-bm25's BM25Okapi with Lucene's idf, ln(1 + (N - n + 0.5) / (n + 0.5)), which is
+    the BM25 tantivy (and Elasticsearch) score with; the tf part is BM25Okapi's own."""
+
+    def _calc_idf(self, nd):
+        for word, freq in nd.items():
+            self.idf[word] = math.log(1 + (self.corpus_size - freq + 0.5) / (freq + 0.5))
+
+
+def _index(docs: dict[str, str], config: SparseConfig | None = None, directory=None
+           ) -> SparseIndex:
+    ix = SparseIndex(config or SparseConfig(tokenizer=PLAIN), directory)
+    ix.replace([], [Record(i, i, t, {}) for i, t in docs.items()])
+    ix.commit(1)
+    return ix
+
+
 def test_tokenizer_defaults_and_unicode():
     tok = Tokenizer()
     assert tok("The Cats are RUNNING!") == ["cat", "run"]
@@ -31,72 +50,81 @@ def test_tokenizer_defaults_and_unicode():
     assert Tokenizer(PLAIN)("snake_case x-ray 3.14") == ["snake", "case", "x", "ray", "3", "14"]
 
 
-def test_parity_with_rank_bm25():
+@pytest.mark.parametrize("query", ["alpha gamma", "delta kappa", "theta iota mu", "omega",
+                                   "delta delta beta", "unknownword"])
+def test_parity_with_rank_bm25(query):
     ids = sorted(DOCS)
     tok = Tokenizer(PLAIN)
-    oracle = BM25Okapi([tok(DOCS[i]) for i in ids], k1=1.5, b=0.75)
-    # robertson idf is BM25Okapi's; with no term in more than half the docs, no idf floor applies
-    ours = BM25Index(SparseConfig(engine="bm25s", method="robertson", tokenizer=PLAIN))
-    ours.upsert(ids, [DOCS[i] for i in ids])
-    ref = BM25Index(SparseConfig(engine="rank_bm25", tokenizer=PLAIN))
-    ref.upsert(ids, [DOCS[i] for i in ids])
-    for q in ["alpha gamma", "delta kappa", "theta iota mu", "omega", "unknownword"]:
-        expected = oracle.get_scores(tok(q))
-        exp = sorted(((ids[j], s) for j, s in enumerate(expected) if s > 0),
-                     key=lambda x: (-x[1], x[0]))[:10]
-        got = ours.search(q, 10)
-        assert [d for d, _ in got] == [d for d, _ in exp]
-        # bm25s leaves out BM25Okapi's constant (k1 + 1) numerator factor: same ranking,
-        # scores scaled by 1 / (k1 + 1)
-        np.testing.assert_allclose([s * 2.5 for _, s in got], [s for _, s in exp], rtol=1e-5)
-        got_ref = ref.search(q, 10)
-        assert [d for d, _ in got_ref] == [d for d, _ in exp]
+    oracle = LuceneBM25([tok(DOCS[i]) for i in ids], k1=1.2, b=0.75)
+    expected = oracle.get_scores(tok(query))
+    exp = sorted(((ids[j], s) for j, s in enumerate(expected) if s > 0),
+                 key=lambda x: (-x[1], x[0]))[:10]
+    got = _index(DOCS).search(query, 10)
+    assert [d for d, _ in got] == [d for d, _ in exp]
+    # short documents: tantivy's one-byte length norms are exact, so scores agree
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in exp], rtol=1e-4)
 
 
 def test_search_clamps_drops_nonpositive_and_filters():
-    ix = BM25Index(SparseConfig(tokenizer=PLAIN))
-    ix.upsert(list(DOCS), list(DOCS.values()))
+    ix = _index(DOCS)
     res = ix.search("delta", 100)
     assert [d for d, _ in res] == ["d7", "d1"]  # only docs that contain the term
     assert all(s > 0 for _, s in res)
     assert ix.search("delta", 100, allowed={"d1"})[0][0] == "d1"
+    # the filter must not change scores
+    assert ix.search("delta", 100, allowed={"d1"})[0][1] == dict(res)["d1"]
     assert ix.search("delta", 100, allowed={"d0"}) == []
+    assert ix.search("delta", 100, allowed=set()) == []
     assert ix.search("", 5) == []
 
 
-def test_upsert_delete_follow_ids(tmp_path):
-    ix = BM25Index(SparseConfig(tokenizer=PLAIN))
-    ix.upsert(["a", "b"], ["red apple", "green pear"], ["h1", "h2"])
+def test_ties_are_broken_by_id():
+    docs = {f"t{i:02d}": "same words here" for i in range(40)}
+    got = _index(docs).search("words", 5)
+    assert [d for d, _ in got] == ["t00", "t01", "t02", "t03", "t04"]
+
+
+def test_replace_and_delete_follow_documents():
+    ix = SparseIndex(SparseConfig(tokenizer=PLAIN))
+    ix.replace([], [Record("a", "a", "red apple", {}), Record("b#chunk0", "b", "green pear", {}),
+                    Record("b#chunk1", "b", "pear tree", {})])
+    ix.commit(1)
     assert ix.search("apple", 5)[0][0] == "a"
-    ix.upsert(["a"], ["yellow banana"], ["h3"])
+    ix.replace(["a"], [Record("a", "a", "yellow banana", {})])
+    ix.commit(2)
     assert ix.search("apple", 5) == []
     assert ix.search("banana", 5)[0][0] == "a"
-    ix.delete(["b", "zzz"])
-    assert ix.ids() == {"a"} and ix.hashes() == {"a": "h3"}
+    ix.replace(["b", "zzz"], [])  # every chunk of b goes with its parent
+    ix.commit(3)
+    assert ix.ids() == {"a"} and len(ix) == 1 and ix.watermark == 3
 
 
-def test_save_load_roundtrip_no_pickle(tmp_path):
-    ix = BM25Index()
-    ix.upsert(list(DOCS), list(DOCS.values()))
-    ix.save(tmp_path, marker="m1")
-    back = BM25Index.load(tmp_path, SparseConfig())
-    assert back is not None and back.marker == "m1" and back.ids() == ix.ids()
-    for q in ["alpha", "delta kappa"]:
-        assert back.search(q, 5) == ix.search(q, 5)
-    current = json.loads((tmp_path / "current.json").read_text())
-    folder = tmp_path / current["dir"]
-    for f in folder.glob("*.npy"):
-        np.load(f, allow_pickle=False)  # would raise on object arrays
-    # other settings -> not loaded (rebuilt by the caller)
-    assert BM25Index.load(tmp_path, SparseConfig(k1=1.2)) is None
-    # corrupt -> not loaded
-    (folder / "ids.json").write_text("[")
-    assert BM25Index.load(tmp_path, SparseConfig()) is None
-    assert BM25Index.load(tmp_path / "missing", SparseConfig()) is None
+def test_persisted_index_reopens_without_rebuild(tmp_path):
+    ix = _index(DOCS, directory=tmp_path / "sparse")
+    ix.commit(7)
+    before = {q: ix.search(q, 5) for q in ["alpha", "delta kappa"]}
+    ix.close()
+    back = SparseIndex(SparseConfig(tokenizer=PLAIN), tmp_path / "sparse")
+    assert back.watermark == 7 and back.ids() == set(DOCS)
+    assert {q: back.search(q, 5) for q in before} == before
+    back.close()
+    # other settings: the derived index is dropped (watermark -1: the owner rebuilds it)
+    other = SparseIndex(SparseConfig(), tmp_path / "sparse")
+    assert other.watermark == -1 and len(other) == 0
+    other.close()
 
 
-@pytest.mark.parametrize("bad", [{"engine": "lucene"}, {"k1": -1}, {"b": 2}, {"method": "x"}])
-def test_bad_sparse_config(bad):
+def test_damaged_state_file_means_rebuild(tmp_path):
+    ix = _index(DOCS, directory=tmp_path / "sparse")
+    ix.close()
+    (tmp_path / "sparse" / "state.json").write_text("{")
+    back = SparseIndex(SparseConfig(tokenizer=PLAIN), tmp_path / "sparse")
+    assert back.watermark == -1 and len(back) == 0
+    back.close()
+
+
+@pytest.mark.parametrize("bad", [{"k1": 1.5}, {"b": 0.5}])
+def test_bm25_parameters_tantivy_cannot_honor_are_refused(bad):
     from retrievekit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sparse\\."):
