@@ -68,6 +68,9 @@ class ChangeLog:
         self._name = log_name(collection)
         self._col = client.get_or_create_collection(self._name, embedding_function=None)
         self.token = uuid.uuid4().hex  # this client's writer token
+        #: names this log; derived state made from another (a collection deleted and made
+        #: anew under the same name) is rebuilt, never caught up from the wrong log
+        self.origin = str(self._col.id)
         self._head = 0  # the highest seq this client knows of
 
     # -- writers -----------------------------------------------------------------------------

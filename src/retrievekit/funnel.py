@@ -53,6 +53,7 @@ class FunnelVectors:
         self._matrix = np.zeros((0, dim), dtype=np.float32)
         self._free: list[int] = []
         self.watermark = -1
+        self.origin = ""
         if self.directory is not None:
             self._load()
 
@@ -118,7 +119,7 @@ class FunnelVectors:
         save_snapshot(self.directory, "funnel", {
             "vectors": matrix, "ids": ids,
             "meta": {"format": FORMAT_VERSION, "dim": self.dim, "count": len(ids),
-                     "watermark": watermark}})
+                     "watermark": watermark, "origin": self.origin}})
 
     def _load(self) -> None:
         root = self.directory
@@ -143,3 +144,4 @@ class FunnelVectors:
         for rid in ids:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
         self.watermark = int(meta["watermark"])
+        self.origin = str(meta.get("origin", ""))

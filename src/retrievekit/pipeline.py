@@ -197,7 +197,11 @@ class HybridRetriever:
     # -- reads -----------------------------------------------------------------------------
     def count(self) -> int:
         """Number of stored records (chunks count one each)."""
-        return len(self._sparse) if self._sparse is not None else 0
+        if self._sparse is None:
+            return 0
+        if self.config.store.is_server:
+            self._follower.catch_up()  # writes of other clients count too
+        return len(self._sparse)
 
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id (chunked ones are put back together); unknown ids are skipped."""
@@ -293,7 +297,8 @@ class HybridRetriever:
     # -- lifecycle -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What the store holds and its settings."""
-        return {"records": self.count(), "chroma_records": self._store.count(),
+        n = self.count()
+        return {"records": n, "bm25_records": n, "chroma_records": self._store.count(),
                 "log_watermark": self._sparse.watermark if self._sparse else None,
                 "store": self.config.store.to_dict(), "settings": self._store.read_settings()}
 
@@ -319,8 +324,9 @@ class HybridRetriever:
 
 def _id_list(ids: Any) -> list[str]:
     if isinstance(ids, str) or not isinstance(ids, Iterable):
-        raise InvalidInputError(f"ids must be a list of document ids, got {ids!r:.80}; wrap a "
-                                "single id in a list")
+        what = "a single str" if isinstance(ids, str) else type(ids).__name__
+        raise InvalidInputError(f"ids must be a list of document ids, got {what} "
+                                f"{ids!r:.80}; wrap it in a list")
     ids = list(ids)
     for i, x in enumerate(ids):
         if not isinstance(x, str) or not x:

@@ -87,6 +87,7 @@ class SparseIndex:
         self._lock = threading.RLock()
         #: the change-log seq this index has caught up to; -1: nothing known, rebuild
         self.watermark = -1
+        self.origin = ""
         self._open()
 
     # -- opening ---------------------------------------------------------------------------
@@ -120,18 +121,36 @@ class SparseIndex:
             d.mkdir(parents=True, exist_ok=True)
             try:
                 self._index = tv.Index(schema, path=str(d), reuse=True)
+                if state is not None:
+                    self._probe(schema, int(state.get("count", -1)))
             except Exception as exc:  # damaged files: derived state, rebuilt from Chroma
                 logger.warning("BM25 index at %s is unreadable (%s); rebuilding", d, exc)
+                self._index = None
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir(parents=True)
                 self._index = tv.Index(schema, path=str(d), reuse=False)
                 state = None
             if state is not None:
                 self.watermark = int(state["watermark"])
+                self.origin = str(state.get("origin", ""))
         self._schema_obj = schema
         self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
         self._index.reload()
         self._searcher = self._index.searcher()
+
+    def _probe(self, schema: Any, count: int) -> None:
+        """Read a little of every part of the index: tantivy checks file footers on open,
+        but a missing file of one field, or a lost meta.json, shows only when read."""
+        tv = _tantivy()
+        self._index.reload()
+        searcher = self._index.searcher()
+        if searcher.num_docs != count:
+            raise ValueError(f"holds {searcher.num_docs} records, {count} were committed")
+        searcher.search(tv.Query.term_query(schema, "body", "probe", index_option="freq"), 1)
+        searcher.search(tv.Query.term_query(schema, "parent", "probe"), 1)
+        hits = searcher.search(tv.Query.all_query(), 1).hits
+        if hits:
+            searcher.doc(hits[0][1])["id"][0]
 
     def _read_state(self) -> dict[str, Any] | None:
         assert self.directory is not None
@@ -176,7 +195,9 @@ class SparseIndex:
             self.watermark = watermark
             if self.directory is not None:
                 write_json(self.directory / _STATE,
-                           {"watermark": watermark, "signature": self.signature()})
+                           {"watermark": watermark, "origin": self.origin,
+                            "signature": self.signature(),
+                            "count": int(self._searcher.num_docs)})
 
     def close(self) -> None:
         with self._lock:

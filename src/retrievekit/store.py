@@ -119,9 +119,8 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
             raise InvalidInputError(f"{where}.metadata keys must be non-empty str, got {key!r}")
         if key.startswith(RESERVED_PREFIX) or key.startswith("$") or key.startswith("chroma:"):
             raise InvalidInputError(
-                f"{where}.metadata key {key!r} is reserved (keys starting with "
-                f"{RESERVED_PREFIX!r}, '$' or 'chroma:' belong to retrievekit and Chroma); "
-                "rename it")
+                f"{where}.metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, "
+                "'$' and 'chroma:' belong to retrievekit and Chroma); rename it")
         name = f"{where}.metadata[{key!r}]"
         if value is None:
             continue

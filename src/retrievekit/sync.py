@@ -27,6 +27,7 @@ class Derived(Protocol):
     """What the follower needs of a derived index."""
 
     watermark: int
+    origin: str  # the `ChangeLog.origin` its watermark refers to
 
     def replace(self, parents: Sequence[str], records: Sequence[Record],
                 vectors: Mapping[str, np.ndarray] | None = None) -> None:
@@ -57,7 +58,8 @@ class Follower:
         `vectors`: full vectors the caller already has (a writer's own records), by id."""
         with self.lock:
             floor = self.log.floor()
-            stale = [ix for ix in self.indexes if ix.watermark < floor or ix.watermark < 0]
+            stale = [ix for ix in self.indexes if ix.watermark < floor or ix.watermark < 0
+                     or ix.origin != self.log.origin]
             if stale:
                 self._rebuild(stale)
             low = min((ix.watermark for ix in self.indexes), default=0)
@@ -106,6 +108,7 @@ class Follower:
         start = min([head] + [s - 1 for s in pending])
         for ix in indexes:
             ix.clear()
+            ix.origin = self.log.origin
         n = 0
         for batch in self.store.iter_records(include=["documents", "metadatas"]):
             live = from_chroma(batch["ids"], batch["documents"], batch["metadatas"])

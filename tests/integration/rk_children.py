@@ -197,6 +197,9 @@ def server_client(host: str, port: int, collection: str, model: str | None, conn
                 result: Any = r.add_documents([Document(**d) for d in payload])
             elif cmd == "delete":
                 result = r.delete(payload)
+            elif cmd == "add-then-die":  # SIGKILLed after the records upsert, mid-write
+                install_kill_hook("after-upsert")
+                result = r.add_documents([Document(**d) for d in payload])
             elif cmd == "quit":
                 r.close()
                 conn.send(("ok", None))

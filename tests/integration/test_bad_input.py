@@ -327,8 +327,9 @@ def _corrupt(path: Path, how: str) -> None:
         path.write_bytes(b"\x00\xffnot what was written\x80\x04" * 7)
 
 
-BM25_FILES = ["current.json", "meta.json", "ids.json", "vocab.json", "hashes.json",
-              "offsets.npy", "terms.npy"]
+#: our state file, tantivy's meta file, and each kind of tantivy segment file
+BM25_FILES = ["state.json", "meta.json", "*.term", "*.idx", "*.pos", "*.store", "*.fieldnorm",
+              "*.fast"]
 
 
 @pytest.mark.parametrize("how", ["deleted", "empty", "truncated", "garbage"])
@@ -336,16 +337,16 @@ BM25_FILES = ["current.json", "meta.json", "ids.json", "vocab.json", "hashes.jso
 def test_corrupt_bm25_file_is_rebuilt_from_chroma(closed_store, embedder, name, how, caplog):
     path, before = closed_store
     sparse = Path(path) / "retrievekit" / "retrievekit" / "sparse"
-    current = json.loads((sparse / "current.json").read_text())["dir"]
-    target = sparse / name if name == "current.json" else sparse / current / name
-    _corrupt(target, how)
+    targets = sorted(sparse.glob(name))
+    assert targets, name
+    _corrupt(targets[0], how)
     caplog.set_level(logging.INFO)
     assert reopened_state(path, embedder) == before  # rebuilt on open, same results
-    # and saved again: the next open loads it without rebuilding
+    # and committed again: the next open loads it without rebuilding
     caplog.clear()
     with HybridRetriever(path=path, embedder=embedder) as r:
-        assert r.sparse.marker == r.store.read_marker()
-    assert "catching up" not in caplog.text and "rebuilt" not in caplog.text
+        assert r.verify()["ok"]
+    assert "unreadable" not in caplog.text and "rebuilt" not in caplog.text
 
 
 def test_missing_bm25_folder_is_rebuilt(closed_store, embedder):
@@ -356,9 +357,8 @@ def test_missing_bm25_folder_is_rebuilt(closed_store, embedder):
 
 def test_bm25_saved_with_other_settings_is_rebuilt(closed_store, embedder):
     path, before = closed_store
-    sparse = Path(path) / "retrievekit" / "retrievekit" / "sparse"
-    folder = sparse / json.loads((sparse / "current.json").read_text())["dir"]
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["signature"]["k1"] = 9.0
-    (folder / "meta.json").write_text(json.dumps(meta))
+    state_file = Path(path) / "retrievekit" / "retrievekit" / "sparse" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["signature"]["tokenizer"]["stemmer"] = "porter"
+    state_file.write_text(json.dumps(state))
     assert reopened_state(path, embedder) == before

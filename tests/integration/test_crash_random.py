@@ -156,3 +156,19 @@ def test_random_kills_over_updates_and_deletes(tmp_path, tiny_model, tiny_embedd
             last_ack[i] = v
     print(f"{trials} kills, {killed_mid_write} with a write under way")
     assert killed_mid_write >= trials // 3  # the kills did land inside writes
+
+
+def test_collection_made_anew_under_the_same_name_is_not_caught_up_from(tmp_path, embedder):
+    """Derived state belongs to one change log: after the collection is deleted and made
+    again, the old BM25 index (watermark 2) must not survive against the new log."""
+    path = str(tmp_path / "s")
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        r.add_documents([{"text": "old apples", "id": "a"}])
+        r.add_documents([{"text": "old pears", "id": "b"}])
+        client = r.store.client
+        client.delete_collection("retrievekit")
+        client.delete_collection("retrievekit-rklog")
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        assert r.count() == 0 and r.search("apples", k=3, mode="sparse") == []
+        r.add_documents([{"text": "new plums", "id": "c"}])
+        assert r.verify()["ok"] and r.verify()["sparse_ids"] == {"c"}

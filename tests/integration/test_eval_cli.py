@@ -134,12 +134,14 @@ def test_recall_at_100_covers_the_whole_tiny_corpus(two_runs):
 
 def test_sparse_metrics_match_an_independent_bm25_run(two_runs, beir_dir):
     """The sparse numbers equal evaluate_run over a BM25 run built outside the pipeline."""
-    from retrievekit.sparse import BM25Index
+    from retrievekit.records import Record
+    from retrievekit.sparse import SparseIndex
 
     _, report, _, _, _ = two_runs
     ds = load_beir(beir_dir)
-    index = BM25Index()
-    index.upsert(list(DOCS), [f"{t}\n{x}" for t, x in DOCS.values()])
+    index = SparseIndex()
+    index.replace([], [Record(i, i, f"{t}\n{x}", {}) for i, (t, x) in DOCS.items()])
+    index.commit(1)
     run = {qid: dict(index.search(ds.queries[qid], 100)) for qid in ds.qrels}
     expected = evaluate_run(run, ds.qrels, ks=(10, 100))
     for name in METRICS:

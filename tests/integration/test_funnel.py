@@ -74,17 +74,30 @@ def test_bad_funnel_dim(tmp_path, embedder, bad):
 
 
 def test_funnel_vectors_unit(tmp_path):
-    fv = FunnelVectors(4)
-    fv.upsert(["a", "b"], np.eye(4, dtype=np.float32)[:2], ["h1", "h2"])
-    fv.upsert(["a"], np.eye(4, dtype=np.float32)[2:3], ["h3"])
-    fv.delete(["b"])
-    fv.upsert(["c"], np.eye(4, dtype=np.float32)[3:4], ["h4"])
+    from retrievekit.records import Record
+
+    eye = np.eye(4, dtype=np.float32)
+    encoded = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return np.stack([eye[int(t)] for t in texts])
+
+    def rec(rid, text):
+        return Record(rid, rid.split("#")[0], text, {})
+
+    fv = FunnelVectors(4, encode, tmp_path / "f")
+    fv.replace([], [rec("a", "0"), rec("b#chunk0", "1"), rec("b#chunk1", "1")])
+    fv.replace(["a"], [rec("a", "2")], {"a": eye[2]})  # a vector given is not re-encoded
+    fv.replace(["b"], [])
+    fv.replace([], [rec("c", "3")])
+    assert encoded == ["0", "1", "1", "3"] and fv.ids() == {"a", "c"}
     q = np.array([0, 0, 1, 0], np.float32)
     np.testing.assert_allclose(fv.similarities(["a", "c", "zz"], q), [1, 0, -np.inf])
-    fv.save(tmp_path, "m")
-    back = FunnelVectors.load(tmp_path, 4)
-    assert back is not None and back.hashes() == {"a": "h3", "c": "h4"}
+    fv.commit(5)
+    back = FunnelVectors(4, encode, tmp_path / "f")
+    assert back.watermark == 5 and back.ids() == {"a", "c"}
     np.testing.assert_allclose(back.similarities(["a", "c"], q), [1, 0])
-    assert FunnelVectors.load(tmp_path, 8) is None
+    assert FunnelVectors(8, encode, tmp_path / "f").watermark == -1  # other dim: rebuilt
     s = short_vectors(np.array([[3, 4, 5, 6]], np.float32), 2)
     np.testing.assert_allclose(s, [[0.6, 0.8]])

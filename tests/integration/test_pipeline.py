@@ -120,8 +120,9 @@ def test_mismatched_reopen_lists_differences(tmp_path, embedder, corpus_docs):
     with pytest.raises(StoreMismatchError) as err:
         HybridRetriever(path=path, truncate_dim=128)
     assert "embedder.truncate_dim" in str(err.value) and "HybridRetriever.open" in str(err.value)
-    with pytest.raises(StoreMismatchError, match="sparse.k1"):
-        HybridRetriever({"store": {"path": path}, "sparse": {"k1": 0.9}}, embedder=embedder)
+    with pytest.raises(StoreMismatchError, match="sparse.tokenizer.stemmer"):
+        HybridRetriever({"store": {"path": path}, "sparse": {"tokenizer": {"stemmer": None}}},
+                        embedder=embedder)
     # the failed opens left the store as it was and released its lock
     with HybridRetriever(path=path, embedder=embedder) as r:
         assert r.count() == 2

@@ -78,7 +78,7 @@ def test_no_file_a_store_writes_is_a_pickle(written_store):
             for table, blob in _sqlite_blobs(f):
                 assert not _is_pickle(blob), (f, table)
                 checked["blobs"] += 1
-    assert checked["npy"] >= 3 and checked["blobs"] > 0
+    assert checked["npy"] >= 1 and checked["json"] >= 3 and checked["blobs"] > 0
 
 
 class _Evil:
@@ -97,12 +97,14 @@ def test_opening_a_store_runs_no_code_from_its_files(written_store, embedder, ca
     evil[0] = _Evil(marker)
     root = written_store / "store" / "retrievekit" / "retrievekit"
     planted = 0
-    for kind in ("sparse", "funnel"):
-        folder = root / kind / json.loads((root / kind / "current.json").read_text())["dir"]
-        for npy in folder.glob("*.npy"):
-            np.save(npy, evil, allow_pickle=True)  # a pickle inside a .npy
-            planted += 1
-        (folder / "ids.json").write_bytes(pickle.dumps(_Evil(marker)))
+    folder = root / "funnel" / json.loads((root / "funnel" / "current.json").read_text())["dir"]
+    for npy in folder.glob("*.npy"):
+        np.save(npy, evil, allow_pickle=True)  # a pickle inside a .npy
+        planted += 1
+    (folder / "ids.json").write_bytes(pickle.dumps(_Evil(marker)))
+    for name in ("meta.json", "state.json"):  # tantivy's own and ours
+        (root / "sparse" / name).write_bytes(pickle.dumps(_Evil(marker)))
+        planted += 1
     assert planted >= 3
     with HybridRetriever({"funnel_dim": 128, "cache_dir": str(written_store / "cache")},
                          path=str(written_store / "store"),

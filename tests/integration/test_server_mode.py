@@ -121,6 +121,44 @@ def test_search_during_another_clients_write_catches_up_afterwards(chroma_server
         b.close()
 
 
+def test_writer_that_dies_mid_write_is_noticed_by_a_reader(chroma_server, embedder,
+                                                           corpus_docs, monkeypatch):
+    """A dies after its records are in Chroma but before its log entry is done (formerly:
+    a reader that synced on the first change marker stayed stale for good). B sees what
+    landed on its next search, whole; once the entry outlives the lease, B repairs it."""
+    from retrievekit import changelog
+
+    collection = _collection()
+    b = HybridRetriever(host=chroma_server.host, port=chroma_server.port,
+                        collection=collection, embedder=embedder)
+    b.add_documents(corpus_docs)
+    long_old = " ".join(["Wombats dig long burrows in the Australian bush."] * 60)
+    b.add_documents([{"text": long_old, "id": "wombat"}])
+    assert b.info()["records"] > len(corpus_docs) + 1  # the old wombat is chunked
+    a = ClientA(chroma_server, collection)
+    try:
+        a.conn.send(("add-then-die", [{"text": "Wombats leave cube-shaped droppings.",
+                                       "id": "wombat"},
+                                      {"text": "Quokkas are small smiling marsupials.",
+                                       "id": "quokka"}]))
+        a.proc.join(60)
+        assert a.proc.exitcode == -9
+        for mode in ("sparse", "dense", "hybrid"):
+            assert _ids(b.search("quokka marsupials", k=3, mode=mode))[0] == "quokka", mode
+            hit = [h for h in b.search("wombat", k=8, mode=mode) if h.id == "wombat"]
+            assert hit and hit[0].document.text == "Wombats leave cube-shaped droppings."
+        assert b.get(["wombat"])[0].text == "Wombats leave cube-shaped droppings."
+        state = b.verify()
+        assert state["pending"] == 1 and state["dead"] > 0  # A never finished its write
+        assert state["sparse_ids"] == state["chroma_ids"]
+        monkeypatch.setattr(changelog, "LEASE_S", 0.0)  # the entry is now past its lease
+        b.search("wombat", k=1)
+        assert b.verify()["ok"]
+    finally:
+        a.close()
+        b.close()
+
+
 def _auth_retriever(proxy, embedder, collection, token):
     return HybridRetriever({"store": {"host": proxy.host, "port": proxy.port,
                                       "collection": collection, "auth_token": token}},

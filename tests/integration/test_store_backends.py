@@ -144,7 +144,7 @@ def test_reopen_keeps_documents_and_settings(backend, filled):
     ({"config": {"embedder": {"query_prefix": "query: "}}, "embedder": None},
      "embedder.query_prefix"),
     ({"truncate_dim": 128, "embedder": None}, "embedder.truncate_dim"),
-    ({"config": {"sparse": {"k1": 1.2}}}, "sparse.k1"),
+    ({"config": {"sparse": {"tokenizer": {"stemmer": None}}}}, "sparse.tokenizer.stemmer"),
 ])
 def test_mismatched_settings_are_refused(backend, filled, kwargs, field):
     count = filled.count()
