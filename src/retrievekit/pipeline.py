@@ -126,15 +126,18 @@ class HybridRetriever:
     @classmethod
     def open(cls, path: str = ".retrievekit", *, collection: str = "retrievekit",
              host: str | None = None, port: int = 8000, ssl: bool = False,
-             auth_token: str | None = None, **changes: Any) -> "HybridRetriever":
+             auth_token: str | None = None, replica_dir: str | None = None,
+             **changes: Any) -> "HybridRetriever":
         """Open an existing store with the settings recorded in it (model, prefixes, ...).
 
-        `host`, `port`, `ssl`, `auth_token`: a Chroma server instead of the directory `path`.
+        `host`, `port`, `ssl`, `auth_token`, `replica_dir`: a Chroma server instead of the
+        directory `path` (see `StoreConfig`).
         `changes` may set query-time options (mode, candidates, reranker, rrf_k, weights).
         """
         store_cfg: dict[str, Any] = {"path": path, "collection": collection}
         if host is not None:
-            store_cfg.update(host=host, port=port, ssl=ssl, auth_token=auth_token)
+            store_cfg.update(host=host, port=port, ssl=ssl, auth_token=auth_token,
+                             replica_dir=replica_dir)
         probe = ChromaStore(RetrieverConfig.from_dict({"store": store_cfg}).store)
         try:
             recorded = probe.read_settings()

@@ -39,6 +39,9 @@ class StoreConfig:
         collection: the Chroma collection name (3-512 chars of [a-zA-Z0-9._-]).
         hnsw_m, hnsw_ef_construction, hnsw_ef_search: HNSW graph settings; the defaults
             favour recall (Chroma's own defaults lose recall past ~50k vectors).
+        replica_dir: server clients only: a local directory where this client keeps its BM25
+            index (and funnel vectors), so that a restart catches up from the change log
+            instead of reading the whole collection. One client process per directory.
     """
 
     path: str = ".retrievekit"
@@ -50,6 +53,7 @@ class StoreConfig:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 200
+    replica_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.collection, str) or not _NAME_RE.match(self.collection) \
@@ -61,6 +65,11 @@ class StoreConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"store.{name} must be a positive int, got {v!r}")
+        if self.replica_dir is not None and (not isinstance(self.replica_dir, str)
+                                             or not self.replica_dir or self.host is None):
+            raise ConfigError(
+                f"store.replica_dir={self.replica_dir!r}: a directory path for a server "
+                "client (store.host set); an embedded store keeps its BM25 index beside Chroma")
         token = self.auth_token
         if token is not None and (not isinstance(token, str) or not token
                                   or not all(33 <= ord(c) <= 126 for c in token)):
@@ -190,6 +199,9 @@ class ChromaStore:
                     f"({type(exc).__name__}: {str(exc)[:200]}); start it with "
                     f"`chroma run --host {cfg.host} --port {cfg.port}` or fix store.host/port"
                 ) from exc
+            if self.local_dir is not None:
+                self.local_dir.mkdir(parents=True, exist_ok=True)
+                self._acquire_lock(self.local_dir)
             return client
         if cfg.is_memory:
             return chromadb.EphemeralClient(settings=self._settings())
@@ -230,6 +242,10 @@ class ChromaStore:
         try:
             lock.acquire(timeout=0)
         except Timeout as exc:
+            if self.config.is_server:
+                raise StoreLockedError(
+                    f"store.replica_dir {str(path)!r} is in use by another process; give each "
+                    "client process its own replica_dir") from exc
             raise StoreLockedError(
                 f"the store at {str(path)!r} is open for writing in another process; close "
                 "it there, or serve the store with `chroma run --path ...` and connect every "
@@ -267,10 +283,16 @@ class ChromaStore:
 
     @property
     def local_dir(self) -> Path | None:
-        """Where derived state may be kept beside an embedded store (None otherwise)."""
-        if self.config.is_server or self.config.is_memory:
+        """Where derived state is kept: beside an embedded store, or in a server client's
+        `replica_dir`; None for in-memory state."""
+        cfg = self.config
+        if cfg.is_server:
+            if cfg.replica_dir is None:
+                return None
+            return Path(cfg.replica_dir).expanduser() / f"{cfg.host}-{cfg.port}" / cfg.collection
+        if cfg.is_memory:
             return None
-        return Path(self.config.path).expanduser() / "retrievekit" / self.config.collection
+        return Path(cfg.path).expanduser() / "retrievekit" / cfg.collection
 
     # -- recorded settings ---------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:

@@ -159,6 +159,34 @@ def test_writer_that_dies_mid_write_is_noticed_by_a_reader(chroma_server, embedd
         b.close()
 
 
+def test_replica_dir_restart_catches_up_from_the_log(chroma_server, embedder, corpus_docs,
+                                                    tmp_path, caplog):
+    """A server client with replica_dir keeps its BM25 index on disk: a restart reads only
+    the writes made meanwhile (here by another client), never the whole collection."""
+    from retrievekit.errors import StoreLockedError
+
+    collection = _collection()
+    kw = {"host": chroma_server.host, "port": chroma_server.port, "collection": collection}
+    replica = {"store": {**kw, "replica_dir": str(tmp_path / "replica")}}
+    with HybridRetriever(replica, embedder=embedder) as b:
+        b.add_documents(corpus_docs)
+        with pytest.raises(StoreLockedError, match="replica_dir"):
+            HybridRetriever(replica, embedder=embedder)  # one process per replica
+    with HybridRetriever(embedder=embedder, **kw) as other:
+        other.add_documents([{"text": "Pangolins are covered in keratin scales.",
+                              "id": "pangolin"}])
+        other.delete(["tea"])
+    caplog.set_level(logging.INFO)
+    with HybridRetriever(replica, embedder=embedder) as b:
+        assert "rebuilt" not in caplog.text
+        assert "caught up with 2 writes" in caplog.text
+        assert _ids(b.search("pangolin keratin scales", k=1, mode="sparse")) == ["pangolin"]
+        assert "tea" not in _ids(b.search("green tea caffeine", k=8, mode="sparse"))
+        assert b.verify()["ok"] and b.count() == len(corpus_docs)
+    with pytest.raises(ConfigError, match="replica_dir"):
+        StoreConfig(path=str(tmp_path / "x"), replica_dir=str(tmp_path / "r"))
+
+
 def _auth_retriever(proxy, embedder, collection, token):
     return HybridRetriever({"store": {"host": proxy.host, "port": proxy.port,
                                       "collection": collection, "auth_token": token}},
