@@ -131,7 +131,6 @@ def _build_ours(items, embedder, cache, root: Path):
         before = cache.written
         with C.Timer() as t:
             r.add_documents(docs, progress=False)
-            r.sparse.refresh()
         encoded = cache.written - before
         embedder.cache = None
         if encoded == 0:

@@ -143,11 +143,12 @@ def _docs(ds) -> tuple[list[str], list[str]]:
 def _bm25_eval(ds, ids: list[str], texts: list[str], sparse: Mapping[str, Any]) -> dict[str, float]:
     """Whole-document BM25 (no chunking) with these SparseConfig fields, scored like the CLI."""
     from retrievekit.evaluation import evaluate
-    from retrievekit.sparse import BM25Index, SparseConfig
+    from retrievekit.records import Record
+    from retrievekit.sparse import SparseConfig, SparseIndex
 
-    index = BM25Index(SparseConfig(**sparse))
-    index.upsert(ids, texts)
-    index.refresh()
+    index = SparseIndex(SparseConfig(**sparse))
+    index.replace([], [Record(i, i, t, {}) for i, t in zip(ids, texts)])
+    index.commit(1)
     res = evaluate(lambda q, n: index.search(q, n), ds, k=100, ks=(10, 100),
                    metrics=("ndcg", "recall", "mrr"), progress=False)
     return {m: res.means[m] for m in HEADLINE}
@@ -181,11 +182,9 @@ TOKENIZERS = {
     "stemmer": {"stopwords": None, "stemmer": "english"},
     "stopwords+stemmer (default)": {"stopwords": "en", "stemmer": "english"},
 }
-ENGINES = {
-    "rank_bm25 (BM25Okapi)": {"engine": "rank_bm25"},
-    "bm25s lucene (default)": {"engine": "bm25s", "method": "lucene"},
-    "bm25s robertson": {"engine": "bm25s", "method": "robertson"},
-}
+#: the one engine since Engine v2 (k1=1.2, b=0.75, fixed by tantivy); the bm25s engines it
+#: replaced are compared in benchmarks/sparse_engines.py
+ENGINES = {"tantivy (default)": {}}
 
 
 def phase_bm25(args: argparse.Namespace) -> None:
@@ -205,7 +204,8 @@ def phase_bm25(args: argparse.Namespace) -> None:
                            for t, tok in TOKENIZERS.items()}
         print(f"{key}: done", flush=True)
 
-    print("\n### BM25 parity (whole documents, k1=1.5 b=0.75, no stopwords, no stemming)\n")
+    print("\n### BM25 parity (whole documents, tantivy k1=1.2 b=0.75, no stopwords, no "
+          "stemming)\n")
     rows = []
     for name, per in parity.items():
         base = BASELINES[name]
@@ -215,7 +215,7 @@ def phase_bm25(args: argparse.Namespace) -> None:
             rows.append((name, engine, *(m[h] for h in HEADLINE), f"{d:+.4f}"))
     print(_table(["collection", "BM25", "nDCG@10", "R@100", "MRR@10", "Δ nDCG@10"], rows))
 
-    print("\n### Tokenizer (bm25s lucene, whole documents): nDCG@10 / R@100 / MRR@10\n")
+    print("\n### Tokenizer (tantivy, whole documents): nDCG@10 / R@100 / MRR@10\n")
     rows = []
     for name, per in tokenizers.items():
         rows.append((name, *("/".join(f"{per[t][h]:.3f}" for h in HEADLINE) for t in TOKENIZERS)))
@@ -336,12 +336,12 @@ def _stored(r, first_chunk_only: bool = False):
     """(parent ids, chunk texts, float32 vector matrix) of every stored record."""
     import numpy as np
 
-    from retrievekit.store import CHUNK_KEY, PARENT_KEY
+    from retrievekit.records import CHUNK_KEY, PARENT_KEY, is_live
 
     parents, texts, vecs = [], [], []
     for batch in r.store.iter_records(include=["embeddings", "metadatas", "documents"]):
         for meta, text, vec in zip(batch["metadatas"], batch["documents"], batch["embeddings"]):
-            if first_chunk_only and int(meta.get(CHUNK_KEY, 0)) != 0:
+            if not is_live(meta) or first_chunk_only and int(meta.get(CHUNK_KEY, 0)) != 0:
                 continue
             parents.append(str(meta[PARENT_KEY]))
             texts.append(text)

@@ -23,21 +23,23 @@ import tantivy  # noqa: E402
 from tantivy import Document, Occur, PreTokenizedString, Query, Token  # noqa: E402
 
 N_DOCS, VOCAB, SEED, N_GROUPS = 100_000, 50_000, 0, 10
+BASELINE = "509015d"
 
 
 def bm25index():
-    """`BM25Index`/`SparseConfig` from the last commit's sparse.py (the working tree's may be
-    mid-rewrite): the bm25s engine as shipped today."""
+    """`BM25Index`/`SparseConfig` of retrievekit 0.1 (commit 509015d, the last before Engine
+    v2 replaced it with tantivy), read from git: the bm25s engine this decision was made
+    against. Needs a clone with history."""
     import importlib.util
     name = "retrievekit._sparse_head"
     if name not in sys.modules:
         repo = Path(__file__).resolve().parents[1]
-        src = subprocess.check_output(["git", "-C", str(repo), "show", "HEAD:src/retrievekit/sparse.py"])
+        src = subprocess.check_output(["git", "-C", str(repo), "show", f"{BASELINE}:src/retrievekit/sparse.py"])
         import retrievekit
         mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
         mod.__package__ = "retrievekit"
         sys.modules[name] = mod
-        exec(compile(src, "HEAD:src/retrievekit/sparse.py", "exec"), mod.__dict__)
+        exec(compile(src, f"{BASELINE}:src/retrievekit/sparse.py", "exec"), mod.__dict__)
     return sys.modules[name].BM25Index, sys.modules[name].SparseConfig
 
 

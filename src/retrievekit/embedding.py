@@ -8,8 +8,9 @@ model (`retrievekit.onnx_backend`); `retrievekit.inference` picks the engine per
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -188,6 +189,18 @@ class Embedder(ModelEngines):
                 self.config.model, query_prefix=self.config.query_prefix,
                 document_prefix=self.config.document_prefix, model_prompts=shipped)
         return self._prefixes
+
+    @contextmanager
+    def using_cache(self, cache: Any) -> Iterator[Any]:
+        """Encode through `cache` (an `EmbeddingCache`) inside the block, then restore the
+        cache this embedder had; None keeps the current one. Yields the cache in use."""
+        previous = self.cache
+        if cache is not None:
+            self.cache = cache
+        try:
+            yield self.cache
+        finally:
+            self.cache = previous
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what the vectors mean (recorded in stores and cache keys)."""

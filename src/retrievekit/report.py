@@ -209,24 +209,18 @@ def index_dataset(retriever: Any, dataset: BeirDataset, *, cache: Any = None,
     if stale:
         stats["removed"] += retriever.delete(stale)
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    previous = retriever.embedder.cache
-    if cache is not None:
-        retriever.embedder.cache = cache
-    active = retriever.embedder.cache
-    cached_before = len(active) if active is not None else 0
-    try:
-        with tqdm(total=len(docs), desc=f"index {dataset.name}", unit="doc",
-                  disable=not show) as bar:
-            for s in range(0, len(docs), batch_size):
-                part = docs[s:s + batch_size]
-                retriever.add_documents(part, progress=False)
-                for key in ("written", "unchanged", "removed"):
-                    stats[key] += retriever.last_add_stats[key]
-                bar.update(len(part))
+    with retriever.embedder.using_cache(cache) as active, \
+            tqdm(total=len(docs), desc=f"index {dataset.name}", unit="doc",
+                 disable=not show) as bar:
+        cached_before = len(active) if active is not None else 0
+        for s in range(0, len(docs), batch_size):
+            part = docs[s:s + batch_size]
+            retriever.add_documents(part, progress=False)
+            for key in ("written", "unchanged", "removed"):
+                stats[key] += retriever.last_add_stats[key]
+            bar.update(len(part))
         # passages the cache did not hold (without a cache: every record written)
         stats["encoded"] = len(active) - cached_before if active is not None else stats["written"]
-    finally:
-        retriever.embedder.cache = previous
     stats["seconds"] = time.perf_counter() - start
     logger.info("indexed %s: %s", dataset.name, stats)
     return stats
