@@ -22,12 +22,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .embedding import truncate_and_normalize
-from .persist import current_snapshot, load_array, load_json, save_snapshot
+from .persist import MANIFEST, load_array, load_json, read_manifest, write_folder, write_manifest
 from .records import Record, parent_of
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
@@ -54,6 +54,10 @@ class FunnelVectors:
         self._free: list[int] = []
         self.watermark = -1
         self.origin = ""
+        self._changed: set[str] = set()  # ids upserted or removed since the last commit
+        self._base: str | None = None  # folder names named by the manifest
+        self._deltas: list[str] = []
+        self._delta_rows = 0
         if self.directory is not None:
             self._load()
 
@@ -74,6 +78,7 @@ class FunnelVectors:
             for p in parents:
                 for rid in self._by_parent.pop(p, ()):
                     self._free.append(rows.pop(rid))
+                    self._changed.add(rid)
             need = max(0, len(records) - len(self._free))
             matrix = np.array(self._matrix)  # copy: readers keep the old one
             if need:
@@ -85,6 +90,7 @@ class FunnelVectors:
                 if row is None:
                     row = rows[r.id] = self._free.pop()
                 matrix[row] = vectors[r.id] if r.id in vectors else encoded[r.id]
+                self._changed.add(r.id)
                 self._by_parent.setdefault(r.parent, set()).add(r.id)
             self._matrix, self._rows = matrix, rows
 
@@ -92,6 +98,7 @@ class FunnelVectors:
         with self._lock:
             self._rows, self._by_parent, self._free = {}, {}, []
             self._matrix = np.zeros((0, self.dim), dtype=np.float32)
+            self._base = None  # the next commit writes a new base
 
     def similarities(self, ids: Sequence[str], query: np.ndarray) -> np.ndarray:
         """Cosine similarity of `query` (full dim, normalized) with each id's vector;
@@ -107,41 +114,67 @@ class FunnelVectors:
     def nbytes(self) -> int:
         return len(self._rows) * self.dim * 4
 
-    # -- persistence (persist.py: new folder, then an atomic pointer swap) ----------------
+    # -- persistence: a base snapshot plus small deltas (persist.py) ----------------------
     def commit(self, watermark: int) -> None:
+        """Record the changes since the last commit as one delta folder (O(change)); when
+        the deltas outgrow a quarter of the base, write a new base instead (amortized)."""
         self.watermark = watermark
         if self.directory is None:
             return
         with self._lock:
-            ids = sorted(self._rows)
-            matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
+            changed = sorted(self._changed & set(self._rows))
+            removed = sorted(self._changed - set(self._rows))
+            vectors = self._matrix[[self._rows[i] for i in changed]] if changed else \
                 np.zeros((0, self.dim), np.float32)
-        save_snapshot(self.directory, "funnel", {
-            "vectors": matrix, "ids": ids,
-            "meta": {"format": FORMAT_VERSION, "dim": self.dim, "count": len(ids),
-                     "watermark": watermark, "origin": self.origin}})
+            self._changed = set()
+            root = self.directory
+            delta_rows = self._delta_rows + len(changed) + len(removed)
+            if self._base is None or delta_rows > max(1000, len(self._rows) // 4):
+                ids = sorted(self._rows)
+                matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
+                    np.zeros((0, self.dim), np.float32)
+                self._base = write_folder(root, "base", {"vectors": matrix, "ids": ids})
+                self._deltas, self._delta_rows = [], 0
+            elif changed or removed:
+                self._deltas.append(write_folder(root, "delta", {
+                    "vectors": vectors, "ids": changed, "removed": removed}))
+                self._delta_rows = delta_rows
+            write_manifest(root, {"format": FORMAT_VERSION, "dim": self.dim,
+                                  "count": len(self._rows), "watermark": watermark,
+                                  "origin": self.origin, "base": self._base,
+                                  "deltas": self._deltas}, [self._base, *self._deltas])
 
     def _load(self) -> None:
         root = self.directory
         assert root is not None
         try:
-            d = current_snapshot(root)
-            meta = load_json(d, "meta")
-            ids = load_json(d, "ids")
-            matrix = load_array(d, "vectors")
-            if meta["dim"] != self.dim or matrix.shape != (len(ids), self.dim) \
-                    or meta["count"] != len(ids) or matrix.dtype != np.float32 \
-                    or meta.get("format") != FORMAT_VERSION \
-                    or not all(isinstance(i, str) for i in ids) \
-                    or not np.isfinite(matrix).all():
-                raise ValueError("inconsistent funnel arrays")
+            m = read_manifest(root)
+            if m.get("format") != FORMAT_VERSION or m["dim"] != self.dim:
+                raise ValueError("made with other settings")
+            rows: dict[str, np.ndarray] = {}
+            for n, name in enumerate([m["base"], *m["deltas"]]):
+                ids = load_json(root / name, "ids")
+                vectors = load_array(root / name, "vectors")
+                if vectors.shape != (len(ids), self.dim) or vectors.dtype != np.float32 \
+                        or not all(isinstance(i, str) for i in ids) \
+                        or not np.isfinite(vectors).all():
+                    raise ValueError(f"inconsistent arrays in {name}")
+                for rid in (load_json(root / name, "removed") if n else ()):
+                    rows.pop(rid, None)
+                rows.update(zip(ids, vectors))
+            if len(rows) != m["count"]:
+                raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            if (root / "current.json").exists():
+            if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
             return
-        self._matrix = matrix
-        self._rows = {doc_id: i for i, doc_id in enumerate(ids)}
+        ids = list(rows)
+        self._matrix = np.stack([rows[i] for i in ids]) if ids else \
+            np.zeros((0, self.dim), np.float32)
+        self._rows = {rid: i for i, rid in enumerate(ids)}
         for rid in ids:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
-        self.watermark = int(meta["watermark"])
-        self.origin = str(meta.get("origin", ""))
+        self._base, self._deltas = m["base"], list(m["deltas"])
+        self._delta_rows = sum(len(load_json(root / d, "ids")) for d in self._deltas)
+        self.watermark = int(m["watermark"])
+        self.origin = str(m.get("origin", ""))

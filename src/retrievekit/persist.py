@@ -1,8 +1,9 @@
 """Crash-safe persistence of derived state in plain formats (JSON and `.npy`, never pickle).
 
-A snapshot is written into a new folder, synced, renamed into place, and only then made
-current by atomically replacing `current.json`. A crash leaves the old snapshot or the new
-one current, never half of one; leftovers are removed by the next save.
+A derived index is a set of immutable folders plus a manifest naming the ones in use. A
+folder is written under a temporary name, synced and renamed into place; only then does the
+manifest, replaced atomically, name it. A crash leaves the old manifest or the new one, each
+naming only complete folders; folders no manifest names are removed after the next swap.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -29,11 +30,9 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_snapshot(directory: str | os.PathLike, prefix: str,
-                  files: Mapping[str, Any]) -> Path:
-    """Write `files` (name -> ndarray for `.npy`, anything else as JSON) as the new current
-    snapshot under `directory`; returns its folder."""
-    root = Path(directory)
+def write_folder(root: Path, prefix: str, files: Mapping[str, Any]) -> str:
+    """Write `files` (name -> ndarray for `.npy`, anything else as JSON) into a new folder
+    under `root`; returns its name. Nothing refers to it until a manifest does."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     tmp = root / (name + ".tmp")
@@ -47,18 +46,24 @@ def save_snapshot(directory: str | os.PathLike, prefix: str,
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.rename(tmp, root / name)
-    write_json(root / "current.json", {"dir": name, "format": FORMAT_VERSION})
-    for old in root.iterdir():  # earlier snapshots and folders of crashed saves
-        if old.is_dir() and old.name != name and old.name.startswith(prefix + "-"):
+    return name
+
+
+def write_manifest(root: Path, manifest: Mapping[str, Any], folders: Iterable[str]) -> None:
+    """Make `manifest` current, then remove every folder it does not name (`folders`)."""
+    keep = set(folders)
+    write_json(root / MANIFEST, dict(manifest))
+    for old in root.iterdir():  # superseded folders and those of crashed writes
+        if old.is_dir() and old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
-    return root / name
 
 
-def current_snapshot(directory: str | os.PathLike) -> Path:
-    """The folder of the current snapshot (OSError/KeyError/ValueError when there is none)."""
-    root = Path(directory)
-    current = json.loads((root / "current.json").read_text())
-    return root / current["dir"]
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The current manifest (OSError/ValueError when there is none or it is unreadable)."""
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError("manifest is not an object")
+    return manifest
 
 
 def load_json(folder: Path, name: str) -> Any:

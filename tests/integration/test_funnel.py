@@ -99,5 +99,46 @@ def test_funnel_vectors_unit(tmp_path):
     assert back.watermark == 5 and back.ids() == {"a", "c"}
     np.testing.assert_allclose(back.similarities(["a", "c"], q), [1, 0])
     assert FunnelVectors(8, encode, tmp_path / "f").watermark == -1  # other dim: rebuilt
+
+
+def test_funnel_commits_cost_the_change(tmp_path):
+    """A commit after a small change writes a small delta, not the whole matrix again; the
+    deltas are folded into a new base once they outgrow a quarter of it."""
+    import json
+
+    from retrievekit.records import Record
+
+    rng = np.random.default_rng(0)
+    vec = {f"r{i}": v for i, v in enumerate(rng.standard_normal((3000, 8)).astype(np.float32))}
+
+    def recs(ids):
+        return [Record(i, i, "t", {}) for i in ids]
+
+    def manifest():
+        return json.loads((tmp_path / "f" / "manifest.json").read_text())
+
+    fv = FunnelVectors(8, lambda texts: None, tmp_path / "f")
+    fv.replace([], recs(list(vec)[:2000]), vec)
+    fv.commit(1)
+    base = manifest()["base"]
+    fv.replace(["r5"], recs(["r5"]), {"r5": np.ones(8, np.float32)})
+    fv.replace(["r7"], [])
+    fv.commit(2)
+    m = manifest()
+    assert m["base"] == base and len(m["deltas"]) == 1
+    delta = tmp_path / "f" / m["deltas"][0]
+    assert json.loads((delta / "ids.json").read_text()) == ["r5"]
+    assert json.loads((delta / "removed.json").read_text()) == ["r7"]
+    back = FunnelVectors(8, lambda texts: None, tmp_path / "f")
+    assert back.watermark == 2 and back.ids() == set(list(vec)[:2000]) - {"r7"}
+    np.testing.assert_allclose(back.similarities(["r5", "r7"], np.ones(8, np.float32)),
+                               [8, -np.inf])
+    fv.replace([], recs(list(vec)[2000:]), vec)  # 1,000 new rows: more than a quarter
+    fv.commit(3)
+    m = manifest()
+    assert m["base"] != base and m["deltas"] == []
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == sorted(
+        [m["base"], "manifest.json"])  # superseded folders are gone
+    assert FunnelVectors(8, lambda texts: None, tmp_path / "f").ids() == set(vec) - {"r7"}
     s = short_vectors(np.array([[3, 4, 5, 6]], np.float32), 2)
     np.testing.assert_allclose(s, [[0.6, 0.8]])

@@ -97,7 +97,7 @@ def test_opening_a_store_runs_no_code_from_its_files(written_store, embedder, ca
     evil[0] = _Evil(marker)
     root = written_store / "store" / "retrievekit" / "retrievekit"
     planted = 0
-    folder = root / "funnel" / json.loads((root / "funnel" / "current.json").read_text())["dir"]
+    folder = root / "funnel" / json.loads((root / "funnel" / "manifest.json").read_text())["base"]
     for npy in folder.glob("*.npy"):
         np.save(npy, evil, allow_pickle=True)  # a pickle inside a .npy
         planted += 1
