@@ -72,6 +72,7 @@ class ChangeLog:
         #: anew under the same name) is rebuilt, never caught up from the wrong log
         self.origin = str(self._col.id)
         self._head = 0  # the highest seq this client knows of
+        self._floor = 0  # the trimmed floor as last read
 
     # -- writers -----------------------------------------------------------------------------
     def begin(self, parents: Sequence[str]) -> Entry:
@@ -119,7 +120,8 @@ class ChangeLog:
     def floor(self) -> int:
         """Entries at or below this seq may have been trimmed away."""
         meta = self._client.get_collection(self._name, embedding_function=None).metadata or {}
-        return int(meta.get(_FLOOR_KEY, 0))
+        self._floor = int(meta.get(_FLOOR_KEY, 0))
+        return self._floor
 
     def pending(self) -> list[Entry]:
         """Entries not marked done."""
@@ -129,20 +131,20 @@ class ChangeLog:
                        for m, d in zip(got["metadatas"], got["documents"])),
                       key=lambda e: e.seq)
 
-    def trim(self, keep: int = KEEP) -> None:
-        """Delete done entries older than the newest `keep` (amortized: only past 2 x keep)."""
-        head = self._head
-        if head <= 2 * keep:
+    def trim(self, keep: int | None = None) -> None:
+        """Delete done entries older than the newest `keep` (default `KEEP`), once the log
+        holds twice that many: one trim per `keep` writes, amortized."""
+        keep = KEEP if keep is None else keep
+        if self._head - self._floor <= 2 * keep or self._head - self.floor() <= 2 * keep:
             return
-        cut = head - keep
-        if cut <= self.floor():
-            return
+        cut = self._head - keep
         old = self._col.get(where={"$and": [{"seq": {"$lte": cut}}, {"state": "done"}]},
                             include=[])
         if old["ids"]:
             self._col.delete(ids=old["ids"])
         col = self._client.get_collection(self._name, embedding_function=None)
         col.modify(metadata={**(col.metadata or {}), _FLOOR_KEY: cut})
+        self._floor = cut
         logger.info("change log trimmed to seq > %d", cut)
 
 

@@ -255,8 +255,9 @@ class HybridRetriever:
                 (same model, prefix, truncation, normalization); used as given instead of
                 encoding `query`, which the BM25 side and the reranker still read.
         """
+        sparse = self._sparse
         return self._searcher.search(
-            query, k, total=self.count, where=where, mode=mode or self.config.mode,
+            query, k, total=lambda: len(sparse), where=where, mode=mode or self.config.mode,
             rerank=rerank, query_vector=query_vector,
             candidates=candidates if candidates is not None else self.config.candidates)
 

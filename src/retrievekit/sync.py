@@ -57,13 +57,19 @@ class Follower:
 
         `vectors`: full vectors the caller already has (a writer's own records), by id."""
         with self.lock:
-            floor = self.log.floor()
-            stale = [ix for ix in self.indexes if ix.watermark < floor or ix.watermark < 0
+            stale = [ix for ix in self.indexes if ix.watermark < 0
                      or ix.origin != self.log.origin]
             if stale:
                 self._rebuild(stale)
             low = min((ix.watermark for ix in self.indexes), default=0)
             entries = self.log.since(low)
+            if entries and entries[0].seq != low + 1:  # a gap: trimmed past some watermark?
+                floor = self.log.floor()
+                behind = [ix for ix in self.indexes if ix.watermark < floor]
+                if behind:
+                    self._rebuild(behind)
+                    low = min(ix.watermark for ix in self.indexes)
+                    entries = self.log.since(low)
             if not entries:
                 return 0
             dead = [e for e in entries if e.state == "pending"

@@ -124,6 +124,7 @@ class Writer:
             for batch in self._batches(changes):
                 self._write_batch(batch, by_id)
             self.follower.catch_up(by_id if self.funnel_dim is not None else None)
+            self.log.trim()
             return stats
 
     def delete(self, parents: Sequence[str]) -> int:
@@ -140,6 +141,7 @@ class Writer:
                     raise
                 self.log.finish(entry)
             self.follower.catch_up()
+            self.log.trim()
             return sum(len(c.dead) for c in changes)
 
     def _stored(self, parents: Sequence[str]) -> dict[str, dict[str, dict]]:

@@ -172,3 +172,30 @@ def test_collection_made_anew_under_the_same_name_is_not_caught_up_from(tmp_path
         assert r.count() == 0 and r.search("apples", k=3, mode="sparse") == []
         r.add_documents([{"text": "new plums", "id": "c"}])
         assert r.verify()["ok"] and r.verify()["sparse_ids"] == {"c"}
+
+
+def test_index_behind_the_trimmed_log_is_rebuilt(tmp_path, embedder, monkeypatch):
+    """The log keeps the newest entries only; a BM25 index whose watermark fell below the
+    trimmed floor (here: an old copy of it put back) is rebuilt from a scan, not caught up
+    from a log that no longer holds what it missed."""
+    import shutil
+
+    from retrievekit import changelog
+
+    monkeypatch.setattr(changelog, "KEEP", 2)
+    path = tmp_path / "s"
+    sparse = path / "retrievekit" / "retrievekit" / "sparse"
+    with HybridRetriever(path=str(path), embedder=embedder) as r:
+        r.add_documents([{"text": "apple orchard", "id": "d0"}])
+        shutil.copytree(sparse, tmp_path / "old-sparse")  # watermark 1
+        for i in range(1, 10):
+            r.add_documents([{"text": f"pear number{i}", "id": f"d{i}"}])
+        r.delete(["d0"])
+        log = r.store.client.get_collection("retrievekit-rklog")
+        assert log.count() <= 5 and (log.metadata or {}).get("rk_floor", 0) > 1
+    shutil.rmtree(sparse)
+    shutil.copytree(tmp_path / "old-sparse", sparse)
+    with HybridRetriever(path=str(path), embedder=embedder) as r:
+        assert r.verify()["ok"] and r.count() == 9
+        assert r.search("apple orchard", k=3, mode="sparse") == []
+        assert [h.id for h in r.search("number7", k=1, mode="sparse")] == ["d7"]
