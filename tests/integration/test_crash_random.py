@@ -199,3 +199,36 @@ def test_index_behind_the_trimmed_log_is_rebuilt(tmp_path, embedder, monkeypatch
         assert r.verify()["ok"] and r.count() == 9
         assert r.search("apple orchard", k=3, mode="sparse") == []
         assert [h.id for h in r.search("number7", k=1, mode="sparse")] == ["d7"]
+
+
+def test_format_1_store_is_upgraded_on_open(tmp_path, embedder, caplog):
+    """A store of retrievekit 0.1 (same records; settings with format 1 and bm25s
+    parameters, a change marker, no change log, derived files of the old layout) opens: its
+    settings are rewritten and BM25 is rebuilt once. Checked by hand against a store made
+    by 0.1 itself (commit 509015d)."""
+    import json
+    import logging
+    import shutil
+
+    path = tmp_path / "s"
+    with HybridRetriever(path=str(path), embedder=embedder, config=CHUNKED) as r:
+        r.add_documents([_doc("a", 1, 3), _doc("b", 1, 1)])
+        col = r.store.collection
+        settings = json.loads(col.metadata["rk_settings"])
+        settings.update(format=1, sparse={"format": 1, "engine": "bm25s", "k1": 1.5,
+                                          "b": 0.75, "method": "lucene",
+                                          "tokenizer": settings["sparse"]["tokenizer"]})
+        del settings["written_with"]
+        col.modify(metadata={"rk_settings": json.dumps(settings), "rk_marker": "abc"})
+        r.store.client.delete_collection("retrievekit-rklog")
+    shutil.rmtree(path / "retrievekit")
+    (path / "retrievekit" / "retrievekit" / "sparse").mkdir(parents=True)
+    (path / "retrievekit" / "retrievekit" / "sparse" / "current.json").write_text("{}")
+    caplog.set_level(logging.WARNING)
+    with HybridRetriever.open(str(path)) as r:
+        assert "upgraded from format 1" in caplog.text
+        assert r.store.read_settings()["format"] == 2
+        assert _check_store(r, {"a": {1}, "b": {1}}) == {"a": 1, "b": 1}
+    caplog.clear()
+    with HybridRetriever.open(str(path)) as r:
+        assert "upgraded" not in caplog.text and r.verify()["ok"]
