@@ -12,10 +12,14 @@ new ids, random unit vectors (encoding excluded), BM25 on the real texts. For ea
 - resident memory of the sparse side per chunk (a fresh process that opens only the BM25
   index and runs 50 queries: RSS after minus RSS before);
 - with `--server`: catch-up of client A after client B's 1-document write through a
-  `chroma run` server (A's next search minus its median search), median of 5.
+  `chroma run` server on the same store (A's next search minus its median search), median
+  of 5. A and B start by reading the whole collection (no `replica_dir`): not timed.
 
-Usage: python benchmarks/writes.py [--docs 10000,100000] [--server]
-Writes benchmarks/results/writes.json and prints a markdown table.
+Usage: python benchmarks/writes.py [--docs 10000,100000] [--server] [--name writes]
+Writes benchmarks/results/<name>.json and prints a markdown table. The same script measures
+retrievekit 0.1 side by side when run with its sources first on the path (a worktree of
+commit 509015d): PYTHONPATH=<worktree>/src python benchmarks/writes.py --docs 10000
+--name writes-v01 (the sparse memory column is then left empty).
 """
 
 from __future__ import annotations
@@ -105,7 +109,10 @@ def measure(n_docs: int, workdir: Path) -> dict[str, Any]:
     records = r.count()
     r.close()
     out["reopen_first_query_ms"] = _ms(_reopen(path, queries[0]))
-    out["sparse_kb_per_chunk"] = round(_sparse_rss(path, queries) * 1024 / records, 3)
+    try:
+        out["sparse_kb_per_chunk"] = round(_sparse_rss(path, queries) * 1024 / records, 3)
+    except subprocess.CalledProcessError:  # retrievekit 0.1 (see --help): no SparseIndex
+        out["sparse_kb_per_chunk"] = None
     return out
 
 
@@ -158,22 +165,21 @@ def _sparse_rss(path: str, queries: Sequence[str]) -> float:
 
 
 def catch_up(n_docs: int, workdir: Path) -> dict[str, Any]:
-    """Client A's next search after client B wrote one document, through a server."""
+    """Client A's next search after client B wrote one document, through a `chroma run`
+    server serving the store `measure` built (building 100k records through the server
+    would take most of an hour here)."""
     from chroma_server import ChromaServer, chroma_binary
 
     from retrievekit.pipeline import HybridRetriever
     from retrievekit.types import Document
 
-    items, all_queries = build_corpus(n_docs + 10)
+    items, all_queries = build_corpus(n_docs + 1000)
     queries = sample_queries(all_queries, 20)
     qvecs = dict(zip(queries, C.random_unit(np.random.default_rng(2), len(queries), DIM)))
-    server = ChromaServer(workdir / "server", chroma_binary()).start()
+    server = ChromaServer(workdir / f"store-{n_docs}", chroma_binary()).start()
     try:
-        kw = {"host": server.host, "port": server.port, "collection": "writes-bench"}
+        kw = {"host": server.host, "port": server.port}
         b = HybridRetriever(embedder=random_embedder(seed=1), **kw)
-        for s in range(0, n_docs, 5000):
-            b.add_documents([Document(text=x, id=i, metadata=m)
-                             for i, x, m in items[s:s + 5000]], progress=False)
         a = HybridRetriever(embedder=random_embedder(seed=2), **kw)
 
         def search(j: int) -> float:
@@ -183,7 +189,7 @@ def catch_up(n_docs: int, workdir: Path) -> dict[str, Any]:
         base = statistics.median(search(j) for j in range(20))
         extra = []
         for j in range(5):
-            i, x, m = items[n_docs + j]
+            i, x, m = items[n_docs + 500 + j]
             b.add_documents([Document(text=x, id=i, metadata=m)])
             extra.append(search(j) - base)
         a.close()
@@ -198,17 +204,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", default="10000,100000")
     ap.add_argument("--server", action="store_true", help="also measure a server catch-up")
+    ap.add_argument("--name", default="writes", help="results file name")
     args = ap.parse_args(argv)
     C.setup_torch(1)
     results: dict[str, Any] = {"machine": C.machine_info(), "embedded": [], "server": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(x) for x in args.docs.split(",")):
+        for n in (int(x) for x in args.docs.split(",")):  # writes-<n>.json after each size
             results["embedded"].append(measure(n, Path(tmp)))
             print(json.dumps(results["embedded"][-1]), flush=True)
             if args.server:
                 results["server"].append(catch_up(n, Path(tmp)))
                 print(json.dumps(results["server"][-1]), flush=True)
-    C.write_results("writes", results)
+            C.write_results(args.name, results)
     keys = [k for k in results["embedded"][0] if k != "docs"]
     print(C.md_table(["docs"] + keys, [[r["docs"]] + [r[k] for k in keys]
                                        for r in results["embedded"]]))
