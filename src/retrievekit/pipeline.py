@@ -116,7 +116,8 @@ class HybridRetriever:
         self._writer = Writer(store, log, self._follower, self.embedder, cfg.chunking,
                               cfg.funnel_dim)
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
-            cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates))
+            cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates,
+            by_document=cfg.collapse_chunks))
         self._searcher = Searcher(
             store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,

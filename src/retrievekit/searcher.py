@@ -19,7 +19,7 @@ from .config import MODES
 from .errors import ConfigError, InvalidInputError
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion
-from .records import CHUNK_KEY, PARENT_KEY, is_live, public_metadata
+from .records import CHUNK_KEY, PARENT_KEY, is_live, parent_of, public_metadata
 from .rerank import Reranker
 from .sparse import SparseIndex
 from .store import ChromaStore
@@ -49,6 +49,8 @@ class FusionSettings:
     weights: Mapping[str, float]
     funnel_dim: int | None
     funnel_candidates: int | None
+    #: fuse documents (a document's rank on a side is its best chunk's), not chunks
+    by_document: bool = True
 
 
 class LocalEngine:
@@ -74,20 +76,13 @@ class LocalEngine:
                 allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
                                     where)
             lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed)
-        if request.mode == "hybrid":
-            weights = {s: self.settings.weights[s] for s in lists}
-            fused = reciprocal_rank_fusion(lists, k=self.settings.rrf_k, weights=weights)
-            fused = [Fused(f.id, f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
-                     for r, f in enumerate(fused, start=1)]
-        else:
-            side = request.mode
-            fused = [Fused(rid, s, {side: r}, {side: s})
-                     for r, (rid, s) in enumerate(lists[side], start=1)]
+        full = any(len(v) >= request.n for v in lists.values())
+        fused = fuse(lists, self.settings)
         if stage1:
             fused = [Fused(f.id, f.score, {**f.ranks, "funnel": stage1[f.id][0]},
                            {**f.scores, "funnel": stage1[f.id][1]}) if f.id in stage1 else f
                      for f in fused]
-        return fused, any(len(v) >= request.n for v in lists.values())
+        return fused, full
 
     def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
@@ -104,6 +99,45 @@ class LocalEngine:
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
+
+def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
+         ) -> list[Fused]:
+    """Each side's ranked records, fused (RRF when there are two sides). With
+    `settings.by_document`, documents are fused: a document's rank and score on a side are
+    its best chunk's, and the entry's id is the chunk that ranked best on any side (the one
+    whose text the hit shows). Otherwise records are fused as they are."""
+    chunk: dict[str, tuple[int, str]] = {}  # document -> (rank, chunk standing for it)
+    if settings.by_document:
+        lists = {side: _best_chunks(items, chunk) for side, items in lists.items()}
+
+    def shown(doc: str) -> str:
+        return chunk[doc][1] if doc in chunk else doc
+
+    if len(lists) == 1:
+        (side, items), = lists.items()
+        return [Fused(shown(d), s, {side: r}, {side: s})
+                for r, (d, s) in enumerate(items, start=1)]
+    weights = {s: settings.weights[s] for s in lists}
+    return [Fused(shown(f.id), f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
+            for r, f in enumerate(reciprocal_rank_fusion(lists, k=settings.rrf_k,
+                                                         weights=weights), start=1)]
+
+
+def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str]]
+                 ) -> list[tuple[str, float]]:
+    """A side's list of chunks as a list of documents, each at its best chunk's rank and
+    score. `chunk` keeps, per document, the chunk with the best rank on any side: it stands
+    for the document in the hits (on a tie of sides, the side fused first: dense)."""
+    out: dict[str, float] = {}
+    for rid, score in items:
+        doc = parent_of(rid)
+        if doc in out:
+            continue
+        out[doc] = score
+        if doc not in chunk or len(out) < chunk[doc][0]:
+            chunk[doc] = (len(out), rid)
+    return list(out.items())
 
 
 def _filtered(call: Callable[[], Any], where: Mapping[str, Any] | None) -> Any:

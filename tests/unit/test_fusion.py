@@ -109,3 +109,36 @@ def test_blend_rrf_k_checked_and_config_round_trips():
     cfg = RetrieverConfig(reranker=RerankConfig(model="m", weight=0.6, rrf_k=20))
     again = RetrieverConfig.from_dict(cfg.to_dict())
     assert again.reranker.weight == 0.6 and again.reranker.rrf_k == 20
+
+
+def test_fusion_by_document_takes_each_sides_best_chunk():
+    """Document A's best dense chunk (A#chunk1) and best BM25 chunk (A#chunk0) differ:
+    fused by document A gets 1/61 + 1/61; fused by record each chunk gets only 1/61."""
+    from retrievekit.searcher import FusionSettings, fuse
+
+    lists = {"dense": [("A#chunk1", 0.9), ("B", 0.8), ("A#chunk0", 0.7)],
+             "sparse": [("A#chunk0", 12.0), ("C", 5.0), ("B", 4.0)]}
+    by_doc = fuse(lists, FusionSettings(60, {"dense": 1.0, "sparse": 1.0}, None, None, True))
+    assert [f.id for f in by_doc] == ["A#chunk1", "B", "C"]  # A shown by its dense chunk
+    a, b, c = by_doc
+    assert a.score == pytest.approx(2 / 61) and a.ranks == {"dense": 1, "sparse": 1, "fused": 1}
+    assert a.scores["dense"] == 0.9 and a.scores["sparse"] == 12.0
+    assert b.score == pytest.approx(1 / 62 + 1 / 63) and c.score == pytest.approx(1 / 62)
+    by_record = fuse(lists, FusionSettings(60, {"dense": 1.0, "sparse": 1.0}, None, None,
+                                           False))
+    top = {f.id: f.score for f in by_record}
+    assert top["A#chunk1"] == pytest.approx(1 / 61)
+    assert top["A#chunk0"] == pytest.approx(1 / 63 + 1 / 61)
+
+
+def test_document_is_shown_by_the_chunk_ranked_best_on_any_side():
+    from retrievekit.searcher import FusionSettings, fuse
+
+    lists = {"dense": [("B", 0.9), ("C", 0.8), ("A#chunk2", 0.7)],
+             "sparse": [("A#chunk0", 9.0)]}
+    fused = fuse(lists, FusionSettings(60, {"dense": 1.0, "sparse": 1.0}, None, None, True))
+    assert fused[0].id == "A#chunk0"  # sparse rank 1 beats dense rank 3
+    single = fuse({"sparse": [("A#chunk3", 2.0), ("A#chunk0", 1.0), ("B", 0.5)]},
+                  FusionSettings(60, {"dense": 1.0, "sparse": 1.0}, None, None, True))
+    assert [(f.id, f.ranks) for f in single] == [("A#chunk3", {"sparse": 1}),
+                                                  ("B", {"sparse": 2})]
