@@ -327,6 +327,46 @@ def phase_variants(args: argparse.Namespace) -> None:
     _save("variants", {"results": results}, "benchmarks/quality.py variants")
 
 
+FUSIONS = ("rrf", "relative_score", "dbsf")
+
+
+def phase_fusions(args: argparse.Namespace) -> None:
+    """Hybrid with each fusion method and candidates per side, nfcorpus dev first."""
+    from retrievekit.evaluation import evaluate
+    from retrievekit.report import index_dataset
+
+    sets = [("nfcorpus", "dev")] if "nfcorpus" in args.collections else []
+    sets += [(c, "test") for c in args.collections]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with _cache() as cache:
+        embedder = None
+        for name, split in sets:
+            ds = _load(args, name, split)
+            key = name if split == "test" else f"{name} (dev)"
+            results[key] = {}
+            for fusion in FUSIONS:
+                with _retriever(name, embedder=embedder, options={"fusion": fusion}) as r:
+                    embedder = r.embedder
+                    index_dataset(r, ds, cache=cache, progress=False)
+                    with r.embedder.using_cache(cache):  # queries too: quality only here
+                        for cand in CANDIDATES:
+                            res = evaluate(
+                                lambda q, n, c=cand: r.search(q, k=n, mode="hybrid",
+                                                              candidates=c),
+                                ds, k=10, ks=(10,), metrics=("ndcg", "mrr"), progress=False)
+                            results[key][f"{fusion}, candidates {cand}"] = dict(res.means)
+            print(f"{key}: done", flush=True)
+
+    print("\n### Fusion methods (hybrid, k=10, equal weights): nDCG@10 / MRR@10\n")
+    names = list(next(iter(results.values())))
+    tests = [c for c in results if "(dev)" not in c]
+    rows = [(n, *(f"{results[c][n]['ndcg@10']:.4f} / {results[c][n]['mrr@10']:.3f}"
+                  for c in results),
+             f"{_mean(results[c][n]['ndcg@10'] for c in tests):.4f}") for n in names]
+    print(_table(["variant", *results, "mean nDCG@10 (test)"], rows))
+    _save("fusions", {"results": results}, "benchmarks/quality.py fusions")
+
+
 # --------------------------------------------------------------------------------------
 # dense: nfcorpus against the published number; exact vs HNSW; bf16 vs fp32
 # --------------------------------------------------------------------------------------
@@ -483,7 +523,7 @@ def phase_dense(args: argparse.Namespace) -> None:
 
 PHASES: dict[str, Callable[[argparse.Namespace], None]] = {
     "index": phase_index, "bm25": phase_bm25, "modes": phase_modes,
-    "variants": phase_variants, "dense": phase_dense,
+    "variants": phase_variants, "fusions": phase_fusions, "dense": phase_dense,
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from .chunking import ChunkConfig
 from .embedding import EmbedderConfig
 from .errors import ConfigError
+from .fusion import METHODS as FUSIONS
 from .fusion import validate_rrf_params
 from .rerank import RerankConfig
 from .sparse import SparseConfig
@@ -28,7 +29,12 @@ class RetrieverConfig:
         reranker: None for no reranking.
         mode: default search mode ("hybrid", "dense" or "sparse").
         candidates: how many candidates each side (dense, BM25) contributes to fusion.
-        rrf_k: the RRF constant; weights: per-side weights {"dense": w, "sparse": w}.
+        fusion: how hybrid mode fuses the two sides: "rrf" (weighted Reciprocal Rank Fusion,
+            default), "relative_score" (min-max normalized scores, weighted sum: LlamaIndex's
+            relative_score, Weaviate's relativeScoreFusion) or "dbsf" (scores normalized by
+            mean ± 3 standard deviations: Qdrant's DBSF, LlamaIndex's dist_based_score).
+        rrf_k: the RRF constant; weights: per-side weights {"dense": w, "sparse": w} (used
+            by every fusion method).
         collapse_chunks: return one hit per parent document (its best chunk).
         cache_dir: directory of an on-disk embedding cache (None: no cache).
         funnel_dim: Matryoshka funnel: index only the leading `funnel_dim` dims in Chroma and
@@ -43,6 +49,7 @@ class RetrieverConfig:
     reranker: RerankConfig | None = None
     mode: str = "hybrid"
     candidates: int = 50
+    fusion: str = "rrf"
     rrf_k: float = 60
     weights: Mapping[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 1.0})
     collapse_chunks: bool = True
@@ -53,6 +60,8 @@ class RetrieverConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
                 or self.candidates < 1:
             raise ConfigError(f"candidates must be an int >= 1, got {self.candidates!r}")
@@ -78,6 +87,7 @@ class RetrieverConfig:
             "reranker": self.reranker.to_dict() if self.reranker else None,
             "mode": self.mode,
             "candidates": self.candidates,
+            "fusion": self.fusion,
             "rrf_k": self.rrf_k,
             "weights": dict(self.weights),
             "collapse_chunks": self.collapse_chunks,

@@ -1,8 +1,9 @@
-"""Weighted Reciprocal Rank Fusion (Cormack et al., 2009).
+"""Fusion of ranked lists: weighted Reciprocal Rank Fusion (Cormack et al., 2009), and
+score-aware fusion by normalized scores (min-max or distribution-based).
 
-score(d) = sum_i w_i / (k + rank_i(d)), ranks from 1; a document missing from a list adds 0.
-Lists are deduplicated by document id (first, i.e. best, occurrence kept). Ties are broken by
-the best single rank, then by id, so the output order is deterministic.
+RRF: score(d) = sum_i w_i / (k + rank_i(d)), ranks from 1; a document missing from a list
+adds 0. Lists are deduplicated by document id (first, i.e. best, occurrence kept). Ties are
+broken by the best single rank, then by id, so the output order is deterministic.
 """
 
 from __future__ import annotations
@@ -73,5 +74,59 @@ def reciprocal_rank_fusion(
             total[doc_id] = total.get(doc_id, 0.0) + w / (k + rank)
             ranks.setdefault(doc_id, {})[name] = rank
             scores.setdefault(doc_id, {})[name] = float(score)
+    order = sorted(total, key=lambda d: (-total[d], min(ranks[d].values()), d))
+    return [Fused(d, total[d], ranks[d], scores[d]) for d in order]
+
+
+#: fusion methods: weighted RRF (ranks), and the score-aware ones of LlamaIndex
+#: (`relative_score`, `dist_based_score`), Weaviate (relativeScoreFusion) and Qdrant (DBSF)
+METHODS = ("rrf", "relative_score", "dbsf")
+
+
+def _normalized(scores: Sequence[float], method: str) -> list[float]:
+    """Scores of one list mapped to [0, 1]: min-max ("relative_score"), or mean ± 3 standard
+    deviations, clipped ("dbsf"). A list whose scores are all equal maps to 1."""
+    lo, hi = min(scores), max(scores)
+    if method == "dbsf":
+        mean = sum(scores) / len(scores)
+        sd = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
+        lo, hi = mean - 3 * sd, mean + 3 * sd
+    if hi <= lo:
+        return [1.0] * len(scores)
+    return [min(1.0, max(0.0, (s - lo) / (hi - lo))) for s in scores]
+
+
+def score_fusion(
+    ranked: Mapping[str, Sequence[tuple[str, float]]],
+    *,
+    method: str = "relative_score",
+    weights: Mapping[str, float] | None = None,
+) -> list[Fused]:
+    """Fuse ranked lists by their normalized scores: score(d) = sum_i w_i * norm_i(d), where
+    norm_i maps list i's scores to [0, 1] (`_normalized`) and a list without d adds 0.
+
+    Lists are deduplicated by id (best occurrence kept); ties are broken by the best single
+    rank, then by id. Each entry keeps its per-list ranks and raw scores.
+    """
+    if method not in METHODS[1:]:
+        raise ConfigError(f"score fusion method must be one of {list(METHODS[1:])}, got "
+                          f"{method!r}")
+    validate_rrf_params(60, weights)
+    weights = dict(weights or {})
+    total: dict[str, float] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for name, items in ranked.items():
+        first: dict[str, float] = {}
+        for doc_id, score in items:
+            first.setdefault(doc_id, float(score))
+        if not first:
+            continue
+        w = float(weights.get(name, 1.0))
+        for rank, (doc_id, norm) in enumerate(
+                zip(first, _normalized(list(first.values()), method)), start=1):
+            total[doc_id] = total.get(doc_id, 0.0) + w * norm
+            ranks.setdefault(doc_id, {})[name] = rank
+            scores.setdefault(doc_id, {})[name] = first[doc_id]
     order = sorted(total, key=lambda d: (-total[d], min(ranks[d].values()), d))
     return [Fused(d, total[d], ranks[d], scores[d]) for d in order]

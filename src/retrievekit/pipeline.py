@@ -117,7 +117,7 @@ class HybridRetriever:
                               cfg.funnel_dim)
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
             cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates,
-            by_document=cfg.collapse_chunks))
+            by_document=cfg.collapse_chunks, method=cfg.fusion))
         self._searcher = Searcher(
             store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,
@@ -133,7 +133,8 @@ class HybridRetriever:
 
         `host`, `port`, `ssl`, `auth_token`, `replica_dir`: a Chroma server instead of the
         directory `path` (see `StoreConfig`).
-        `changes` may set query-time options (mode, candidates, reranker, rrf_k, weights).
+        `changes` may set query-time options (mode, candidates, reranker, fusion, rrf_k,
+        weights).
         """
         store_cfg: dict[str, Any] = {"path": path, "collection": collection}
         if host is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from .config import MODES
 from .errors import ConfigError, InvalidInputError
 from .funnel import FunnelVectors, short_vectors
-from .fusion import Fused, reciprocal_rank_fusion
+from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import CHUNK_KEY, PARENT_KEY, is_live, parent_of, public_metadata
 from .rerank import Reranker
 from .sparse import SparseIndex
@@ -51,6 +51,7 @@ class FusionSettings:
     funnel_candidates: int | None
     #: fuse documents (a document's rank on a side is its best chunk's), not chunks
     by_document: bool = True
+    method: str = "rrf"  # fusion.METHODS
 
 
 class LocalEngine:
@@ -119,9 +120,11 @@ def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
         return [Fused(shown(d), s, {side: r}, {side: s})
                 for r, (d, s) in enumerate(items, start=1)]
     weights = {s: settings.weights[s] for s in lists}
+    fused = reciprocal_rank_fusion(lists, k=settings.rrf_k, weights=weights) \
+        if settings.method == "rrf" else \
+        score_fusion(lists, method=settings.method, weights=weights)
     return [Fused(shown(f.id), f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
-            for r, f in enumerate(reciprocal_rank_fusion(lists, k=settings.rrf_k,
-                                                         weights=weights), start=1)]
+            for r, f in enumerate(fused, start=1)]
 
 
 def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str]]

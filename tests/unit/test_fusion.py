@@ -142,3 +142,49 @@ def test_document_is_shown_by_the_chunk_ranked_best_on_any_side():
                   FusionSettings(60, {"dense": 1.0, "sparse": 1.0}, None, None, True))
     assert [(f.id, f.ranks) for f in single] == [("A#chunk3", {"sparse": 1}),
                                                   ("B", {"sparse": 2})]
+
+
+def test_relative_score_fusion_by_hand():
+    """min-max per list, weighted sum; a list without the id adds 0 (LlamaIndex's
+    relative_score, Weaviate's relativeScoreFusion)."""
+    from retrievekit.fusion import score_fusion
+
+    ranked = {"dense": [("a", 0.9), ("b", 0.7), ("c", 0.5)],
+              "sparse": [("c", 12.0), ("d", 6.0), ("a", 3.0), ("a", 1.0)]}
+    out = score_fusion(ranked, method="relative_score", weights={"dense": 1.0, "sparse": 0.5})
+    # dense: a 1, b 0.5, c 0; sparse (a's repeat ignored): c 1, d 1/3, a 0
+    expected = {"a": 1.0, "b": 0.5, "c": 0.5, "d": 0.5 / 3}
+    assert [f.id for f in out] == ["a", "c", "b", "d"]  # b and c tie: c's best rank is 1
+    assert {f.id: f.score for f in out} == pytest.approx(expected)
+    assert out[1].ranks == {"dense": 3, "sparse": 1} and out[1].scores["sparse"] == 12.0
+
+
+def test_tie_on_fused_score_breaks_by_best_rank_then_id():
+    from retrievekit.fusion import score_fusion
+
+    ranked = {"dense": [("x", 2.0), ("y", 1.0)], "sparse": [("y", 5.0), ("x", 1.0)]}
+    out = score_fusion(ranked, method="relative_score")
+    assert [(f.id, f.score) for f in out] == [("x", 1.0), ("y", 1.0)]  # both rank 1 once
+
+
+def test_dbsf_by_hand():
+    """Scores mapped by mean ± 3 sd to [0, 1], clipped (Qdrant's DBSF)."""
+    from retrievekit.fusion import score_fusion
+
+    out = score_fusion({"dense": [("a", 3.0), ("b", 1.0)]}, method="dbsf")
+    # mean 2, sd 1: a -> (3 - -1) / 6 = 2/3, b -> 2/6
+    assert [(f.id, round(f.score, 6)) for f in out] == [("a", round(2 / 3, 6)),
+                                                         ("b", round(1 / 3, 6))]
+    equal = score_fusion({"dense": [("a", 0.5), ("b", 0.5)]}, method="dbsf")
+    assert [f.score for f in equal] == [1.0, 1.0]
+
+
+def test_unknown_fusion_method_is_refused():
+    from retrievekit.config import RetrieverConfig
+    from retrievekit.errors import ConfigError
+    from retrievekit.fusion import score_fusion
+
+    with pytest.raises(ConfigError, match="fusion must be one of"):
+        RetrieverConfig(fusion="borda")
+    with pytest.raises(ConfigError, match="relative_score"):
+        score_fusion({"dense": [("a", 1.0)]}, method="rrf")
