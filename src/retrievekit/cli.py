@@ -1,4 +1,4 @@
-"""The `retrievekit` command: index, search, info, eval (and finetune where installed)."""
+"""The `retrievekit` command: index, search, info, eval, tune (and finetune where installed)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import table, tune
+
+    trials = tune(args.dataset, split=args.split, out=args.out, model=args.model,
+                  cache_dir=args.cache_dir, progress=False if args.quiet else None)
+    print(table(trials))
+    best = trials[0].settings
+    print(f"\nbest on the {args.split} split: fusion={best['fusion']}, candidates="
+          f"{best['candidates']}, weights={best['weights']}; written to "
+          f"{Path(args.out) / 'tuned.toml'} (use it with --config or RetrieverConfig.from_toml)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrievekit",
                                 description="Hybrid BM25 + dense retrieval over Chroma.")
@@ -185,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch threads (default: torch's choice; 1 is steadier on a busy machine)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("tune", help="choose fusion, candidates and weights on a dev split")
+    sp.add_argument("dataset", help="directory with corpus.jsonl[.gz], queries.jsonl, qrels/")
+    sp.add_argument("--split", default="dev", help="the split to tune on (never test)")
+    sp.add_argument("--out", default="tune-results", help="directory for tuned.toml, tune.json")
+    sp.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    sp.add_argument("--cache-dir", default=None,
+                    help="embedding cache directory (default: <out>/cache)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_tune)
 
     try:
         from .finetune import add_cli  # optional: the fine-tuning command

@@ -228,3 +228,31 @@ def test_max_queries_draws_a_fixed_sample_of_judged_queries(beir_dir):
     assert set(a.qrels) <= {"q1", "q2", "q3"}
     assert all(a.qrels[q] == ds.qrels[q] for q in a.qrels)
     assert sample_queries(ds, 10) is ds and len(ds.qrels) == 3  # nothing dropped or changed
+
+
+def test_tune_picks_on_the_dev_split_and_writes_loadable_toml(beir_dir, tmp_path, capsys):
+    """`retrievekit tune` scores the grid on the dev split, writes the best as TOML that
+    RetrieverConfig reads, and refuses the test split before anything is written."""
+    import shutil
+
+    from retrievekit.config import RetrieverConfig
+    from retrievekit.tune import grid
+
+    data = tmp_path / "beir"
+    shutil.copytree(beir_dir, data)
+    shutil.copy(data / "qrels" / "test.tsv", data / "qrels" / "dev.tsv")
+    out = tmp_path / "tuned"
+    assert main(["tune", str(data), "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "tune.json").read_text())
+    trials = report["trials"]
+    assert report["split"] == "dev" and len(trials) == len(grid())
+    assert [t["ndcg@10"] for t in trials] == sorted((t["ndcg@10"] for t in trials),
+                                                     reverse=True)
+    cfg = RetrieverConfig.from_toml(out / "tuned.toml")
+    best = trials[0]["settings"]
+    assert (cfg.fusion, cfg.candidates, dict(cfg.weights)) == (
+        best["fusion"], best["candidates"], best["weights"])
+    assert "best on the dev split" in capsys.readouterr().out
+    refused = tmp_path / "refused"
+    assert main(["tune", str(data), "--split", "test", "--out", str(refused)]) == 2
+    assert "tuning on the split" in capsys.readouterr().err and not refused.exists()
