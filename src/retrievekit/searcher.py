@@ -68,15 +68,22 @@ class LocalEngine:
         lists: dict[str, list[tuple[str, float]]] = {}
         stage1: dict[str, tuple[int, float]] = {}
         where = request.where
+        matching = None  # the filter, compiled for the BM25 index when it can evaluate it
+        if where is not None:
+            from chromadb.api.types import validate_where
+
+            _filtered(lambda: validate_where(where), where)
+            matching = self.sparse.compile(where)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
-            lists["dense"] = self._dense(request.vector, request.n, where, stage1)
+            lists["dense"] = self._dense(request.vector, request.n, where, matching, stage1)
         if request.mode in ("hybrid", "sparse"):
             allowed = None
-            if where is not None:
+            if where is not None and matching is None:  # outside the subset: Chroma says
                 allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
                                     where)
-            lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed)
+            lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed,
+                                                 matching=matching)
         full = any(len(v) >= request.n for v in lists.values())
         fused = fuse(lists, self.settings)
         if stage1:
@@ -85,21 +92,34 @@ class LocalEngine:
                      for f in fused]
         return fused, full
 
-    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
+    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
         if self.funnel is None:
-            return _filtered(lambda: self.store.query(vec, n, where), where)
+            return self._knn(vec, n, where, matching)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
-        first = _filtered(lambda: self.store.query(
-            short_vectors(vec, s.funnel_dim)[0], max(n, s.funnel_candidates or 4 * n), where),
-            where)
+        first = self._knn(short_vectors(vec, s.funnel_dim)[0],
+                          max(n, s.funnel_candidates or 4 * n), where, matching)
         sims = self.funnel.similarities([rid for rid, _ in first], vec)
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
+    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any
+             ) -> list[tuple[str, float]]:
+        """The `n` nearest records that pass `where`: planned by how many records pass."""
+        if where is not None and matching is not None:
+            total = len(self.sparse)
+            passing = self.sparse.count(matching)
+            if passing == 0:
+                return []
+            if passing >= POST_FILTER_SHARE * total:
+                return _post_filtered(lambda m: self.store.query(vec, m, None),
+                                      lambda ids: self.sparse.keep(ids, matching),
+                                      n, passing / total, total)
+        return _filtered(lambda: self.store.query(vec, n, where), where)
 
 
 def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
@@ -141,6 +161,29 @@ def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str
         if doc not in chunk or len(out) < chunk[doc][0]:
             chunk[doc] = (len(out), rid)
     return list(out.items())
+
+
+#: a filter matching at least this share of the records is applied after an unfiltered HNSW
+#: query (over-fetched, widened until enough pass); a more selective one goes to Chroma's
+#: filtered query. Measured in docs/benchmarks.md (Filters).
+POST_FILTER_SHARE = 0.05
+
+
+def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
+                   keep: Callable[[list[str]], set[str]], n: int, share: float, total: int
+                   ) -> list[tuple[str, float]]:
+    """The best `n` records that pass the filter, from unfiltered nearest-neighbour lists:
+    ask for enough that ~n pass at the filter's share, and double until n pass or the whole
+    collection was asked for. Exact with respect to the index: a passing record nearer than
+    the n-th one returned would have been in the list."""
+    fetch = min(total, int(n / share * 1.5) + n)
+    while True:
+        found = query(fetch)
+        passed = keep([rid for rid, _ in found])
+        out = [(rid, s) for rid, s in found if rid in passed]
+        if len(out) >= n or fetch >= total:
+            return out[:n]
+        fetch = min(total, 2 * fetch)
 
 
 def _filtered(call: Callable[[], Any], where: Mapping[str, Any] | None) -> Any:

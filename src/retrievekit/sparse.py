@@ -21,16 +21,17 @@ import shutil
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from .errors import ConfigError, MissingDependencyError
+from .filters import compile_where, metadata_terms
 from .persist import write_json
 from .records import Record
 from .tokenize import Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: user metadata indexed for filters (filters.py)
 _STATE = "state.json"
 _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 
@@ -105,6 +106,7 @@ class SparseIndex:
         sb.add_text_field("id", stored=True, tokenizer_name="raw", index_option="basic")
         sb.add_text_field("parent", stored=False, tokenizer_name="raw", index_option="basic")
         sb.add_text_field("body", stored=False, index_option="freq")
+        sb.add_text_field("meta", stored=False, tokenizer_name="raw", index_option="basic")
         return sb.build()
 
     def _open(self) -> None:
@@ -174,6 +176,8 @@ class SparseIndex:
                 doc.add_text("id", r.id)
                 doc.add_text("parent", r.parent)
                 doc.add_pre_tokenized_text("body", self._tokens(r.text))
+                for term in metadata_terms(r.metadata):
+                    doc.add_text("meta", term)
                 self._writer.add_document(doc)
 
     def _tokens(self, text: str):
@@ -220,12 +224,36 @@ class SparseIndex:
         res = searcher.search(tv.Query.all_query(), limit=n)
         return {searcher.doc(addr)["id"][0] for _, addr in res.hits}
 
-    def search(self, query: str, k: int, *, allowed: Collection[str] | None = None
-               ) -> list[tuple[str, float]]:
+    # -- filters (filters.py) ---------------------------------------------------------------
+    def compile(self, where: Mapping[str, Any]) -> Any | None:
+        """`where` as a query over the indexed metadata, or None when it is outside the
+        subset the index evaluates exactly (then ask Chroma)."""
+        return compile_where(where, _tantivy(), self._schema_obj)
+
+    def count(self, matching: Any) -> int:
+        """How many records a compiled filter matches."""
+        return int(self._searcher.search(matching, limit=1, count=True).count)
+
+    def keep(self, ids: Sequence[str], matching: Any) -> set[str]:
+        """The ids among `ids` that a compiled filter matches."""
+        tv = _tantivy()
+        if not ids:
+            return set()
+        searcher = self._searcher
+        q = tv.Query.boolean_query([
+            (tv.Occur.Must, tv.Query.term_set_query(self._schema_obj, "id", list(ids))),
+            (tv.Occur.Must, matching)])
+        hits = searcher.search(q, limit=len(ids), count=False).hits
+        return {searcher.doc(addr)["id"][0] for _, addr in hits}
+
+    def search(self, query: str, k: int, *, allowed: Collection[str] | None = None,
+               matching: Any = None) -> list[tuple[str, float]]:
         """Top `k` (record id, score) by BM25, best first; scores <= 0 dropped; ties by id.
 
         Args:
-            allowed: when given, only these ids may be returned (the `where` filter).
+            allowed: when given, only these ids may be returned (a `where` filter that
+                Chroma evaluated).
+            matching: a filter compiled by `compile`, evaluated here.
         """
         tv = _tantivy()
         terms = self.tokenizer(query)
@@ -238,9 +266,10 @@ class SparseIndex:
                   for t in terms]
         q = tv.Query.boolean_query(should)
         if allowed is not None:
-            only = tv.Query.boost_query(
-                tv.Query.term_set_query(schema, "id", list(allowed)), 0.0)
-            q = tv.Query.boolean_query([(tv.Occur.Must, only), (tv.Occur.Must, q)])
+            matching = tv.Query.term_set_query(schema, "id", list(allowed))
+        if matching is not None:  # a filter adds nothing to the score
+            q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(matching, 0.0)),
+                                        (tv.Occur.Must, q)])
         # a few extra hits so that ties with the k-th score are broken by id exactly
         hits = searcher.search(q, limit=k + 16, count=False).hits
         out = [(searcher.doc(addr)["id"][0], float(score)) for score, addr in hits
