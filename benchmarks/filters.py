@@ -1,0 +1,90 @@
+"""Filtered hybrid search at scale: filters evaluated in the BM25 index and the planned dense
+side, against the path every filter took before (Chroma's `get(where)` for the BM25 side
+and Chroma's filtered HNSW query), on the same store in one process.
+
+The old path is reached by adding an always-true range clause (`replica >= 0`), which the
+BM25 index does not evaluate, so the filter goes to Chroma as before; both return the same
+hits. Store: one built by `benchmarks/writes.py` (`--store`, e.g. its 100k store), random
+query vectors (encoding excluded).
+
+Usage: python benchmarks/filters.py --store DIR [--queries 50]
+Writes benchmarks/results/filters.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+from scale import DIM, random_embedder  # noqa: E402
+
+FILTERS = {
+    "none": None,
+    "collection = cacm (~15%)": {"collection": "cacm"},
+    "collection = cisi and replica = 0 (~1.5%)": {"$and": [{"collection": "cisi"},
+                                                           {"replica": 0}]},
+}
+
+
+def _old(where):
+    """The same filter with a clause the BM25 index leaves to Chroma."""
+    return {"$and": [where, {"replica": {"$gte": 0}}]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--queries", type=int, default=50)
+    args = ap.parse_args(argv)
+    C.setup_torch(1)
+    from retrievekit.pipeline import HybridRetriever
+
+    queries = ["heart disease risk", "aerodynamic flow over wings", "library classification",
+               "computer programs compilers", "electron beam", "vitamin d deficiency",
+               "boundary layer", "information retrieval systems"]
+    rng = np.random.default_rng(4)
+    qvecs = rng.standard_normal((args.queries, DIM)).astype(np.float32)
+    qvecs /= np.linalg.norm(qvecs, axis=1, keepdims=True)
+    r = HybridRetriever(path=args.store, embedder=random_embedder(seed=9))
+    rows, out = [], {"machine": C.machine_info(), "records": r.count(), "filters": {}}
+
+    def p(where):
+        lat = []
+        for i, v in enumerate(qvecs):
+            t = time.perf_counter()
+            r.search(queries[i % len(queries)], k=10, where=where, query_vector=v)
+            lat.append(1000 * (time.perf_counter() - t))
+        return statistics.median(lat), float(np.percentile(lat, 95))
+
+    p(None)  # warm up
+    base = p(None)[0]
+    for name, where in FILTERS.items():
+        new = p(where)
+        old = p(_old(where)) if where else new
+        # overlap of the top 10 (HNSW is approximate, filtered or not)
+        same = 1.0 if where is None else statistics.mean(
+            len({h.id for h in r.search(q, k=10, where=where, query_vector=v)}
+                & {h.id for h in r.search(q, k=10, where=_old(where), query_vector=v)}) / 10
+            for q, v in zip(queries, qvecs[:8]))
+        out["filters"][name] = {"p50": new[0], "p95": new[1], "old_p50": old[0],
+                                "old_p95": old[1], "top10_overlap": same}
+        rows.append([name, f"{new[0]:.1f}", f"{new[1]:.1f}", f"{new[0] / base:.1f}x",
+                     f"{old[0]:.1f}", f"{old[1]:.1f}", same])
+    r.close()
+    C.write_results("filters", out)
+    print(C.md_table(["filter", "p50 ms", "p95 ms", "p50 / unfiltered", "before: p50 ms",
+                      "before: p95 ms", "top-10 overlap"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
