@@ -87,6 +87,9 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
     upgraded = recorded.get("format") == 1
     if upgraded:  # format 1 had the same records; only the derived BM25 settings changed
         recorded = {**recorded, "format": STORE_FORMAT, "sparse": ours["sparse"]}
+    elif "format" in recorded.get("sparse", {}):  # stores of early v2 builds recorded it
+        recorded = {**recorded, "sparse": {k: v for k, v in recorded["sparse"].items()
+                                           if k != "format"}}
     diffs = diff(recorded, ours)
     if diffs:
         lines = "; ".join(f"{k}: store has {a!r}, this retriever has {b!r}" for k, a, b in diffs)

@@ -94,11 +94,14 @@ class SparseIndex:
     # -- opening ---------------------------------------------------------------------------
     @staticmethod
     def describe(config: SparseConfig) -> dict[str, Any]:
-        """The settings that decide what the tokens and scores mean (recorded in stores)."""
-        return {"format": FORMAT_VERSION, "engine": "tantivy", **config.to_dict()}
+        """The settings that decide what the tokens and scores mean (recorded in stores).
+        The index's file format is not among them: a new format rebuilds the index, it
+        never makes a store refuse to open."""
+        return {"engine": "tantivy", **config.to_dict()}
 
     def signature(self) -> dict[str, Any]:
-        return self.describe(self.config)
+        """What the index on disk was made with (kept beside it, in `state.json`)."""
+        return {"format": FORMAT_VERSION, **self.describe(self.config)}
 
     def _schema(self):
         tv = _tantivy()

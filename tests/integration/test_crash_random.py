@@ -232,3 +232,22 @@ def test_format_1_store_is_upgraded_on_open(tmp_path, embedder, caplog):
     caplog.clear()
     with HybridRetriever.open(str(path)) as r:
         assert "upgraded" not in caplog.text and r.verify()["ok"]
+
+
+def test_a_new_bm25_file_format_rebuilds_the_index_not_refuses_the_store(tmp_path, embedder,
+                                                                        monkeypatch, caplog):
+    """The BM25 index is derived: a retrievekit with a newer index format rebuilds it from
+    Chroma on open; the store's recorded settings do not name the index format."""
+    import logging
+
+    from retrievekit import sparse
+
+    path = str(tmp_path / "s")
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        r.add_documents([{"text": "plums and pears", "id": "a"}])
+        assert "format" not in r.store.read_settings()["sparse"]
+    monkeypatch.setattr(sparse, "FORMAT_VERSION", sparse.FORMAT_VERSION + 1)
+    caplog.set_level(logging.INFO)
+    with HybridRetriever(path=path, embedder=embedder) as r:
+        assert "rebuilt" in caplog.text and r.verify()["ok"]
+        assert [h.id for h in r.search("plums", k=1, mode="sparse")] == ["a"]
