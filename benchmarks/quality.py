@@ -290,7 +290,10 @@ WEIGHTS = {"1:1 (default)": {"dense": 1.0, "sparse": 1.0},
            "dense 0.5 : sparse 1": {"dense": 0.5, "sparse": 1.0}}
 
 
-def phase_variants(args: argparse.Namespace) -> None:
+def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]],
+                 phase: str, title: str) -> None:
+    """Hybrid nDCG@10 / MRR@10 (k = 10) of each variant (query-time config options) at each
+    of CANDIDATES per side, on the nfcorpus dev split first, then the test sets."""
     from retrievekit.evaluation import evaluate
     from retrievekit.report import index_dataset
 
@@ -303,49 +306,8 @@ def phase_variants(args: argparse.Namespace) -> None:
             ds = _load(args, name, split)
             key = name if split == "test" else f"{name} (dev)"
             results[key] = {}
-            for wname, weights in WEIGHTS.items():
-                with _retriever(name, embedder=embedder, options={"weights": weights}) as r:
-                    embedder = r.embedder
-                    index_dataset(r, ds, cache=cache, progress=False)
-                    r.embedder.cache = cache  # queries too: quality only, no latency here
-                    for cand in CANDIDATES:
-                        res = evaluate(
-                            lambda q, n, c=cand: r.search(q, k=n, mode="hybrid", candidates=c),
-                            ds, k=10, ks=(10,), metrics=("ndcg", "mrr"), progress=False)
-                        results[key][f"{wname}, candidates {cand}"] = dict(res.means)
-                    r.embedder.cache = None
-            print(f"{key}: done", flush=True)
-
-    print("\n### Hybrid variants (k=10): nDCG@10 / MRR@10\n")
-    names = list(next(iter(results.values())))
-    rows = [(n, *(f"{results[c][n]['ndcg@10']:.4f} / {results[c][n]['mrr@10']:.3f}"
-                  for c in results)) for n in names]
-    tests = [c for c in results if "(dev)" not in c]
-    rows = [(*row, f"{_mean(results[c][row[0]]['ndcg@10'] for c in tests):.4f}")
-            for row in rows]
-    print(_table(["variant", *results, "mean nDCG@10 (test)"], rows))
-    _save("variants", {"results": results}, "benchmarks/quality.py variants")
-
-
-FUSIONS = ("rrf", "relative_score", "dbsf")
-
-
-def phase_fusions(args: argparse.Namespace) -> None:
-    """Hybrid with each fusion method and candidates per side, nfcorpus dev first."""
-    from retrievekit.evaluation import evaluate
-    from retrievekit.report import index_dataset
-
-    sets = [("nfcorpus", "dev")] if "nfcorpus" in args.collections else []
-    sets += [(c, "test") for c in args.collections]
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    with _cache() as cache:
-        embedder = None
-        for name, split in sets:
-            ds = _load(args, name, split)
-            key = name if split == "test" else f"{name} (dev)"
-            results[key] = {}
-            for fusion in FUSIONS:
-                with _retriever(name, embedder=embedder, options={"fusion": fusion}) as r:
+            for vname, options in variants.items():
+                with _retriever(name, embedder=embedder, options=dict(options)) as r:
                     embedder = r.embedder
                     index_dataset(r, ds, cache=cache, progress=False)
                     with r.embedder.using_cache(cache):  # queries too: quality only here
@@ -354,17 +316,31 @@ def phase_fusions(args: argparse.Namespace) -> None:
                                 lambda q, n, c=cand: r.search(q, k=n, mode="hybrid",
                                                               candidates=c),
                                 ds, k=10, ks=(10,), metrics=("ndcg", "mrr"), progress=False)
-                            results[key][f"{fusion}, candidates {cand}"] = dict(res.means)
+                            results[key][f"{vname}, candidates {cand}"] = dict(res.means)
             print(f"{key}: done", flush=True)
 
-    print("\n### Fusion methods (hybrid, k=10, equal weights): nDCG@10 / MRR@10\n")
+    print(f"\n### {title} (k=10): nDCG@10 / MRR@10\n")
     names = list(next(iter(results.values())))
     tests = [c for c in results if "(dev)" not in c]
     rows = [(n, *(f"{results[c][n]['ndcg@10']:.4f} / {results[c][n]['mrr@10']:.3f}"
                   for c in results),
              f"{_mean(results[c][n]['ndcg@10'] for c in tests):.4f}") for n in names]
     print(_table(["variant", *results, "mean nDCG@10 (test)"], rows))
-    _save("fusions", {"results": results}, "benchmarks/quality.py fusions")
+    _save(phase, {"results": results}, f"benchmarks/quality.py {phase}")
+
+
+def phase_variants(args: argparse.Namespace) -> None:
+    _hybrid_grid(args, {name: {"weights": w} for name, w in WEIGHTS.items()}, "variants",
+                 "Hybrid variants")
+
+
+FUSIONS = ("rrf", "relative_score", "dbsf")
+
+
+def phase_fusions(args: argparse.Namespace) -> None:
+    """Hybrid with each fusion method and candidates per side, nfcorpus dev first."""
+    _hybrid_grid(args, {f: {"fusion": f} for f in FUSIONS}, "fusions",
+                 "Fusion methods (hybrid, equal weights)")
 
 
 # --------------------------------------------------------------------------------------
