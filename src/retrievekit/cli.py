@@ -40,14 +40,12 @@ def _open(args: argparse.Namespace, *, create: bool):
         cfg = RetrieverConfig.from_toml(args.config)
         changes: dict[str, Any] = {"store": {"path": args.store, "collection": args.collection}}
         return HybridRetriever(cfg.replace(**changes), **kwargs)
-    store = Path(args.store)
     try:
         return HybridRetriever.open(args.store, collection=args.collection, **kwargs)
     except RetrieveKitError:
         if not create:
             raise
     model = getattr(args, "model", None)
-    store.mkdir(parents=True, exist_ok=True)
     return HybridRetriever(path=args.store, collection=args.collection, model=model, **kwargs)
 
 

@@ -93,6 +93,7 @@ class HybridRetriever:
             self._open_parts()
         except BaseException:
             self.close()
+            self._store.discard()  # a store this constructor created goes again
             raise
 
     def _open_parts(self) -> None:
@@ -140,7 +141,8 @@ class HybridRetriever:
         if host is not None:
             store_cfg.update(host=host, port=port, ssl=ssl, auth_token=auth_token,
                              replica_dir=replica_dir)
-        probe = ChromaStore(RetrieverConfig.from_dict({"store": store_cfg}).store)
+        probe = ChromaStore(RetrieverConfig.from_dict({"store": store_cfg}).store,
+                            create=False)
         try:
             recorded = probe.read_settings()
         finally:

@@ -160,11 +160,22 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
 class ChromaStore:
     """One Chroma collection plus the settings recorded in its metadata."""
 
-    def __init__(self, config: StoreConfig | None = None) -> None:
+    def __init__(self, config: StoreConfig | None = None, *, create: bool = True) -> None:
+        """Args:
+            create: make the directory and the collection when missing; with False, a
+                missing store is a `StoreError` and nothing is written (reads, `open`)."""
         self.config = config or StoreConfig()
         self._lock_file = None
-        self.client = self._make_client()
-        self.collection = self._open_collection()
+        self._create = create
+        #: the directory this store made (removed again by `discard` after a failed setup)
+        self.created_dir: Path | None = None
+        self.client = None
+        try:
+            self.client = self._make_client()
+            self.collection = self._open_collection()
+        except BaseException:
+            self.discard()
+            raise
 
     # -- connection ------------------------------------------------------------------------
     def _settings(self):
@@ -206,7 +217,12 @@ class ChromaStore:
         if cfg.is_memory:
             return chromadb.EphemeralClient(settings=self._settings())
         path = Path(cfg.path).expanduser()
+        if not self._create and not (path / "chroma.sqlite3").is_file():
+            raise StoreError(f"no store at store.path={str(path)!r} (no chroma.sqlite3 there); "
+                             "check the path, or create one with HybridRetriever(path=...)")
         try:
+            if not path.exists():
+                self.created_dir = path
             path.mkdir(parents=True, exist_ok=True)
             probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
@@ -263,10 +279,25 @@ class ChromaStore:
                                   "ef_construction": cfg.hnsw_ef_construction,
                                   "ef_search": cfg.hnsw_ef_search}}
         try:
+            if not self._create:
+                return self.client.get_collection(cfg.collection, embedding_function=None)
             return self.client.get_or_create_collection(
                 cfg.collection, configuration=configuration, embedding_function=None)
         except Exception as exc:
+            if not self._create:
+                raise StoreError(f"no collection {cfg.collection!r} in the store; check "
+                                 "store.collection (`retrievekit info` lists the store's "
+                                 "settings)") from exc
             raise StoreError(f"could not open collection {cfg.collection!r}: {exc}") from exc
+
+    def discard(self) -> None:
+        """Close, and remove the directory this store created (after a failed setup)."""
+        self.close()
+        if self.created_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.created_dir, ignore_errors=True)
+            self.created_dir = None
 
     def close(self) -> None:
         client, self.client = self.client, None

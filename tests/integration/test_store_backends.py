@@ -154,3 +154,32 @@ def test_mismatched_settings_are_refused(backend, filled, kwargs, field):
     assert field in str(err.value) and "HybridRetriever.open" in str(err.value)
     r = backend.open()
     assert r.count() == count
+
+
+def test_reads_and_failures_create_nothing(tmp_path, embedder, capsys):
+    """Reading a store that is not there, or failing to make one, leaves nothing behind."""
+    from retrievekit.cli import main
+    from retrievekit.errors import RetrieveKitError, StoreError
+
+    typo = tmp_path / "typo"
+    with pytest.raises(StoreError, match="no store at"):
+        HybridRetriever.open(str(typo))
+    assert not typo.exists()
+    for argv in (["info", "--store", str(typo)], ["search", "x", "--store", str(typo)]):
+        assert main(argv) == 2 and "no store at" in capsys.readouterr().err
+        assert not typo.exists(), argv
+    # a failed create (a model that cannot be loaded offline) removes what it made
+    assert main(["index", str(tmp_path), "--store", str(typo), "--model", "no/such-model"]) == 2
+    assert not typo.exists()
+    with pytest.raises(RetrieveKitError):
+        HybridRetriever(path=str(typo), model="no/such-model")
+    assert not typo.exists()
+    # an existing store opened under a collection name it lacks: refused, nothing added
+    real = tmp_path / "real"
+    with HybridRetriever(path=str(real), embedder=embedder) as r:
+        r.add_documents([{"text": "a thing", "id": "a"}])
+    with pytest.raises(StoreError, match="no collection 'other'"):
+        HybridRetriever.open(str(real), collection="other")
+    with HybridRetriever.open(str(real)) as r:
+        names = {c.name for c in r.store.client.list_collections()}
+    assert names == {"retrievekit", "retrievekit-rklog"}
