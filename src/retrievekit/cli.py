@@ -71,7 +71,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    where = json.loads(args.where) if args.where else None
+    try:
+        where = json.loads(args.where) if args.where else None
+    except json.JSONDecodeError as exc:
+        raise RetrieveKitError(f"--where {args.where!r} is not JSON ({exc.msg}); give a Chroma "
+                               "filter such as '{\"topic\": \"code\"}'") from exc
     with _open(args, create=False) as r:
         if args.rerank:
             from .rerank import Reranker

@@ -193,6 +193,16 @@ class RetrieveKitRetriever(DocumentIndex):
     _owned: bool = PrivateAttr(default=False)
 
     def __init__(self, **data: Any) -> None:
+        unknown = sorted(set(data) - set(type(self).model_fields) - set(_BUILD_KEYS)
+                         - {"config"})
+        if unknown:  # pydantic would drop them silently (a filter ignored is a wrong answer)
+            hints = {"search_kwargs": "pass k= and where= directly", "top_k": "use k=",
+                     "filter": "use where=", "filters": "use where=", "search_type":
+                     "use mode= ('hybrid', 'dense' or 'sparse')"}
+            fix = "; ".join(f"{k}: {hints[k]}" for k in unknown if k in hints)
+            raise ConfigError(f"RetrieveKitRetriever got unknown options {unknown}"
+                              f"{'; ' + fix if fix else ''}; valid: "
+                              f"{sorted(set(type(self).model_fields) | set(_BUILD_KEYS))}")
         build = {key: data.pop(key) for key in _BUILD_KEYS if key in data}
         config = data.pop("config", None)
         owned = False

@@ -39,3 +39,11 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "no retrievekit store" in capsys.readouterr().err
     assert main(["index", str(tmp_path / "missing"), "--store", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_where_json_is_one_line_error(tmp_path, capsys):
+    from retrievekit.cli import main
+
+    assert main(["search", "x", "--where", "{bad json", "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --where") and "Traceback" not in err

@@ -478,3 +478,18 @@ def test_all_is_pinned():
     assert mod.__all__ == ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever"]
     for name in mod.__all__:
         assert getattr(mod, name).__module__ == "retrievekit.langchain"
+
+
+def test_unknown_options_are_refused_with_the_right_name(retriever):
+    from retrievekit.errors import ConfigError
+    from retrievekit.langchain import RetrieveKitRetriever
+
+    with pytest.raises(ConfigError) as err:
+        RetrieveKitRetriever(retriever=retriever, search_kwargs={"k": 1, "where": {"a": 1}},
+                             top_k=2)
+    msg = str(err.value)
+    assert "search_kwargs" in msg and "k= and where=" in msg and "top_k: use k=" in msg
+    with pytest.raises(ConfigError, match="filter: use where="):
+        RetrieveKitRetriever(retriever=retriever, filter={"lang": "en"})
+    ok = RetrieveKitRetriever(retriever=retriever, k=1, where={"lang": "en"}, tags=["x"])
+    assert ok.k == 1 and ok.tags == ["x"]
