@@ -218,8 +218,9 @@ class ChromaStore:
             return chromadb.EphemeralClient(settings=self._settings())
         path = Path(cfg.path).expanduser()
         if not self._create and not (path / "chroma.sqlite3").is_file():
-            raise StoreError(f"no store at store.path={str(path)!r} (no chroma.sqlite3 there); "
-                             "check the path, or create one with HybridRetriever(path=...)")
+            raise StoreError(f"no retrievekit store at store.path={str(path)!r} (no "
+                             "chroma.sqlite3 there); check the path, or create one with "
+                             "HybridRetriever(path=...)")
         try:
             if not path.exists():
                 self.created_dir = path

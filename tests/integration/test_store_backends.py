@@ -162,11 +162,11 @@ def test_reads_and_failures_create_nothing(tmp_path, embedder, capsys):
     from retrievekit.errors import RetrieveKitError, StoreError
 
     typo = tmp_path / "typo"
-    with pytest.raises(StoreError, match="no store at"):
+    with pytest.raises(StoreError, match="no retrievekit store at"):
         HybridRetriever.open(str(typo))
     assert not typo.exists()
     for argv in (["info", "--store", str(typo)], ["search", "x", "--store", str(typo)]):
-        assert main(argv) == 2 and "no store at" in capsys.readouterr().err
+        assert main(argv) == 2 and "no retrievekit store at" in capsys.readouterr().err
         assert not typo.exists(), argv
     # a failed create (a model that cannot be loaded offline) removes what it made
     assert main(["index", str(tmp_path), "--store", str(typo), "--model", "no/such-model"]) == 2
