@@ -36,6 +36,10 @@ class RetrieverConfig:
         rrf_k: the RRF constant; weights: per-side weights {"dense": w, "sparse": w} (used
             by every fusion method).
         collapse_chunks: return one hit per parent document (its best chunk).
+        chunk_penalty: on the dense side, a document's later chunks score their cosine
+            similarity minus this, so a document is found by its first chunk (which holds
+            the title and the lead) unless a later chunk is clearly nearer. 0.05 was chosen
+            on the nfcorpus dev split; 0 is the plain maximum over chunks.
         cache_dir: directory of an on-disk embedding cache (None: no cache).
         funnel_dim: Matryoshka funnel: index only the leading `funnel_dim` dims in Chroma and
             rescore the stage-1 candidates with the full vectors (None: off).
@@ -53,6 +57,7 @@ class RetrieverConfig:
     rrf_k: float = 60
     weights: Mapping[str, float] = field(default_factory=lambda: {"dense": 1.0, "sparse": 1.0})
     collapse_chunks: bool = True
+    chunk_penalty: float = 0.05
     cache_dir: str | None = None
     funnel_dim: int | None = None
     funnel_candidates: int | None = None
@@ -60,6 +65,10 @@ class RetrieverConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        p = self.chunk_penalty
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 2:
+            raise ConfigError(f"chunk_penalty must be a number in [0, 2] (a cosine-similarity "
+                              f"margin; 0 switches it off), got {p!r}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
@@ -91,6 +100,7 @@ class RetrieverConfig:
             "rrf_k": self.rrf_k,
             "weights": dict(self.weights),
             "collapse_chunks": self.collapse_chunks,
+            "chunk_penalty": self.chunk_penalty,
             "cache_dir": self.cache_dir,
             "funnel_dim": self.funnel_dim,
             "funnel_candidates": self.funnel_candidates,

@@ -118,7 +118,8 @@ class HybridRetriever:
                               cfg.funnel_dim)
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
             cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates,
-            by_document=cfg.collapse_chunks, method=cfg.fusion))
+            by_document=cfg.collapse_chunks, method=cfg.fusion,
+            chunk_penalty=cfg.chunk_penalty))
         self._searcher = Searcher(
             store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,

@@ -36,6 +36,12 @@ def chunk_id(parent_id: str, position: int) -> str:
     return f"{parent_id}#chunk{position}"
 
 
+def chunk_position(record_id: str) -> int:
+    """A record's position in its document (0 for a whole document or its first chunk)."""
+    m = _CHUNK_RE.search(record_id)
+    return int(m.group()[len("#chunk"):]) if m else 0
+
+
 def parent_of(record_id: str) -> str:
     """The document id of a record id (user ids never end like a chunk id)."""
     return _CHUNK_RE.sub("", record_id)

@@ -19,7 +19,7 @@ from .config import MODES
 from .errors import ConfigError, InvalidInputError
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
-from .records import CHUNK_KEY, PARENT_KEY, is_live, parent_of, public_metadata
+from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
 from .rerank import Reranker
 from .sparse import SparseIndex
 from .store import ChromaStore
@@ -52,6 +52,8 @@ class FusionSettings:
     #: fuse documents (a document's rank on a side is its best chunk's), not chunks
     by_document: bool = True
     method: str = "rrf"  # fusion.METHODS
+    #: subtracted from the dense similarity of a document's later chunks (see config.py)
+    chunk_penalty: float = 0.0
 
 
 class LocalEngine:
@@ -76,7 +78,9 @@ class LocalEngine:
             matching = self.sparse.compile(where)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
-            lists["dense"] = self._dense(request.vector, request.n, where, matching, stage1)
+            dense = self._dense(request.vector, request.n, where, matching, stage1)
+            lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
+                if self.settings.by_document else dense
         if request.mode in ("hybrid", "sparse"):
             allowed = None
             if where is not None and matching is None:  # outside the subset: Chroma says
@@ -145,6 +149,17 @@ def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
         score_fusion(lists, method=settings.method, weights=weights)
     return [Fused(shown(f.id), f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
             for r, f in enumerate(fused, start=1)]
+
+
+def _prefer_first_chunks(items: list[tuple[str, float]], penalty: float
+                         ) -> list[tuple[str, float]]:
+    """Later chunks of a document score their similarity minus `penalty`, re-sorted: a
+    document is found by its first chunk (title and lead) unless a later one is clearly
+    nearer (docs/benchmarks.md, "Chunk aggregation")."""
+    if not penalty:
+        return items
+    scored = [(rid, s - penalty if chunk_position(rid) else s) for rid, s in items]
+    return sorted(scored, key=lambda x: -x[1])
 
 
 def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str]]

@@ -188,3 +188,28 @@ def test_unknown_fusion_method_is_refused():
         RetrieverConfig(fusion="borda")
     with pytest.raises(ConfigError, match="relative_score"):
         score_fusion({"dense": [("a", 1.0)]}, method="rrf")
+
+
+def test_later_chunks_pay_the_chunk_penalty():
+    """B's third chunk is nearer than A's first, but by less than the penalty: A comes first;
+    C's second chunk beats its first by more than the penalty and keeps its place."""
+    from retrievekit.records import chunk_position
+    from retrievekit.searcher import _prefer_first_chunks
+
+    items = [("B#chunk2", 0.80), ("A", 0.78), ("C#chunk1", 0.70), ("B#chunk0", 0.60),
+             ("C#chunk0", 0.50)]
+    out = _prefer_first_chunks(items, 0.05)
+    assert [rid for rid, _ in out] == ["A", "B#chunk2", "C#chunk1", "B#chunk0", "C#chunk0"]
+    assert dict(out)["B#chunk2"] == pytest.approx(0.75) and dict(out)["A"] == 0.78
+    assert _prefer_first_chunks(items, 0.0) == items
+    assert [chunk_position(r) for r in ("A", "A#chunk0", "A#chunk12", "A#chunkX")] == \
+        [0, 0, 12, 0]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 3, True, "0.05", float("nan")])
+def test_bad_chunk_penalty_is_refused(bad):
+    from retrievekit.config import RetrieverConfig
+    from retrievekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="chunk_penalty"):
+        RetrieverConfig(chunk_penalty=bad)
