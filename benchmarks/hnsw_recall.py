@@ -1,0 +1,95 @@
+"""HNSW settings by measured recall: recall@k of Chroma's HNSW against exact search, on the
+real vectors of the five shared collections (all-MiniLM-L6-v2 chunk vectors from the cache
+of `quality.py index`) and their judged queries, for each setting, with its build time.
+
+Usage: python benchmarks/hnsw_recall.py [--k 50]   (after quality.py index)
+Writes benchmarks/results/hnsw-recall.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import quality as Q  # noqa: E402
+
+SETTINGS = {"M=16, ef 100/100 (Chroma's defaults)": (16, 100, 100),
+            "M=16, ef 100/200": (16, 100, 200),
+            "M=16, ef 200/300": (16, 200, 300),
+            "M=24, ef 200/200": (24, 200, 200),
+            "M=32, ef 100/200": (32, 100, 200),
+            "M=32, ef 200/200 (retrievekit 0.1 defaults)": (32, 200, 200)}
+
+
+def _vectors():
+    """All live chunk vectors of the five collections, and all their judged query vectors."""
+    from retrievekit.records import is_live
+
+    docs, queries = [], []
+    with Q._cache() as cache:
+        for name in Q.COLLECTIONS:
+            ds = Q._load(argparse.Namespace(data=Q.os.environ.get("RETRIEVEKIT_DATA",
+                                                                  "/work/shared/data")), name)
+            with Q._retriever(name) as r:
+                for b in r.store.iter_records(include=["embeddings", "metadatas"]):
+                    docs += [v for v, m in zip(b["embeddings"], b["metadatas"]) if is_live(m)]
+                with r.embedder.using_cache(cache):
+                    queries.append(r.embedder.embed_queries([ds.queries[q] for q in ds.qrels]))
+    return np.asarray(docs, dtype=np.float32), np.concatenate(queries)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import chromadb
+    from chromadb.config import Settings
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=50)
+    args = ap.parse_args(argv)
+    C.setup_torch(1)
+    docs, queries = _vectors()
+    exact = np.argsort(-(queries @ docs.T), axis=1)[:, :args.k]
+    client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
+    ids = [str(i) for i in range(len(docs))]
+    rows, out = [], {"machine": C.machine_info(), "vectors": len(docs), "queries": len(queries),
+                     "k": args.k, "settings": {}}
+    for name, (m, efc, efs) in SETTINGS.items():
+        col = client.create_collection(f"recall-{uuid.uuid4().hex[:8]}", embedding_function=None,
+                                       configuration={"hnsw": {"space": "cosine",
+                                                               "max_neighbors": m,
+                                                               "ef_construction": efc,
+                                                               "ef_search": efs}})
+        t = time.perf_counter()
+        for s in range(0, len(docs), 5000):
+            col.add(ids=ids[s:s + 5000], embeddings=docs[s:s + 5000])
+        build = time.perf_counter() - t
+        recalls, lat = [], []
+        for qi, q in enumerate(queries):
+            t = time.perf_counter()
+            got = col.query(query_embeddings=[q], n_results=args.k, include=[])["ids"][0]
+            lat.append(1000 * (time.perf_counter() - t))
+            recalls.append(len({int(g) for g in got} & set(exact[qi].tolist())) / args.k)
+        r = {"build_s": build, "recall": statistics.mean(recalls),
+             "recall_min": min(recalls), "query_p50_ms": statistics.median(lat)}
+        out["settings"][name] = r
+        rows.append([name, f"{r['recall']:.4f}", f"{r['recall_min']:.2f}", f"{build:.1f}",
+                     f"{r['query_p50_ms']:.2f}"])
+        client.delete_collection(col.name)
+    C.write_results("hnsw-recall", out)
+    print(f"{len(docs)} vectors, {len(queries)} queries, k = {args.k}\n")
+    print(C.md_table(["HNSW", f"recall@{args.k}", "worst query", "build s", "query p50 ms"],
+                     rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
