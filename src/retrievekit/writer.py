@@ -137,7 +137,7 @@ class Writer:
                 try:
                     self.store.delete([rid for c in batch for rid in c.dead])
                 except BaseException:
-                    self.follower.repair([entry])
+                    self._recover(entry)
                     raise
                 self.log.finish(entry)
             self.follower.catch_up()
@@ -175,10 +175,20 @@ class Writer:
             if dead:
                 self.store.delete(dead)
         except BaseException:
-            # each document is old or new in Chroma; make the log and derived state agree
-            self.follower.repair([entry])
+            self._recover(entry)
             raise
         self.log.finish(entry)
+
+    def _recover(self, entry: Any) -> None:
+        """After a failed batch: each document is old or new in Chroma; make the log and the
+        derived indexes agree with it now, so searches do not wait for the next open. Best
+        effort: the original error is the one the caller sees."""
+        try:
+            self.follower.repair([entry])
+            self.follower.catch_up()
+        except Exception as exc:  # e.g. the server went away: the next sync repairs it
+            logger.warning("could not repair the failed write at once (%s: %s); the next "
+                           "open or search will", type(exc).__name__, exc)
 
     def _group(self, change: _Change, seq: int, vectors: Mapping[str, np.ndarray]
                ) -> tuple[list[str], np.ndarray, list[str], list[dict[str, Any]]]:

@@ -251,3 +251,26 @@ def test_a_new_bm25_file_format_rebuilds_the_index_not_refuses_the_store(tmp_pat
     with HybridRetriever(path=path, embedder=embedder) as r:
         assert "rebuilt" in caplog.text and r.verify()["ok"]
         assert [h.id for h in r.search("plums", k=1, mode="sparse")] == ["a"]
+
+
+def test_a_failed_write_is_repaired_at_once(tmp_path, tiny_embedder, monkeypatch):
+    """Chroma fails the cleanup delete of an update (the records are in, the dead ones not
+    yet gone): the error reaches the caller, and the store and BM25 agree right away, with
+    the document whole in its new version; no reopen needed."""
+    from chromadb.api.models.Collection import Collection
+
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder, config=CHUNKED) as r:
+        r.add_documents([_doc("a", 1, 4)])
+        original = Collection.delete
+
+        def failing(self, *args, **kwargs):
+            if not self.name.endswith("-rklog"):
+                monkeypatch.setattr(Collection, "delete", original)  # once
+                raise RuntimeError("disk full")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Collection, "delete", failing)
+        with pytest.raises(RuntimeError, match="disk full"):
+            r.add_documents([_doc("a", 2, 1)])
+        assert _check_store(r, {"a": {2}}) == {"a": 2}
+        assert r.search("version1", k=5, mode="sparse") == []
