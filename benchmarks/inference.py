@@ -111,13 +111,15 @@ def save(name: str, payload: dict[str, Any]) -> None:
 
 def chunk_texts(ds, embedder) -> tuple[list[str], list[str]]:
     """(parent doc id, chunk text) of a collection, chunked exactly as the pipeline does."""
+    from retrievekit.chunking import ChunkConfig
     from retrievekit.evaluation import dataset_documents
-    from retrievekit.pipeline import HybridRetriever
     from retrievekit.types import Document
+    from retrievekit.writer import document_records
 
     docs = [Document(text=t, id=i) for i, t in dataset_documents(ds) if t.strip()]
-    with HybridRetriever({"store": {"path": ":memory:"}}, embedder=embedder) as r:
-        records = r._records(docs)  # the pipeline's chunking, without encoding or storing
+    # the pipeline's chunking, without encoding or storing
+    records = [r for recs in document_records(docs, embedder, ChunkConfig()).values()
+               for r in recs]
     return [rec.parent for rec in records], [rec.text for rec in records]
 
 

@@ -33,6 +33,34 @@ from .types import Document
 logger = logging.getLogger(__name__)
 
 
+def document_records(docs: Sequence[Document], embedder: Embedder, chunking: ChunkConfig
+                     ) -> dict[str, list[Record]]:
+    """Each document's records, by id: one record, or one per chunk when the document is
+    longer than the model reads (the window: chunking.max_tokens, else the model's length
+    less special tokens and the document prefix)."""
+    tok = embedder.tokenizer
+    window = chunking.max_tokens
+    if window is None:
+        prefix = len(tok(embedder.prefixes.document, add_special_tokens=False)["input_ids"])
+        window = embedder.max_seq_length - 2 - prefix
+    overlap = min(chunking.overlap_tokens, window // 2)
+    lengths = [len(ids) for ids in tok([d.text for d in docs], add_special_tokens=False,
+                                       truncation=False, verbose=False)["input_ids"]]
+    out: dict[str, list[Record]] = {}
+    for doc, n in zip(docs, lengths):
+        assert doc.id is not None
+        if n <= window:
+            out[doc.id] = make_records(doc.id, doc.text, doc.metadata, None)
+            continue
+        if not chunking.enabled:
+            raise InvalidInputError(
+                f"document {doc.id!r} has {n} tokens, more than the model reads ({window}); "
+                "enable chunking (chunking.enabled=true) or split it first")
+        out[doc.id] = make_records(doc.id, doc.text, doc.metadata,
+                                   split_text(doc.text, tok, window, overlap))
+    return out
+
+
 @dataclass(frozen=True)
 class WriteStats:
     """What one `add_documents` did, in records."""
@@ -66,41 +94,10 @@ class Writer:
         self.funnel_dim = funnel_dim
         self.lock = threading.RLock()
 
-    # -- documents to records --------------------------------------------------------------
-    def _window(self) -> int:
-        window = self.chunking.max_tokens
-        if window is None:
-            emb = self.embedder
-            prefix = len(emb.tokenizer(emb.prefixes.document, add_special_tokens=False)
-                         ["input_ids"])
-            window = emb.max_seq_length - 2 - prefix
-        return window
-
-    def records(self, docs: Sequence[Document]) -> dict[str, list[Record]]:
-        """Each document's records, by id (chunked when longer than the model reads)."""
-        tok = self.embedder.tokenizer
-        window = self._window()
-        overlap = min(self.chunking.overlap_tokens, window // 2)
-        lengths = [len(ids) for ids in tok([d.text for d in docs], add_special_tokens=False,
-                                           truncation=False, verbose=False)["input_ids"]]
-        out: dict[str, list[Record]] = {}
-        for doc, n in zip(docs, lengths):
-            assert doc.id is not None
-            if n <= window:
-                out[doc.id] = make_records(doc.id, doc.text, doc.metadata, None)
-                continue
-            if not self.chunking.enabled:
-                raise InvalidInputError(
-                    f"document {doc.id!r} has {n} tokens, more than the model reads "
-                    f"({window}); enable chunking (chunking.enabled=true) or split it first")
-            out[doc.id] = make_records(doc.id, doc.text, doc.metadata,
-                                       split_text(doc.text, tok, window, overlap))
-        return out
-
     # -- writes ----------------------------------------------------------------------------
     def add(self, docs: Sequence[Document], progress: bool | None = None) -> WriteStats:
         """Insert or replace whole documents (validated, ids unique)."""
-        new = self.records(docs)
+        new = document_records(docs, self.embedder, self.chunking)
         with self.lock:
             stored = self._stored(list(new))
             changes: list[_Change] = []
