@@ -130,3 +130,11 @@ def score_fusion(
             scores.setdefault(doc_id, {})[name] = first[doc_id]
     order = sorted(total, key=lambda d: (-total[d], min(ranks[d].values()), d))
     return [Fused(d, total[d], ranks[d], scores[d]) for d in order]
+
+
+def score_ceiling(method: str, weights: Mapping[str, float], rrf_k: float = 60) -> float:
+    """The highest fused score `method` can give: first on every side (RRF), or the top
+    normalized score on every side (score fusion). Dividing by it maps fused scores to
+    [0, 1] (a relevance score: 1 means best on both sides)."""
+    total = sum(float(w) for w in weights.values())
+    return total / (rrf_k + 1) if method == "rrf" else total

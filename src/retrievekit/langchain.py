@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 
@@ -35,6 +35,7 @@ try:
     from langchain_core.documents import Document as LCDocument
     from langchain_core.embeddings import Embeddings
     from langchain_core.indexing import DeleteResponse, DocumentIndex, UpsertResponse
+    from langchain_core.vectorstores import VectorStore
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
         "retrievekit.langchain needs langchain-core: pip install 'retrievekit[langchain]' "
@@ -42,27 +43,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from pydantic import ConfigDict, PrivateAttr, field_validator
 
-from .config import MODES, RetrieverConfig
+from .adapters import (BUILD_KEYS, CHUNK_ID_KEY, RANKS_KEY, SCORES_KEY,  # noqa: F401
+                       ClosesOwnRetriever, open_retriever, result_metadata)
+from .config import MODES
 from .embedding import Embedder, EmbedderConfig
 from .pipeline import HybridRetriever
 from .rerank import Reranker
 from .types import Document, Hit
 
-__all__ = ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever"]
+__all__ = ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever",
+           "RetrieveKitVectorStore"]
 
-#: Metadata keys the retriever adds to each returned document.
+#: Metadata key of the final score on documents the retriever returns.
 SCORE_KEY = "score"
-RANKS_KEY = "retrievekit_ranks"
-SCORES_KEY = "retrievekit_scores"
-CHUNK_ID_KEY = "retrievekit_chunk_id"
 #: Metadata key the reranker writes its score to.
 RELEVANCE_KEY = "relevance_score"
 
 _EMBEDDER_KEYS = tuple(EmbedderConfig.__dataclass_fields__)
 _SEARCH_KWARGS = ("k", "where", "mode", "rerank")
-# HybridRetriever keyword arguments accepted when the retriever builds its own.
-_BUILD_KEYS = ("embedder", "reranker", "path", "host", "port", "collection", "model",
-               "truncate_dim", "candidates")
 
 
 class _Unset:
@@ -154,16 +152,17 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
 
 def hit_to_document(hit: Hit) -> LCDocument:
     """A core `Hit` -> a LangChain `Document` carrying the scores in its metadata."""
-    meta = dict(hit.document.metadata)
-    meta[SCORE_KEY] = hit.score
-    meta[RANKS_KEY] = dict(hit.ranks)
-    meta[SCORES_KEY] = dict(hit.scores)
-    meta[CHUNK_ID_KEY] = hit.chunk_id if hit.chunk_id is not None else hit.id
+    meta = {**hit.document.metadata, SCORE_KEY: hit.score, **result_metadata(hit)}
     return LCDocument(page_content=hit.document.text, metadata=meta, id=hit.id)
 
 
+def stored_document(doc: Document) -> LCDocument:
+    """A core document as stored (its own metadata, no scores) -> a LangChain `Document`."""
+    return LCDocument(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)
+
+
 # -- retriever / document index ----------------------------------------------------------------
-class RetrieveKitRetriever(DocumentIndex):
+class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
     """Hybrid BM25 + dense (+ rerank) retrieval as a LangChain retriever and `DocumentIndex`.
 
     Build it around a `HybridRetriever` (``RetrieveKitRetriever(retriever=hr)``), or let it
@@ -193,7 +192,7 @@ class RetrieveKitRetriever(DocumentIndex):
     _owned: bool = PrivateAttr(default=False)
 
     def __init__(self, **data: Any) -> None:
-        unknown = sorted(set(data) - set(type(self).model_fields) - set(_BUILD_KEYS)
+        unknown = sorted(set(data) - set(type(self).model_fields) - set(BUILD_KEYS)
                          - {"config"})
         if unknown:  # pydantic would drop them silently (a filter ignored is a wrong answer)
             hints = {"search_kwargs": "pass k= and where= directly", "top_k": "use k=",
@@ -202,25 +201,11 @@ class RetrieveKitRetriever(DocumentIndex):
             fix = "; ".join(f"{k}: {hints[k]}" for k in unknown if k in hints)
             raise ConfigError(f"RetrieveKitRetriever got unknown options {unknown}"
                               f"{'; ' + fix if fix else ''}; valid: "
-                              f"{sorted(set(type(self).model_fields) | set(_BUILD_KEYS))}")
-        build = {key: data.pop(key) for key in _BUILD_KEYS if key in data}
-        config = data.pop("config", None)
-        owned = False
-        if data.get("retriever") is not None:
-            if build or config is not None:
-                extra = sorted(build) + (["config"] if config is not None else [])
-                raise ConfigError(f"pass either retriever= or config/{list(_BUILD_KEYS)}, not "
-                                  f"both (got retriever and {extra})")
-            if not isinstance(data["retriever"], HybridRetriever):
-                raise ConfigError(f"retriever must be a retrievekit HybridRetriever, got "
-                                  f"{type(data['retriever']).__name__}")
-        else:
-            if config is not None and not isinstance(config, (RetrieverConfig, Mapping, str,
-                                                               Path)):
-                raise ConfigError(f"config must be a RetrieverConfig, a dict or a TOML path, "
-                                  f"got {type(config).__name__}")
-            data["retriever"] = HybridRetriever(config, **build)
-            owned = True
+                              f"{sorted(set(type(self).model_fields) | set(BUILD_KEYS))}")
+        build = {key: data.pop(key) for key in BUILD_KEYS
+                 if key in data and key not in type(self).model_fields}
+        data["retriever"], owned = open_retriever(data.get("retriever"), data.pop("config", None),
+                                                  build, "RetrieveKitRetriever")
         try:
             super().__init__(**data)
         except BaseException:
@@ -320,24 +305,212 @@ class RetrieveKitRetriever(DocumentIndex):
             raise InvalidInputError(f"get takes only ids, got {sorted(kwargs)}")
         if isinstance(ids, str):
             raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
-        return [LCDocument(page_content=d.text, metadata=dict(d.metadata), id=d.id)
-                for d in self.retriever.get(list(ids))]
+        return [stored_document(d) for d in self.retriever.get(list(ids))]
 
     async def aget(self, ids: Sequence[str], /, **kwargs: Any) -> list[LCDocument]:
         return await asyncio.to_thread(self.get, list(ids), **kwargs)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close the `HybridRetriever` if this object built it (a passed-in one is the
-        caller's to close)."""
-        if self._owned:
-            self.retriever.close()
 
-    def __enter__(self) -> "RetrieveKitRetriever":
-        return self
+# -- vector store ----------------------------------------------------------------------------
+#: langchain-chroma's constructor names, accepted so code written for `Chroma` runs unchanged
+_CHROMA_NAMES = {"collection_name": "collection", "persist_directory": "path"}
+_VS_SEARCH = ("filter", "where", "mode", "rerank", "weights")
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+
+class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
+    """A LangChain `VectorStore` whose searches are retrievekit's: hybrid (BM25 + dense,
+    fused), dense or sparse, with the store's own model, prefixes and chunking.
+
+    Code written for langchain-chroma runs as is: ``from_documents``, ``add_texts``,
+    ``add_documents(ids=...)``, ``similarity_search(_with_score | _with_relevance_scores)``,
+    ``max_marginal_relevance_search``, ``as_retriever(search_type="similarity" | "mmr" |
+    "similarity_score_threshold")``, ``filter=`` (a Chroma ``where`` dict), ``get_by_ids``,
+    ``delete``, and the async variants.
+
+    Args:
+        retriever: a `HybridRetriever` to work on (closing it stays the caller's), or
+        config / path / collection / model / embedder / reranker / ...: settings of the one
+            this store builds and closes in `close()` (`HybridRetriever`'s arguments; also
+            langchain-chroma's ``collection_name`` and ``persist_directory``).
+        embedding: a `RetrieveKitEmbeddings` to share its model (or ``embedding_function``,
+            langchain-chroma's name). Other LangChain embeddings are refused: the store
+            embeds with its own model, whose settings it records.
+        retrieval_mode: "hybrid" (default), "dense" or "sparse"; ``mode=`` per call.
+
+    Scores: `similarity_search_with_score` returns the hit's final score (higher is better:
+    fused score in hybrid mode, cosine similarity in dense mode, BM25 in sparse mode, the
+    cross-encoder's when reranked). Relevance scores are in [0, 1] (`HybridRetriever.relevance`);
+    sparse mode has none, since BM25 scores have no upper bound.
+    """
+
+    def __init__(self, retriever: HybridRetriever | None = None, *, config: Any = None,
+                 embedding: Any = None, retrieval_mode: str | None = None,
+                 **build: Any) -> None:
+        if "embedding_function" in build:
+            if embedding is not None:
+                raise ConfigError("pass embedding= or embedding_function=, not both")
+            embedding = build.pop("embedding_function")
+        for theirs, ours in _CHROMA_NAMES.items():
+            if theirs in build:
+                if ours in build:
+                    raise ConfigError(f"pass {ours}= or {theirs}=, not both")
+                build[ours] = build.pop(theirs)
+        if embedding is not None:
+            if not isinstance(embedding, RetrieveKitEmbeddings):
+                raise ConfigError(
+                    f"embedding must be a RetrieveKitEmbeddings (the store embeds with its own "
+                    f"model and records its settings), got {type(embedding).__name__}; pass "
+                    f"model='<sentence-transformers name or path>' instead")
+            if "embedder" in build:
+                raise ConfigError("pass embedding= or embedder=, not both")
+            build["embedder"] = embedding.embedder
+        if retrieval_mode is not None and retrieval_mode not in MODES:
+            raise ConfigError(f"retrieval_mode must be one of {list(MODES)}, got "
+                              f"{retrieval_mode!r}")
+        self.retriever, self._owned = open_retriever(retriever, config, build,
+                                                     "RetrieveKitVectorStore")
+        self.retrieval_mode = retrieval_mode or self.retriever.config.mode
+
+    @property
+    def embeddings(self) -> RetrieveKitEmbeddings:
+        """The store's model as LangChain `Embeddings` (query and document prefixes)."""
+        return RetrieveKitEmbeddings(self.retriever.embedder)
+
+    # -- writes ------------------------------------------------------------------------------
+    def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
+                  ids: list[str] | None = None, **kwargs: Any) -> list[str]:
+        """Index texts (insert or replace by id); returns their ids. Without ids, a text's
+        id is a hash of text and metadata (`document_id`)."""
+        texts = _list_arg(texts, "texts")
+        metadatas = [{}] * len(texts) if metadatas is None else _list_arg(metadatas, "metadatas")
+        if len(metadatas) != len(texts):
+            raise InvalidInputError(f"metadatas has {len(metadatas)} entries for {len(texts)} "
+                                    "texts; pass one dict per text (or none)")
+        docs = [LCDocument(page_content=t, metadata=m if m is not None else {})
+                for t, m in zip(texts, metadatas)]
+        return self.add_documents(docs, ids=ids, **kwargs)
+
+    def add_documents(self, documents: list[LCDocument], **kwargs: Any) -> list[str]:
+        """Index LangChain documents; ids from ``ids=`` (None entries allowed), else
+        ``Document.id``, else a hash of text and metadata. Returns the ids."""
+        ids = kwargs.pop("ids", None)
+        progress = kwargs.pop("progress", None)
+        if kwargs:
+            raise InvalidInputError(f"add_documents takes ids= and progress= only, got "
+                                    f"{sorted(kwargs)}")
+        docs = to_core(documents)
+        if ids is not None:
+            ids = _list_arg(ids, "ids")
+            if len(ids) != len(docs):
+                raise InvalidInputError(f"ids has {len(ids)} entries for {len(docs)} "
+                                        "documents; pass one id per document")
+            docs = [d if i is None else Document(text=d.text, id=i, metadata=d.metadata)
+                    for d, i in zip(docs, ids)]
+        return self.retriever.add_documents(docs, progress=progress)
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
+        """Delete documents (all their chunks) by id; unknown ids are skipped."""
+        if ids is None:
+            raise InvalidInputError("delete needs ids=[...]; to drop a whole store, delete its "
+                                    "collection or directory")
+        if kwargs:
+            raise InvalidInputError(f"delete takes only ids, got {sorted(kwargs)}")
+        self.retriever.delete(ids)
+        return True
+
+    def get_by_ids(self, ids: Sequence[str], /) -> list[LCDocument]:
+        """Documents by id, with their own metadata; unknown ids are skipped."""
+        return [stored_document(d) for d in self.retriever.get(ids)]
+
+    # -- search ------------------------------------------------------------------------------
+    def _search(self, query: str, k: int, kwargs: dict[str, Any]) -> list[Hit]:
+        unknown = sorted(set(kwargs) - set(_VS_SEARCH))
+        if unknown:
+            raise InvalidInputError(f"unknown search arguments {unknown}; valid: "
+                                    f"{list(_VS_SEARCH)} (filter= is a Chroma where dict)")
+        if "filter" in kwargs and "where" in kwargs:
+            raise InvalidInputError("pass filter= or where= (the same thing), not both")
+        where = kwargs.get("filter", kwargs.get("where"))
+        return self.retriever.search(query, k, where=where,
+                                     mode=kwargs.get("mode") or self.retrieval_mode,
+                                     rerank=kwargs.get("rerank"), weights=kwargs.get("weights"))
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[LCDocument]:
+        """The `k` best documents for `query` (``filter=``, ``mode=``, ``rerank=``,
+        ``weights=`` per call)."""
+        return [stored_document(h.document) for h in self._search(query, k, kwargs)]
+
+    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any
+                                     ) -> list[tuple[LCDocument, float]]:
+        """`similarity_search` with each hit's final score (higher is better)."""
+        return [(stored_document(h.document), h.score) for h in self._search(query, k, kwargs)]
+
+    def _similarity_search_with_relevance_scores(self, query: str, k: int = 4, **kwargs: Any
+                                                 ) -> list[tuple[LCDocument, float]]:
+        return [(stored_document(h.document), self.retriever.relevance(h))
+                for h in self._search(query, k, kwargs)]
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any
+                                    ) -> list[LCDocument]:
+        """Dense search with a query vector from this store's `embeddings.embed_query`."""
+        if kwargs.get("mode", "dense") != "dense":
+            raise InvalidInputError("a search by vector is dense; it has no text for BM25")
+        kwargs = {**kwargs, "mode": "dense"}
+        unknown = sorted(set(kwargs) - set(_VS_SEARCH))
+        if unknown:
+            raise InvalidInputError(f"unknown search arguments {unknown}; valid: filter, where")
+        hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False,
+                                     where=kwargs.get("filter", kwargs.get("where")),
+                                     query_vector=embedding)
+        return [stored_document(h.document) for h in hits]
+
+    def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20,
+                                      lambda_mult: float = 0.5, **kwargs: Any
+                                      ) -> list[LCDocument]:
+        """`k` documents out of the `fetch_k` best, picked for relevance and diversity
+        (`HybridRetriever.search_mmr`; candidates found in the store's retrieval mode)."""
+        unknown = sorted(set(kwargs) - {"filter", "where", "mode"})
+        if unknown:
+            raise InvalidInputError(f"unknown search arguments {unknown}; valid: filter, mode")
+        hits = self.retriever.search_mmr(query, k, fetch_k=fetch_k, lambda_mult=lambda_mult,
+                                         where=kwargs.get("filter", kwargs.get("where")),
+                                         mode=kwargs.get("mode") or self.retrieval_mode)
+        return [stored_document(h.document) for h in hits]
+
+    # -- async: the sync methods in a worker thread (the base class's run_in_executor) ----------
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_texts(cls, texts: list[str], embedding: Any = None,
+                   metadatas: list[dict] | None = None, *, ids: list[str] | None = None,
+                   **kwargs: Any) -> "RetrieveKitVectorStore":
+        """A store (built from `kwargs`, as the constructor's) holding `texts`."""
+        store = cls(embedding=embedding, **kwargs)
+        try:
+            store.add_texts(texts, metadatas, ids=ids)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def from_documents(cls, documents: list[LCDocument], embedding: Any = None,
+                       **kwargs: Any) -> "RetrieveKitVectorStore":
+        """A store (built from `kwargs`, as the constructor's) holding `documents`."""
+        ids = kwargs.pop("ids", None)
+        store = cls(embedding=embedding, **kwargs)
+        try:
+            store.add_documents(list(documents), ids=ids)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+
+def _list_arg(value: Any, name: str) -> list[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidInputError(f"{name} must be a list, got {type(value).__name__}; wrap a "
+                                "single value in a list")
+    return list(value)
 
 
 # -- reranker -------------------------------------------------------------------------------
@@ -392,17 +565,11 @@ class RetrieveKitReranker(BaseDocumentCompressor):
         docs = list(documents)
         if not docs:
             return []
-        # positions as ids: input documents need no id of their own
-        hits = [Hit(Document(text=d.page_content, id=str(i)), score=0.0)
-                for i, d in enumerate(docs)]
-        ranked = self.reranker.rerank(query, hits, top_n=self.top_n,
-                                      threshold=self.score_threshold)
-        out = []
-        for h in ranked:
-            src = docs[int(h.id)]
-            out.append(LCDocument(page_content=src.page_content, id=src.id,
-                                  metadata={**src.metadata, RELEVANCE_KEY: h.score}))
-        return out
+        ranked = self.reranker.rank(query, [d.page_content for d in docs], top_n=self.top_n,
+                                    threshold=self.score_threshold)
+        return [LCDocument(page_content=docs[r.index].page_content, id=docs[r.index].id,
+                           metadata={**docs[r.index].metadata, RELEVANCE_KEY: r.score})
+                for r in ranked]
 
     async def acompress_documents(self, documents: Sequence[LCDocument], query: str,
                                   callbacks: Callbacks | None = None) -> list[LCDocument]:

@@ -246,7 +246,9 @@ class HybridRetriever:
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
                mode: str | None = None, rerank: bool | None = None,
                candidates: int | None = None,
-               query_vector: np.ndarray | None = None) -> list[Hit]:
+               query_vector: np.ndarray | None = None,
+               weights: Mapping[str, float] | None = None,
+               sparse_candidates: int | None = None) -> list[Hit]:
         """Search; returns at most `k` hits, best first.
 
         Args:
@@ -259,12 +261,73 @@ class HybridRetriever:
             query_vector: the query's embedding, computed earlier with `embedder.embed_query`
                 (same model, prefix, truncation, normalization); used as given instead of
                 encoding `query`, which the BM25 side and the reranker still read.
+            weights: this call's fusion weights, e.g. ``{"dense": 0.7, "sparse": 0.3}``
+                (default from config; a side left out keeps its configured weight).
+            sparse_candidates: the BM25 side's candidates, when they should differ from
+                `candidates` (which then counts for the dense side only).
         """
         sparse = self._sparse
         return self._searcher.search(
             query, k, total=lambda: len(sparse), where=where, mode=mode or self.config.mode,
-            rerank=rerank, query_vector=query_vector,
+            rerank=rerank, query_vector=query_vector, weights=weights,
+            sparse_candidates=sparse_candidates,
             candidates=candidates if candidates is not None else self.config.candidates)
+
+    def relevance(self, hit: Hit) -> float:
+        """A hit's score mapped to [0, 1], comparable across queries (for score thresholds):
+        the cross-encoder's sigmoid score when reranked; in hybrid mode the fused score over
+        the best one possible (1: first on both sides); in dense mode the cosine similarity
+        (negative ones as 0).
+
+        Raises:
+            InvalidInputError: for a sparse-only hit: BM25 scores have no upper bound, so
+                they have no [0, 1] form; threshold on `Hit.score` instead.
+        """
+        from .fusion import score_ceiling
+
+        if "rerank" in hit.scores and self._reranker is not None:
+            s = hit.scores["rerank"]
+            return float(s if self._reranker.config.sigmoid else 1 / (1 + np.exp(-s)))
+        if "fused" in hit.scores:
+            cfg = self.config
+            ceiling = score_ceiling(cfg.fusion, cfg.weights, cfg.rrf_k)
+            return min(1.0, max(0.0, hit.scores["fused"] / ceiling)) if ceiling else 0.0
+        if "dense" in hit.scores:
+            return min(1.0, max(0.0, float(hit.scores["dense"])))
+        raise InvalidInputError(
+            "relevance scores exist for dense, hybrid and reranked hits; BM25 scores (mode="
+            "'sparse') have no upper bound: threshold on Hit.score, or search in hybrid mode")
+
+    def search_mmr(self, query: str, k: int = 4, *, fetch_k: int = 20,
+                   lambda_mult: float = 0.5, where: Mapping[str, Any] | None = None,
+                   mode: str | None = None) -> list[Hit]:
+        """Maximal Marginal Relevance: `fetch_k` hits found as by `search` (no reranking),
+        then `k` of them picked for relevance to the query and novelty among each other
+        (cosine similarity of the stored vectors of the matched chunks; diversity.py).
+
+        Args:
+            lambda_mult: 1 picks by relevance alone, 0 by diversity alone.
+        """
+        from .diversity import mmr
+        from .funnel import short_vectors
+
+        for name, value in (("k", k), ("fetch_k", fetch_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        vec = self.embedder.embed_query(query) if isinstance(query, str) and query.strip() \
+            else None
+        hits = self.search(query, max(fetch_k, k), where=where, mode=mode, rerank=False,
+                           query_vector=vec)
+        if not hits:
+            return []
+        chunk_ids = [h.chunk_id or h.id for h in hits]
+        got = self._store.get(ids=chunk_ids, include=["embeddings"])
+        stored = dict(zip(got["ids"], got["embeddings"]))
+        keep = [i for i, c in enumerate(chunk_ids) if c in stored]
+        vectors = np.asarray([stored[chunk_ids[i]] for i in keep], dtype=np.float32)
+        if self.config.funnel_dim is not None:  # Chroma holds the short vectors
+            vec = short_vectors(vec, self.config.funnel_dim)[0]
+        return [hits[keep[j]] for j in mmr(vec, vectors, k, lambda_mult)]
 
     def sparse_candidates(self, query: str, n: int) -> list[tuple[str, float]]:
         """The BM25 side alone: up to `n` (record id, score), best first."""

@@ -114,6 +114,24 @@ def blend_order(scores: Sequence[float], weight: float = 1.0, rrf_k: float = 60.
     return order, rank, final
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """One text as `Reranker.rank` ordered it.
+
+    Attributes:
+        index: its position in the texts given.
+        score: the final score (the cross-encoder's, or the blend's when weight < 1).
+        rerank_score / rerank_rank: the cross-encoder's score and 1-based rank.
+        blend_rank: its final 1-based position when weight < 1 (None otherwise).
+    """
+
+    index: int
+    score: float
+    rerank_score: float
+    rerank_rank: int
+    blend_rank: int | None = None
+
+
 class Reranker(ModelEngines):
     """Scores (query, passage) pairs with a cross-encoder and reorders hits.
 
@@ -181,6 +199,31 @@ class Reranker(ModelEngines):
             raw = raw[:, -1] - raw[:, 0] if raw.shape[1] == 2 else raw[:, 0]
         return 1.0 / (1.0 + np.exp(-raw)) if self.config.sigmoid else raw
 
+    def rank(self, query: str, texts: Sequence[str], *, top_n: int | None = None,
+             threshold: float | None = None, weight: float | None = None) -> list[Ranked]:
+        """Rank plain texts (given best first by whatever found them) for `query`.
+
+        Returns one `Ranked` per kept text, best first: its index in `texts`, the final score,
+        the cross-encoder score and rank. Options as in `rerank`.
+        """
+        top_n = self.config.top_n if top_n is None else top_n
+        threshold = self.config.threshold if threshold is None else threshold
+        weight = self.config.weight if weight is None else weight
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
+                                  or top_n < 1):
+            raise InvalidInputError(f"top_n must be an int >= 1 or None, got {top_n!r}")
+        try:
+            _check_blend(weight, self.config.rrf_k)
+        except ConfigError as exc:
+            raise InvalidInputError(str(exc)) from None
+        texts = list(texts)
+        scores = self.score(query, texts)
+        order, rank, final = blend_order(scores, weight, self.config.rrf_k)
+        out = [Ranked(i, final[i], float(scores[i]), rank[i], pos if weight < 1 else None)
+               for pos, i in enumerate(order, start=1)
+               if threshold is None or scores[i] >= threshold]
+        return out[:top_n] if top_n is not None else out
+
     def rerank(self, query: str, hits: Sequence[Hit], *, top_n: int | None = None,
                threshold: float | None = None, weight: float | None = None) -> list[Hit]:
         """Reorder `hits` (given best first by the first stage) by cross-encoder score.
@@ -196,29 +239,15 @@ class Reranker(ModelEngines):
                 config.threshold).
             weight: the cross-encoder's share of the order (default: config.weight).
         """
-        top_n = self.config.top_n if top_n is None else top_n
-        threshold = self.config.threshold if threshold is None else threshold
-        weight = self.config.weight if weight is None else weight
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                  or top_n < 1):
-            raise InvalidInputError(f"top_n must be an int >= 1 or None, got {top_n!r}")
-        try:
-            _check_blend(weight, self.config.rrf_k)
-        except ConfigError as exc:
-            raise InvalidInputError(str(exc)) from None
         hits = list(hits)
-        scores = self.score(query, [h.document.text for h in hits])
-        order, rank, final = blend_order(scores, weight, self.config.rrf_k)
         out: list[Hit] = []
-        for pos, i in enumerate(order, start=1):
-            s = float(scores[i])
-            if threshold is not None and s < threshold:
-                continue
-            h = hits[i]
-            ranks = {**h.ranks, "rerank": rank[i]}
-            stage_scores = {**h.scores, "rerank": s}
-            if weight < 1:
-                ranks["blend"] = pos
-                stage_scores["blend"] = final[i]
-            out.append(replace(h, score=final[i], ranks=ranks, scores=stage_scores))
-        return out[:top_n] if top_n is not None else out
+        for r in self.rank(query, [h.document.text for h in hits], top_n=top_n,
+                           threshold=threshold, weight=weight):
+            h = hits[r.index]
+            ranks = {**h.ranks, "rerank": r.rerank_rank}
+            stage_scores = {**h.scores, "rerank": r.rerank_score}
+            if r.blend_rank is not None:
+                ranks["blend"] = r.blend_rank
+                stage_scores["blend"] = r.score
+            out.append(replace(h, score=r.score, ranks=ranks, scores=stage_scores))
+        return out

@@ -10,7 +10,7 @@ its oracle. See docs/design.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -35,6 +35,15 @@ class Request:
     mode: str
     n: int
     where: Mapping[str, Any] | None
+    #: this call's fusion weights (None: the settings')
+    weights: Mapping[str, float] | None = None
+    #: the sparse side's candidates when they differ from `n`
+    n_sparse: int | None = None
+
+    def widened(self, total: int) -> "Request":
+        """The same request with twice the candidates per side (at most `total`)."""
+        return replace(self, n=min(total, 2 * self.n),
+                       n_sparse=None if self.n_sparse is None else min(total, 2 * self.n_sparse))
 
 
 class Engine(Protocol):
@@ -86,10 +95,14 @@ class LocalEngine:
             if where is not None and matching is None:  # outside the subset: Chroma says
                 allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
                                     where)
-            lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed,
-                                                 matching=matching)
-        full = any(len(v) >= request.n for v in lists.values())
-        fused = fuse(lists, self.settings)
+            lists["sparse"] = self.sparse.search(request.query, request.n_sparse or request.n,
+                                                 allowed=allowed, matching=matching)
+        full = any(len(v) >= (request.n_sparse or request.n if side == "sparse" else request.n)
+                   for side, v in lists.items())
+        settings = self.settings
+        if request.weights is not None:
+            settings = replace(settings, weights={**settings.weights, **request.weights})
+        fused = fuse(lists, settings)
         if stage1:
             fused = [Fused(f.id, f.score, {**f.ranks, "funnel": stage1[f.id][0]},
                            {**f.scores, "funnel": stage1[f.id][1]}) if f.id in stage1 else f
@@ -228,7 +241,8 @@ class Searcher:
 
     def search(self, query: str, k: int, *, total: int, where: Mapping[str, Any] | None,
                mode: str, rerank: bool | None, candidates: int,
-               query_vector: np.ndarray | None) -> list[Hit]:
+               query_vector: np.ndarray | None, weights: Mapping[str, float] | None = None,
+               sparse_candidates: int | None = None) -> list[Hit]:
         _check_query(query)
         qvec = None if query_vector is None else _check_query_vector(query_vector, self.dim)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -242,8 +256,12 @@ class Searcher:
         if rerank and self.reranker is None:
             raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
                               "or set config.reranker")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise InvalidInputError(f"candidates must be an int >= 1, got {candidates!r}")
+        for name, value in (("candidates", candidates), ("sparse_candidates", sparse_candidates)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        if weights is not None:
+            weights = _check_weights(weights)
         reranker = self.reranker if rerank is not False else None
         want = max(k, reranker.config.candidates if reranker else k)
         if self.before is not None:
@@ -254,7 +272,9 @@ class Searcher:
         vec = None
         if mode in ("hybrid", "dense"):
             vec = self.embed_query(query) if qvec is None else qvec
-        request = Request(query, vec, mode, n, dict(where) if where else None)
+        request = Request(query, vec, mode, n, dict(where) if where else None, weights,
+                          None if sparse_candidates is None
+                          else min(sparse_candidates, total()))
         while True:
             fused, full = self.engine.ranked(request)
             hits = self._hits(fused, want)
@@ -262,7 +282,7 @@ class Searcher:
             # asked for, widen the candidate lists rather than return a short page
             if len(hits) >= want or request.n >= total() or not full:
                 break
-            request = Request(query, vec, mode, min(total(), 2 * request.n), request.where)
+            request = request.widened(total())
         if reranker is not None:
             hits = reranker.rerank(query, hits[:reranker.config.candidates])
         return hits[:k]
@@ -296,6 +316,19 @@ class Searcher:
                 if len(hits) >= limit:
                     break
         return hits
+
+
+def _check_weights(weights: Any) -> dict[str, float]:
+    from .fusion import validate_rrf_params
+
+    if not isinstance(weights, Mapping) or set(weights) - {"dense", "sparse"}:
+        raise InvalidInputError(f"weights must be a dict with keys 'dense' and/or 'sparse', e.g. "
+                                f"{{'dense': 0.7, 'sparse': 0.3}}, got {weights!r:.80}")
+    try:
+        validate_rrf_params(60, weights)
+    except ConfigError as exc:
+        raise InvalidInputError(str(exc)) from None
+    return {k: float(v) for k, v in weights.items()}
 
 
 def _check_query(query: Any) -> None:

@@ -14,13 +14,13 @@ import pytest
 pytest.importorskip("langchain_tests")
 
 from langchain_tests.integration_tests import (  # noqa: E402
-    EmbeddingsIntegrationTests, RetrieversIntegrationTests)
+    EmbeddingsIntegrationTests, RetrieversIntegrationTests, VectorStoreIntegrationTests)
 from langchain_tests.integration_tests.indexer import (  # noqa: E402
     AsyncDocumentIndexTestSuite, DocumentIndexerTestSuite)
 from langchain_tests.unit_tests import EmbeddingsUnitTests  # noqa: E402
 
 from retrievekit.langchain import (RetrieveKitEmbeddings,  # noqa: E402
-                                   RetrieveKitRetriever)
+                                   RetrieveKitRetriever, RetrieveKitVectorStore)
 from retrievekit.pipeline import HybridRetriever  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -112,3 +112,19 @@ class TestRetrieveKitAsyncDocumentIndex(AsyncDocumentIndexTestSuite):
         hr = _memory_retriever(embedder)
         yield RetrieveKitRetriever(retriever=hr)
         _dispose(hr)
+
+
+class TestRetrieveKitVectorStoreHybrid(VectorStoreIntegrationTests):
+    """The standard suite with the store's default mode: hybrid search."""
+
+    mode = "hybrid"
+
+    @pytest.fixture
+    def vectorstore(self, embedder: Any):
+        hr = _memory_retriever(embedder)
+        yield RetrieveKitVectorStore(hr, retrieval_mode=self.mode)
+        _dispose(hr)
+
+
+class TestRetrieveKitVectorStoreDense(TestRetrieveKitVectorStoreHybrid):
+    mode = "dense"

@@ -475,7 +475,8 @@ def test_langchain_module_imports_only_langchain_core():
 def test_all_is_pinned():
     import retrievekit.langchain as mod
 
-    assert mod.__all__ == ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever"]
+    assert mod.__all__ == ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever",
+                           "RetrieveKitVectorStore"]
     for name in mod.__all__:
         assert getattr(mod, name).__module__ == "retrievekit.langchain"
 
@@ -493,3 +494,133 @@ def test_unknown_options_are_refused_with_the_right_name(retriever):
         RetrieveKitRetriever(retriever=retriever, filter={"lang": "en"})
     ok = RetrieveKitRetriever(retriever=retriever, k=1, where={"lang": "en"}, tags=["x"])
     assert ok.k == 1 and ok.tags == ["x"]
+
+
+# -- vector store ------------------------------------------------------------------------------
+def _store(embedder, corpus_docs, **kwargs):
+    from retrievekit.langchain import RetrieveKitVectorStore
+
+    return RetrieveKitVectorStore.from_documents(
+        _lc(corpus_docs), RetrieveKitEmbeddings(embedder), path=":memory:",
+        collection=f"lcvs-{uuid.uuid4().hex[:12]}", **kwargs)
+
+
+def test_vector_store_written_as_for_langchain_chroma(tmp_path, embedder, corpus_docs):
+    """langchain-chroma's names and calls work unchanged; the store is a real retrievekit
+    store (it reopens with its settings, BM25 in step)."""
+    from retrievekit.langchain import RetrieveKitVectorStore
+
+    db = str(tmp_path / "db")
+    vs = RetrieveKitVectorStore(collection_name="kbase", persist_directory=db,
+                                embedding_function=RetrieveKitEmbeddings(embedder))
+    ids = vs.add_texts(["Rust has no garbage collector.", "Bread needs a starter."],
+                       metadatas=[{"topic": "code"}, {"topic": "food"}], ids=["r", "b"])
+    assert ids == ["r", "b"]
+    got = vs.similarity_search("garbage collector", k=1, filter={"topic": "code"})
+    assert got == [LCDocument(page_content="Rust has no garbage collector.",
+                              metadata={"topic": "code"}, id="r")]
+    assert vs.similarity_search("garbage collector", k=2, filter={"topic": "food"})[0].id == "b"
+    vs.close()
+    with HybridRetriever.open(db, collection="kbase") as hr:
+        assert hr.count() == 2 and hr.verify()["ok"]
+
+
+def test_vector_store_modes_and_scores(embedder, corpus_docs):
+    vs = _store(embedder, corpus_docs)
+    assert vs.retrieval_mode == "hybrid"
+    q = "XQ7-42 flux capacitor"
+    hybrid = vs.similarity_search_with_score(q, k=3)
+    dense = vs.similarity_search_with_score(q, k=3, mode="dense")
+    sparse = vs.similarity_search_with_score(q, k=3, mode="sparse")
+    assert hybrid[0][0].id == dense[0][0].id == sparse[0][0].id == "xq7"
+    # each mode's own score: RRF in hybrid, cosine in dense, BM25 in sparse
+    assert hybrid[0][1] == pytest.approx(2 / 61)
+    assert 0 < dense[0][1] <= 1 and sparse[0][1] > 1
+    meta = {d.id: dict(d.metadata) for d in corpus_docs}
+    assert [d.metadata for d, _ in hybrid] == [meta[d.id] for d, _ in hybrid]
+    assert "retrievekit_ranks" not in hybrid[0][0].metadata  # store metadata only
+    rel = vs.similarity_search_with_relevance_scores(q, k=3)
+    assert rel[0][1] == pytest.approx(1.0) and all(0 <= s <= 1 for _, s in rel)
+    assert [s for _, s in rel] == sorted((s for _, s in rel), reverse=True)
+    dense_rel = vs.similarity_search_with_relevance_scores(q, k=3, mode="dense")
+    assert [s for _, s in dense_rel] == pytest.approx([s for _, s in dense])
+    with pytest.raises(InvalidInputError, match="no upper bound"):
+        vs.similarity_search_with_relevance_scores(q, k=3, mode="sparse")
+    with pytest.raises(InvalidInputError, match="unknown search arguments"):
+        vs.similarity_search(q, k=3, filters={"topic": "code"})
+    vs.close()
+
+
+def test_vector_store_as_retriever_search_types(embedder, corpus_docs):
+    vs = _store(embedder, corpus_docs)
+    sim = vs.as_retriever(search_kwargs={"k": 2, "filter": {"topic": "animals"}})
+    assert [d.metadata["topic"] for d in sim.invoke("pets that purr")] == ["animals"] * 2
+    thr = vs.as_retriever(search_type="similarity_score_threshold",
+                          search_kwargs={"k": 8, "score_threshold": 0.6})
+    found = thr.invoke("XQ7-42 flux capacitor")
+    assert found and found[0].id == "xq7"
+    everything = vs.similarity_search_with_relevance_scores("XQ7-42 flux capacitor", k=8)
+    assert len(found) == sum(s >= 0.6 for _, s in everything) < 8
+    mmr = vs.as_retriever(search_type="mmr", search_kwargs={"k": 3, "fetch_k": 8})
+    assert len(mmr.invoke("programming language")) == 3
+    vs.close()
+
+
+def test_mmr_trades_relevance_for_diversity(embedder):
+    """Near-duplicates: pure relevance returns them all; MMR returns one and moves on."""
+    from retrievekit.langchain import RetrieveKitVectorStore
+
+    texts = ["Python is a programming language with readable syntax.",
+             "Python is a programming language with a readable syntax.",
+             "Python is a programming language whose syntax is readable.",
+             "Rust is a systems programming language with memory safety.",
+             "Sourdough bread is leavened with a fermented starter."]
+    vs = RetrieveKitVectorStore.from_texts(texts, RetrieveKitEmbeddings(embedder),
+                                           ids=["p1", "p2", "p3", "rust", "bread"],
+                                           path=":memory:", collection=f"mmr-{uuid.uuid4().hex[:8]}")
+    q = "Python programming language syntax"
+    relevant = [d.id for d in vs.max_marginal_relevance_search(q, k=3, fetch_k=5, lambda_mult=1.0)]
+    assert set(relevant) == {"p1", "p2", "p3"}
+    diverse = [d.id for d in vs.max_marginal_relevance_search(q, k=3, fetch_k=5, lambda_mult=0.3)]
+    assert diverse[0] in {"p1", "p2", "p3"} and len({"p1", "p2", "p3"} & set(diverse)) == 1
+    with pytest.raises(InvalidInputError, match="lambda_mult"):
+        vs.max_marginal_relevance_search(q, k=2, lambda_mult=2)
+    vs.close()
+
+
+async def test_vector_store_async_and_delete(embedder, corpus_docs):
+    vs = _store(embedder, corpus_docs)
+    docs = await vs.asimilarity_search("sourdough starter", k=1)
+    assert docs[0].id == "bread"
+    assert vs.delete(["bread"]) is True
+    assert await vs.aget_by_ids(["bread", "tea"]) == [
+        LCDocument(page_content=corpus_docs[7].text, metadata=dict(corpus_docs[7].metadata),
+                   id="tea")]
+    assert "bread" not in [d.id for d in await vs.asimilarity_search("sourdough starter", k=8)]
+    vs.close()
+
+
+def test_vector_store_refuses_what_it_cannot_honor(embedder, retriever):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from retrievekit.langchain import RetrieveKitVectorStore
+
+    with pytest.raises(ConfigError, match="RetrieveKitEmbeddings"):
+        RetrieveKitVectorStore(embedding=DeterministicFakeEmbedding(size=6), path=":memory:")
+    with pytest.raises(ConfigError, match="not both"):
+        RetrieveKitVectorStore(retriever, path=":memory:")
+    with pytest.raises(ConfigError, match="retrieval_mode"):
+        RetrieveKitVectorStore(retriever, retrieval_mode="semantic")
+    vs = RetrieveKitVectorStore(retriever)
+    with pytest.raises(InvalidInputError, match="metadatas has 1 entries for 2"):
+        vs.add_texts(["a b", "c d"], metadatas=[{}])
+    with pytest.raises(InvalidInputError, match="texts must be a list"):
+        vs.add_texts("a single text")
+    with pytest.raises(InvalidInputError, match="ids has 1 entries"):
+        vs.add_documents([LCDocument(page_content="x y"), LCDocument(page_content="z")], ids=["1"])
+    with pytest.raises(InvalidInputError, match="by vector is dense"):
+        vs.similarity_search_by_vector(vs.embeddings.embed_query("cats"), k=1, mode="hybrid")
+    assert vs.similarity_search_by_vector(vs.embeddings.embed_query("purring cats"), k=1)[0].id \
+        == "cats"
+    vs.close()  # not its retriever: still open
+    assert retriever.count() == 8
