@@ -1,11 +1,13 @@
-"""LangChain adapters: embeddings, a retriever that is also a `DocumentIndex`, and a reranker.
+"""LangChain adapters: a vector store, embeddings, a retriever that is also a `DocumentIndex`,
+and a reranker.
 
 Only `langchain_core` is imported, and only when this module is (``import retrievekit`` does
 not load it). The adapters convert types and call the core; the retrieval itself is
 `retrievekit.pipeline.HybridRetriever`'s.
 
 Metadata of retrieved documents (`RetrieveKitRetriever`):
-    the document's own metadata, plus
+    ``id``: the document id (also ``Document.id``), unless the document's own metadata has an
+    ``id`` key, which is kept; the document's own metadata; plus
     ``score``: the final score the results are ordered by (rerank, else fused RRF, else the
     single side's score); ``retrievekit_ranks``: ``{stage: 1-based rank}`` and
     ``retrievekit_scores``: ``{stage: score}`` for the stages the hit went through ("dense",
@@ -56,6 +58,9 @@ __all__ = ["RetrieveKitEmbeddings", "RetrieveKitReranker", "RetrieveKitRetriever
 
 #: Metadata key of the final score on documents the retriever returns.
 SCORE_KEY = "score"
+#: Metadata key of the document id on documents the retriever returns (unless the document's
+#: own metadata has that key): what `EnsembleRetriever(id_key="id")` dedups by.
+ID_KEY = "id"
 #: Metadata key the reranker writes its score to.
 RELEVANCE_KEY = "relevance_score"
 
@@ -152,7 +157,8 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
 
 def hit_to_document(hit: Hit) -> LCDocument:
     """A core `Hit` -> a LangChain `Document` carrying the scores in its metadata."""
-    meta = {**hit.document.metadata, SCORE_KEY: hit.score, **result_metadata(hit)}
+    meta = {ID_KEY: hit.id, **hit.document.metadata, SCORE_KEY: hit.score,
+            **result_metadata(hit)}
     return LCDocument(page_content=hit.document.text, metadata=meta, id=hit.id)
 
 

@@ -1,20 +1,24 @@
-"""LlamaIndex adapters: an embedding model, a retriever and a node postprocessor (reranker).
+"""LlamaIndex adapters: a vector store, an embedding model, a retriever and a node
+postprocessor (reranker).
 
 Only `llama_index.core` is imported, and only when this module is (``import retrievekit``
 does not load it). The adapters convert types and call the core; retrieval itself is
 `retrievekit.pipeline.HybridRetriever`'s.
 
-Retrieved nodes (`RetrieveKitRetriever`):
+Retrieved nodes (`RetrieveKitRetriever`, and `RetrieveKitVectorStore` without the result keys):
     ``NodeWithScore(node=TextNode(id_=<document id>, text=<text of the best chunk>, ...),
-    score=<final score>)``. The node's metadata is the document's own metadata (keys sorted,
-    since Chroma returns them in no fixed order) plus ``retrievekit_ranks``
+    score=<final score>)``. The node's metadata is the document's own metadata, keys in the
+    order they were indexed in, and its ``excluded_llm_metadata_keys`` /
+    ``excluded_embed_metadata_keys`` as they were indexed with (both kept in the store under
+    ``_li_*`` keys), plus ``retrievekit_ranks``
     (``{stage: 1-based rank}``), ``retrievekit_scores`` (``{stage: score}``) for the stages
     the hit went through ("dense", "sparse", "fused", "rerank") and ``retrievekit_chunk_id``
     (the stored chunk that matched; the document id when the document was not chunked). The
     same keys as `retrievekit.langchain`. They are excluded from the embed and LLM views of
     the node (so they reach neither prompts nor cross-encoders) and from the node's `hash`,
     which LlamaIndex's `QueryFusionRetriever` dedups by: the same document found by two
-    retrievekit retrievers (say a dense and a sparse one) is one node there.
+    retrievekit retrievers (say a dense and a sparse one), or by retrievekit and another
+    index holding the same node, is one node there.
 
 Indexed nodes (`RetrieveKitRetriever.insert_nodes` / `add_documents`):
     id: ``node.node_id`` (for a LlamaIndex `Document`, its ``doc_id``); re-inserting the same
@@ -54,34 +58,41 @@ try:
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.schema import (BaseNode, MetadataMode, NodeRelationship, NodeWithScore,
                                          QueryBundle, RelatedNodeInfo, TextNode)
-    from llama_index.core.vector_stores.types import (FilterCondition, FilterOperator,
-                                                      MetadataFilter, MetadataFilters)
+    from llama_index.core.vector_stores.types import (BasePydanticVectorStore, FilterCondition,
+                                                      FilterOperator, MetadataFilter,
+                                                      MetadataFilters, VectorStoreQuery,
+                                                      VectorStoreQueryMode,
+                                                      VectorStoreQueryResult)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError(
         "retrievekit.llama_index needs llama-index-core: pip install 'retrievekit[llama-index]' "
         "(or pip install llama-index-core)") from exc
 
+from .adapters import (CHUNK_ID_KEY, RANKS_KEY, RESULT_KEYS, SCORES_KEY,  # noqa: F401
+                       ClosesOwnRetriever, open_retriever, result_metadata)
 from .config import MODES
 from .embedding import DEFAULT_MODEL, Embedder, EmbedderConfig
 from .pipeline import HybridRetriever
 from .prefixes import Prefixes
-from .rerank import DEFAULT_RERANKER, RerankConfig, Reranker
+from .rerank import DEFAULT_RERANKER, Ranked, RerankConfig, Reranker
 from .store import clean_metadata
 from .types import Document, Hit
 
 __all__ = ["RetrieveKitEmbedding", "RetrieveKitNode", "RetrieveKitReranker",
-           "RetrieveKitRetriever", "hit_to_node", "metadata_filters_to_where",
-           "nodes_to_documents"]
+           "RetrieveKitRetriever", "RetrieveKitVectorStore", "hit_to_node",
+           "metadata_filters_to_where", "nodes_to_documents"]
 
 dispatcher = instrument.get_dispatcher(__name__)
 
-#: Metadata keys the retriever (and the reranker) add to returned nodes.
-RANKS_KEY = "retrievekit_ranks"
-SCORES_KEY = "retrievekit_scores"
-CHUNK_ID_KEY = "retrievekit_chunk_id"
-RESULT_KEYS = (RANKS_KEY, SCORES_KEY, CHUNK_ID_KEY)
 #: Metadata key a node's source document id is stored under.
 REF_DOC_KEY = "ref_doc_id"
+#: Metadata keys that keep a node's exclusions (which metadata the LLM and the embedding
+#: model do not see; e.g. `SimpleDirectoryReader` hides file sizes and dates from both).
+EXCLUDED_KEYS = {"excluded_llm_metadata_keys": "_li_excluded_llm",
+                 "excluded_embed_metadata_keys": "_li_excluded_embed"}
+#: Metadata key that keeps the order of a node's metadata keys (Chroma returns them in no
+#: fixed order, and LlamaIndex's node hash, which `QueryFusionRetriever` dedups by, reads it).
+KEY_ORDER_KEY = "_li_key_order"
 #: Metadata key of the score a node had before reranking (with ``keep_retrieval_score``).
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 
@@ -193,23 +204,31 @@ class RetrieveKitNode(TextNode):
 
     @property
     def hash(self) -> str:
-        meta = {k: self.metadata[k] for k in sorted(self.metadata) if k not in RESULT_KEYS}
+        meta = {k: v for k, v in self.metadata.items() if k not in RESULT_KEYS}
         return sha256((str(self.text) + str(meta)).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def hit_to_node(hit: Hit) -> NodeWithScore:
     """A core `Hit` -> a `NodeWithScore` (score = the hit's final score; see module doc)."""
-    meta = {k: hit.document.metadata[k] for k in sorted(hit.document.metadata)}
-    ref = meta.pop(REF_DOC_KEY, None)
-    meta[RANKS_KEY] = dict(hit.ranks)
-    meta[SCORES_KEY] = dict(hit.scores)
-    meta[CHUNK_ID_KEY] = hit.chunk_id if hit.chunk_id is not None else hit.id
-    relationships = {NodeRelationship.SOURCE: RelatedNodeInfo(node_id=str(ref))} if ref else {}
-    node = RetrieveKitNode(id_=hit.id, text=hit.document.text, metadata=meta,
-                           relationships=relationships,
-                           excluded_embed_metadata_keys=list(RESULT_KEYS),
-                           excluded_llm_metadata_keys=list(RESULT_KEYS))
+    node = stored_node(hit.document, extra=result_metadata(hit))
     return NodeWithScore(node=node, score=hit.score)
+
+
+def stored_node(doc: Document, extra: Mapping[str, Any] | None = None) -> TextNode:
+    """A core document -> a node: its metadata (keys in the order they were indexed in, else
+    sorted), its source document as the SOURCE relationship, the exclusions it was indexed
+    with; `extra` keys are added and hidden from the embed and LLM views."""
+    stored = dict(doc.metadata)
+    order = [k for k in stored.pop(KEY_ORDER_KEY, []) if k in stored]
+    meta = {k: stored[k] for k in order + sorted(set(stored) - set(order))}
+    ref = meta.pop(REF_DOC_KEY, None)
+    hidden = {field: list(meta.pop(key, [])) for field, key in EXCLUDED_KEYS.items()}
+    meta.update(extra or {})
+    relationships = {NodeRelationship.SOURCE: RelatedNodeInfo(node_id=str(ref))} if ref else {}
+    return RetrieveKitNode(id_=doc.id, text=doc.text, metadata=meta,
+                           relationships=relationships,
+                           **{field: _with(keys, list(extra or ())) for field, keys
+                              in hidden.items()})
 
 
 def flatten_metadata(metadata: Mapping[str, Any], node_id: str) -> dict[str, Any]:
@@ -253,6 +272,12 @@ def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Docume
         source = n.source_node
         if source is not None and source.node_id:
             meta[REF_DOC_KEY] = source.node_id
+        if len(meta) > 1:
+            meta[KEY_ORDER_KEY] = list(meta)
+        for field, key in EXCLUDED_KEYS.items():
+            keep = [k for k in getattr(n, field) if k in meta]  # result keys need no record
+            if keep:
+                meta[key] = keep
         out.append(Document(text=n.get_content(metadata_mode=MetadataMode.NONE), id=n.node_id,
                             metadata=flatten_metadata(meta, n.node_id)))
     return out
@@ -340,7 +365,7 @@ def _as_where(where: Any, name: str) -> dict[str, Any] | None:
 
 
 # -- retriever -------------------------------------------------------------------------------
-class RetrieveKitRetriever(BaseRetriever):
+class RetrieveKitRetriever(ClosesOwnRetriever, BaseRetriever):
     """Hybrid BM25 + dense (+ rerank) retrieval as a LlamaIndex retriever.
 
     Build it around a `HybridRetriever` (``RetrieveKitRetriever(hr)``), or let
@@ -372,14 +397,11 @@ class RetrieveKitRetriever(BaseRetriever):
                                     f"{similarity_top_k!r}")
         if mode is not None and mode not in MODES:
             raise InvalidInputError(f"mode must be one of {list(MODES)} or None, got {mode!r}")
-        if filters is not None and not isinstance(filters, (MetadataFilters, MetadataFilter)):
-            raise InvalidInputError(f"filters must be LlamaIndex MetadataFilters, got "
-                                    f"{type(filters).__name__}; pass a Chroma dict as where=")
-        parts = [p for p in (_as_where(where, "where"), _as_where(filters, "filters")) if p]
         self.retriever = retriever
         self._owned = False
         self.similarity_top_k = similarity_top_k
-        self.where: dict[str, Any] | None = _combine("$and", parts)
+        self.where = where
+        self.filters = filters
         self.mode = mode
         self.rerank = rerank
         self.candidates = candidates
@@ -406,17 +428,28 @@ class RetrieveKitRetriever(BaseRetriever):
         out._owned = True
         return out
 
-    def close(self) -> None:
-        """Close the `HybridRetriever` if `from_defaults` built it (a passed-in one is the
-        caller's to close)."""
-        if self._owned:
-            self.retriever.close()
+    @property
+    def where(self) -> dict[str, Any] | None:
+        """The Chroma filter searches use: `where` and `filters` together (both must hold).
+        Either may be set between calls."""
+        parts = [p for p in (self._where, metadata_filters_to_where(self.filters)) if p]
+        return _combine("$and", parts)
 
-    def __enter__(self) -> "RetrieveKitRetriever":
-        return self
+    @where.setter
+    def where(self, value: Mapping[str, Any] | MetadataFilters | None) -> None:
+        self._where = _as_where(value, "where")
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    @property
+    def filters(self) -> MetadataFilters | None:
+        return self._filters
+
+    @filters.setter
+    def filters(self, value: MetadataFilters | None) -> None:
+        if value is not None and not isinstance(value, (MetadataFilters, MetadataFilter)):
+            raise InvalidInputError(f"filters must be LlamaIndex MetadataFilters, got "
+                                    f"{type(value).__name__}; pass a Chroma dict as where=")
+        metadata_filters_to_where(value)  # refuse what has no Chroma form now, not at query time
+        self._filters = value
 
     def _options(self) -> dict[str, Any]:
         return {"where": self.where, "mode": self.mode, "rerank": self.rerank,
@@ -464,7 +497,194 @@ class RetrieveKitRetriever(BaseRetriever):
         return self.retriever.delete(parents) if parents else 0
 
 
+# -- vector store ----------------------------------------------------------------------------
+_HYBRID_MODES = (VectorStoreQueryMode.HYBRID, VectorStoreQueryMode.SEMANTIC_HYBRID)
+_SPARSE_MODES = (VectorStoreQueryMode.SPARSE, VectorStoreQueryMode.TEXT_SEARCH)
+
+
+class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
+    """A LlamaIndex vector store whose queries are retrievekit's: dense, sparse (BM25) or
+    hybrid (fused), with the store's own model, prefixes and chunking.
+
+    Use it as any vector store::
+
+        index = VectorStoreIndex.from_vector_store(vs, embed_model=vs.embed_model)
+        index.as_query_engine(vector_store_query_mode="hybrid", sparse_top_k=20, alpha=0.5)
+
+    Query modes: DEFAULT is `default_mode` ("dense" unless set), SPARSE / TEXT_SEARCH BM25,
+    HYBRID / SEMANTIC_HYBRID both sides fused (`alpha`: the dense side's weight, 1 - alpha
+    the sparse side's; `sparse_top_k`: the BM25 side's candidates; `hybrid_top_k`: how many
+    to return), MMR (`mmr_threshold` as the trade-off, 0.5 by default; `mmr_prefetch_k`
+    candidates). `filters` are LlamaIndex `MetadataFilters`, applied on both sides; `doc_ids`
+    restricts to nodes of those source documents.
+
+    The store embeds text itself (``is_embedding_query`` is False: LlamaIndex does not embed
+    queries for it), so vectors always match the settings the store records. Node embeddings
+    LlamaIndex computed before `add` are not used: inserting through `VectorStoreIndex`
+    encodes twice, `vs.add(nodes)` (or `RetrieveKitRetriever.insert_nodes`) once.
+
+    Args:
+        retriever: a `HybridRetriever` to work on (closing it stays the caller's), or
+        config / path / collection / model / embedder / reranker / ...: settings of the one
+            this store builds and closes in `close()`.
+        default_mode: what a DEFAULT query runs: "dense" (LlamaIndex's meaning), "hybrid" or
+            "sparse".
+    """
+
+    stores_text: bool = True
+    is_embedding_query: bool = False
+    flat_metadata: bool = True
+    default_mode: str = Field(default="dense", description="What a DEFAULT query runs.")
+
+    _retriever: HybridRetriever = PrivateAttr()
+    _owned: bool = PrivateAttr(default=False)
+
+    def __init__(self, retriever: HybridRetriever | None = None, *, config: Any = None,
+                 default_mode: str = "dense", **build: Any) -> None:
+        if default_mode not in MODES:
+            raise ConfigError(f"default_mode must be one of {list(MODES)}, got {default_mode!r}")
+        core, owned = open_retriever(retriever, config, build, "RetrieveKitVectorStore")
+        try:
+            super().__init__(default_mode=default_mode)
+        except BaseException:
+            if owned:
+                core.close()
+            raise
+        self._retriever, self._owned = core, owned
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RetrieveKitVectorStore"
+
+    @property
+    def retriever(self) -> HybridRetriever:
+        return self._retriever
+
+    @property
+    def client(self) -> HybridRetriever:
+        """The `HybridRetriever` behind the store."""
+        return self._retriever
+
+    @property
+    def embed_model(self) -> RetrieveKitEmbedding:
+        """The store's model as a LlamaIndex embedding (for ``VectorStoreIndex``)."""
+        return RetrieveKitEmbedding(embedder=self._retriever.embedder)
+
+    # -- writes ------------------------------------------------------------------------------
+    def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
+        """Index nodes by id (see the module doc for ids, text and metadata)."""
+        return self._retriever.add_documents(nodes_to_documents(nodes),
+                                             progress=kwargs.get("progress", False))
+
+    async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
+        return await asyncio.to_thread(self.add, list(nodes), **kwargs)
+
+    def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        """Delete every node whose source document is `ref_doc_id`."""
+        if not isinstance(ref_doc_id, str) or not ref_doc_id:
+            raise InvalidInputError(f"ref_doc_id must be a non-empty str, got {ref_doc_id!r}")
+        ids = self._retriever.document_ids(where={REF_DOC_KEY: ref_doc_id})
+        if ids:
+            self._retriever.delete(ids)
+
+    async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        await asyncio.to_thread(self.delete, ref_doc_id)
+
+    def _matching_ids(self, node_ids: Sequence[str] | None,
+                      filters: MetadataFilters | None) -> list[str]:
+        where = metadata_filters_to_where(filters)
+        if node_ids is None:
+            return self._retriever.document_ids(where=where)
+        ids = [d.id for d in self._retriever.get(node_ids)]
+        if where is not None:
+            allowed = set(self._retriever.document_ids(where=where))
+            ids = [i for i in ids if i in allowed]
+        return ids
+
+    def delete_nodes(self, node_ids: list[str] | None = None,
+                     filters: MetadataFilters | None = None, **delete_kwargs: Any) -> None:
+        """Delete nodes by id and/or filter (both given: nodes matching both)."""
+        if node_ids is None and filters is None:
+            raise InvalidInputError("delete_nodes needs node_ids and/or filters; use clear() to "
+                                    "delete every node")
+        ids = self._matching_ids(node_ids, filters)
+        if ids:
+            self._retriever.delete(ids)
+
+    def clear(self) -> None:
+        """Delete every node."""
+        ids = self._retriever.document_ids()
+        if ids:
+            self._retriever.delete(ids)
+
+    def get_nodes(self, node_ids: list[str] | None = None,
+                  filters: MetadataFilters | None = None) -> list[BaseNode]:
+        """Stored nodes by id and/or filter, whole (a chunked document put back together)."""
+        return [stored_node(d) for d in self._retriever.get(self._matching_ids(node_ids, filters))]
+
+    # -- queries -----------------------------------------------------------------------------
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        """Run a `VectorStoreQuery` in its mode (see the class doc)."""
+        hits = self._hits(query, kwargs)
+        return VectorStoreQueryResult(nodes=[stored_node(h.document) for h in hits],
+                                      similarities=[h.score for h in hits],
+                                      ids=[h.id for h in hits])
+
+    async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        return await asyncio.to_thread(self.query, query, **kwargs)
+
+    def _hits(self, q: VectorStoreQuery, kwargs: Mapping[str, Any]) -> list[Hit]:
+        if q.node_ids:
+            raise InvalidInputError("VectorStoreQuery.node_ids is not supported; restrict by "
+                                    "doc_ids or metadata filters instead")
+        where = metadata_filters_to_where(q.filters)
+        if q.doc_ids:
+            by_doc = {REF_DOC_KEY: {"$in": list(q.doc_ids)}}
+            where = by_doc if where is None else {"$and": [where, by_doc]}
+        k = q.hybrid_top_k or q.similarity_top_k
+        text = q.query_str
+        try:
+            query_mode = VectorStoreQueryMode(q.mode)
+        except ValueError:
+            raise InvalidInputError(f"vector_store_query_mode must be one of "
+                                    f"{[m.value for m in VectorStoreQueryMode]}, got {q.mode!r}"
+                                    ) from None
+        if query_mode == VectorStoreQueryMode.MMR:
+            return self._retriever.search_mmr(
+                text, k, fetch_k=kwargs.get("mmr_prefetch_k") or 4 * k, where=where,
+                lambda_mult=0.5 if q.mmr_threshold is None else q.mmr_threshold,
+                mode=self.default_mode)
+        if query_mode in _HYBRID_MODES:
+            mode = "hybrid"
+        elif query_mode in _SPARSE_MODES:
+            mode = "sparse"
+        elif query_mode == VectorStoreQueryMode.DEFAULT:
+            mode = self.default_mode
+        else:
+            raise InvalidInputError(f"vector_store_query_mode {query_mode.value!r} is not "
+                                    "supported; "
+                                    "use 'default', 'sparse', 'hybrid' or 'mmr'")
+        weights = None
+        if q.alpha is not None and mode == "hybrid":
+            if not 0 <= q.alpha <= 1:
+                raise InvalidInputError(f"alpha must be in [0, 1] (1: dense only, 0: BM25 only), "
+                                        f"got {q.alpha!r}")
+            weights = {"dense": float(q.alpha), "sparse": 1.0 - float(q.alpha)}
+        vector = None
+        if text is None:  # an embedding without text: dense only
+            if q.query_embedding is None or mode != "dense":
+                raise InvalidInputError("the query has no text; sparse and hybrid search need "
+                                        "query_str")
+            text, vector = "(by vector)", q.query_embedding
+        return self._retriever.search(
+            text, k, where=where, mode=mode, weights=weights, query_vector=vector,
+            sparse_candidates=q.sparse_top_k if mode == "hybrid" else None)
+
+
 # -- reranker --------------------------------------------------------------------------------
+_NOT_GIVEN: Any = object()
+
+
 class RetrieveKitReranker(BaseNodePostprocessor):
     """Cross-encoder reranking of any retriever's nodes (a LlamaIndex node postprocessor).
 
@@ -499,13 +719,17 @@ class RetrieveKitReranker(BaseNodePostprocessor):
 
     _reranker: Reranker = PrivateAttr()
 
-    def __init__(self, model: str | None = None, *, reranker: Reranker | None = None,
+    def __init__(self, model: str | None = None, *, reranker: Any = _NOT_GIVEN,
                  top_n: int | None = None, threshold: float | None = None,
                  metadata_mode: MetadataMode | str = MetadataMode.NONE,
                  keep_retrieval_score: bool = False, **kwargs: Any) -> None:
         build = {k: kwargs.pop(k) for k in ("batch_size", "max_length", "device", "dtype",
                                             "weight") if k in kwargs}
-        if reranker is not None:
+        if reranker is None:  # e.g. hr.reranker of a retriever that has none
+            raise ConfigError("reranker=None: the HybridRetriever has no reranker configured; "
+                              "pass model='<cross-encoder name or path>', or configure one with "
+                              "HybridRetriever(reranker=...)")
+        if reranker is not _NOT_GIVEN:
             if not isinstance(reranker, Reranker):
                 raise ConfigError(f"reranker must be a retrievekit Reranker, got "
                                   f"{type(reranker).__name__}")
@@ -555,25 +779,23 @@ class RetrieveKitReranker(BaseNodePostprocessor):
                 payload={EventPayload.NODES: nodes, EventPayload.MODEL_NAME: self.model,
                          EventPayload.QUERY_STR: query_bundle.query_str,
                          EventPayload.TOP_K: top_n}) as event:
-            # positions as ids: input nodes may repeat an id
-            hits = [Hit(Document(text=n.node.get_content(metadata_mode=self.metadata_mode),
-                                 id=str(i)), score=0.0) for i, n in enumerate(nodes)]
-            ranked = self._reranker.rerank(query_bundle.query_str, hits, top_n=self.top_n,
-                                           threshold=self.threshold) if hits else []
-            out = [self._reranked(nodes[int(h.id)], h) for h in ranked]
+            texts = [n.node.get_content(metadata_mode=self.metadata_mode) for n in nodes]
+            ranked = self._reranker.rank(query_bundle.query_str, texts, top_n=self.top_n,
+                                         threshold=self.threshold) if texts else []
+            out = [self._reranked(nodes[r.index], r) for r in ranked]
             event.on_end(payload={EventPayload.NODES: out})
         dispatcher.event(ReRankEndEvent(nodes=out))
         return out
 
-    def _reranked(self, src: NodeWithScore, hit: Hit) -> NodeWithScore:
+    def _reranked(self, src: NodeWithScore, ranked: Ranked) -> NodeWithScore:
         node = src.node
         meta = dict(node.metadata)
         ranks = meta.get(RANKS_KEY)
         scores = meta.get(SCORES_KEY)
         meta[RANKS_KEY] = {**(ranks if isinstance(ranks, Mapping) else {}),
-                           "rerank": hit.ranks["rerank"]}
+                           "rerank": ranked.rerank_rank}
         meta[SCORES_KEY] = {**(scores if isinstance(scores, Mapping) else {}),
-                            "rerank": hit.score}
+                            "rerank": ranked.score}
         if self.keep_retrieval_score:
             meta[RETRIEVAL_SCORE_KEY] = src.score
         hidden = [RANKS_KEY, SCORES_KEY]
@@ -582,7 +804,7 @@ class RetrieveKitReranker(BaseNodePostprocessor):
             "excluded_embed_metadata_keys": _with(node.excluded_embed_metadata_keys, hidden),
             "excluded_llm_metadata_keys": _with(node.excluded_llm_metadata_keys, hidden),
         })
-        return NodeWithScore(node=copy, score=hit.score)
+        return NodeWithScore(node=copy, score=ranked.score)
 
 
 def _with(keys: Sequence[str], extra: Sequence[str]) -> list[str]:

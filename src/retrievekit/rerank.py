@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 from .inference import ModelEngines, configure_torch_threads, torch_dtype, validate_inference
-from .models import model_not_found, resolve_model
+from .models import check_available, model_not_found, resolve_model
 from .types import Hit
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class Reranker(ModelEngines):
             config = RerankConfig(**{**config.to_dict(), **overrides})
         self.config = config
         self.resolved = resolve_model(config.model)
+        check_available(self.resolved)  # fail here, not at the first query
         self._init_engines()
 
     # -- the model (`model`, `dtype`, `engine_for`: see inference.ModelEngines) -------------

@@ -624,3 +624,16 @@ def test_vector_store_refuses_what_it_cannot_honor(embedder, retriever):
         == "cats"
     vs.close()  # not its retriever: still open
     assert retriever.count() == 8
+
+
+def test_ensemble_retriever_dedups_our_documents_by_id(retriever):
+    """EnsembleRetriever(id_key="id") reads metadata["id"]: it is there, so the same
+    document from two of our retrievers is one entry (it raised KeyError 'id')."""
+    ensemble_mod = pytest.importorskip("langchain_classic.retrievers")
+    dense = RetrieveKitRetriever(retriever=retriever, mode="dense", k=4)
+    sparse = RetrieveKitRetriever(retriever=retriever, mode="sparse", k=4)
+    ensemble = ensemble_mod.EnsembleRetriever(retrievers=[dense, sparse], id_key="id")
+    got = ensemble.invoke("programming language")
+    ids = [d.metadata["id"] for d in got]
+    assert len(ids) == len(set(ids)) and {"python", "rust"} <= set(ids)
+    assert all(d.metadata["id"] == d.id for d in got)

@@ -94,7 +94,8 @@ def test_import_retrievekit_does_not_load_llama_index():
 def test_all_is_pinned():
     assert sorted(rk_li.__all__) == [
         "RetrieveKitEmbedding", "RetrieveKitNode", "RetrieveKitReranker", "RetrieveKitRetriever",
-        "hit_to_node", "metadata_filters_to_where", "nodes_to_documents"]
+        "RetrieveKitVectorStore", "hit_to_node", "metadata_filters_to_where",
+        "nodes_to_documents"]
 
 
 # -- MetadataFilters -> Chroma where -------------------------------------------------------------
@@ -159,7 +160,8 @@ def test_node_metadata_is_flattened_for_chroma():
     (doc,) = nodes_to_documents([node])
     assert doc.id == "n1" and doc.text == "hello"
     assert dict(doc.metadata) == {"author.name": "Ada", "author.born.year": 1815,
-                                  "tags": ["a", "b"], "n": 3}
+                                  "tags": ["a", "b"], "n": 3,
+                                  "_li_key_order": ["author", "skip", "empty", "tags", "n"]}
     assert node.metadata["tags"] == ("a", "b")  # the caller's node is untouched
 
 
@@ -455,10 +457,12 @@ def test_two_of_our_retrievers_fuse_by_document(hybrid):
     assert fused[0].node.node_id == "dogs"
 
 
-def test_node_hash_ignores_result_keys_and_key_order():
+def test_node_hash_ignores_result_keys():
+    """The hash of a plain TextNode with the same text and metadata (key order included:
+    the store keeps it), whatever the result keys say."""
     a = RetrieveKitNode(id_="x", text="t", metadata={"b": 1, "a": 2, "retrievekit_ranks": {"d": 1}})
-    b = RetrieveKitNode(id_="x", text="t", metadata={"a": 2, "b": 1, "retrievekit_ranks": {"d": 9}})
-    assert a.hash == b.hash == TextNode(id_="x", text="t", metadata={"a": 2, "b": 1}).hash
+    b = RetrieveKitNode(id_="x", text="t", metadata={"b": 1, "a": 2, "retrievekit_ranks": {"d": 9}})
+    assert a.hash == b.hash == TextNode(id_="x", text="t", metadata={"b": 1, "a": 2}).hash
     assert a.hash != RetrieveKitNode(id_="x", text="t", metadata={"a": 3, "b": 1}).hash
 
 
@@ -482,3 +486,161 @@ def test_example_runs_offline_and_prints_stage_ranks(capsys):
     sources = out.split("source nodes:")[1].splitlines()
     assert sources[1].split()[0] == "e1042" and "fused #1" in sources[1]
     assert "'locked directory' finds: ['e2001', 'e1042']" in out
+
+
+# -- vector store ------------------------------------------------------------------------------
+def _vector_store(embedder, **kwargs):
+    return rk_li.RetrieveKitVectorStore(path=":memory:", collection=f"livs-{uuid.uuid4().hex[:12]}",
+                                        embedder=embedder, **kwargs)
+
+
+def test_vector_store_index_queries_in_every_mode(embedder, li_docs):
+    """VectorStoreIndex over the store: built from documents through a StorageContext, then
+    reopened with from_vector_store and queried in dense, sparse and hybrid mode."""
+    from llama_index.core import StorageContext
+    from llama_index.core.vector_stores.types import VectorStoreQueryMode
+
+    vs = _vector_store(embedder)
+    storage = StorageContext.from_defaults(vector_store=vs)
+    VectorStoreIndex.from_documents(li_docs, storage_context=storage, embed_model=vs.embed_model)
+    assert vs.client.count() == 8 and vs.client.verify()["ok"]
+    index = VectorStoreIndex.from_vector_store(vs, embed_model=vs.embed_model)
+    q = "XQ7-42 flux capacitor"
+    for mode in ("default", "sparse", "hybrid", "text_search", "semantic_hybrid", "mmr"):
+        got = index.as_retriever(similarity_top_k=3, vector_store_query_mode=mode).retrieve(q)
+        assert got[0].node.ref_doc_id == "xq7", mode  # the splitter's node of that document
+        assert len(got) == (1 if mode in ("sparse", "text_search") else 3)  # BM25: 1 matches
+    stages = {mode: set(vs.client.search(q, 3, mode=m)[0].ranks)
+              for mode, m in (("dense", "dense"), ("sparse", "sparse"), ("hybrid", "hybrid"))}
+    assert stages == {"dense": {"dense"}, "sparse": {"sparse"},
+                      "hybrid": {"dense", "sparse", "fused"}}
+    hybrid = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid").retrieve(q)
+    assert hybrid[0].score == pytest.approx(2 / 61)  # the fused score, both sides first
+    # alpha is the dense side's weight: 1 gives the dense order, 0 the BM25 order
+    p = "the flux of water"
+    dense = [h.id for h in vs.client.search(p, 5, mode="dense")]
+    sparse = [h.id for h in vs.client.search(p, 5, mode="sparse")]
+    assert dense[0] != sparse[0]  # else the orders below prove nothing
+    for alpha, order in ((1.0, dense), (0.0, sparse)):
+        got = index.as_retriever(similarity_top_k=5, vector_store_query_mode="hybrid",
+                                 alpha=alpha).retrieve(p)
+        assert [n.node.node_id for n in got][:len(order)] == order
+    # sparse_top_k bounds the BM25 side only
+    one = vs.query(rk_li.VectorStoreQuery(query_str=p, similarity_top_k=5, sparse_top_k=1,
+                                          mode=VectorStoreQueryMode.HYBRID))
+    assert len(one.ids) == 5
+    engine = index.as_query_engine(llm=MockLLM(), vector_store_query_mode="hybrid",
+                                   similarity_top_k=2)
+    answer = engine.query("What does the XQ7-42 error code mean?")
+    assert answer.source_nodes[0].node.ref_doc_id == "xq7"
+    vs.close()
+
+
+def test_vector_store_filters_doc_ids_and_node_management(embedder, corpus_docs):
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder)
+    source = LIDocument(id_="src", text="unused")
+    nodes = [TextNode(id_=d.id, text=d.text, metadata=dict(d.metadata),
+                      relationships={NodeRelationship.SOURCE: source.as_related_node_info()}
+                      if d.metadata["topic"] == "food" else {}) for d in corpus_docs]
+    assert vs.add(nodes) == [d.id for d in corpus_docs]
+    code = MetadataFilters(filters=[_f("topic", "code")])
+    got = vs.query(VectorStoreQuery(query_str="language", similarity_top_k=8, filters=code))
+    assert set(got.ids) == {"python", "rust", "xq7"} and len(got.similarities) == 3
+    by_doc = vs.query(VectorStoreQuery(query_str="bread tea", similarity_top_k=8,
+                                       doc_ids=["src"]))
+    assert set(by_doc.ids) == {"bread", "tea"}
+    assert by_doc.nodes[0].source_node.node_id == "src"
+    assert {n.node_id for n in vs.get_nodes(filters=code)} == {"python", "rust", "xq7"}
+    assert [n.text for n in vs.get_nodes(node_ids=["cats", "nope"])] == [corpus_docs[0].text]
+    vs.delete("src")  # by source document
+    assert {n.node_id for n in vs.get_nodes()} == {d.id for d in corpus_docs} - {"bread", "tea"}
+    vs.delete_nodes(node_ids=["cats", "python"], filters=code)  # both must hold
+    assert "python" not in {n.node_id for n in vs.get_nodes()}
+    assert "cats" in {n.node_id for n in vs.get_nodes()}
+    with pytest.raises(InvalidInputError, match="clear"):
+        vs.delete_nodes()
+    vs.clear()
+    assert vs.get_nodes() == [] and vs.client.count() == 0
+    with pytest.raises(InvalidInputError, match="not supported"):
+        vs.query(VectorStoreQuery(query_str="x", mode="svm"))
+    with pytest.raises(InvalidInputError, match="alpha"):
+        vs.query(VectorStoreQuery(query_str="x", mode="hybrid", alpha=2.0))
+    vs.close()
+
+
+async def test_vector_store_async(embedder, corpus_docs):
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder, default_mode="hybrid")
+    await vs.async_add([TextNode(id_=d.id, text=d.text, metadata=dict(d.metadata))
+                        for d in corpus_docs])
+    got = await vs.aquery(VectorStoreQuery(query_str="sourdough starter", similarity_top_k=2))
+    assert got.ids[0] == "bread"
+    assert "fused" in vs.client.search("sourdough starter", 1)[0].ranks
+    await vs.adelete_nodes(node_ids=["bread"])
+    assert [n.node_id for n in await vs.aget_nodes(node_ids=["bread"])] == []
+    vs.close()
+
+
+def test_reader_exclusions_survive_the_round_trip(tmp_path, embedder):
+    """SimpleDirectoryReader hides file metadata from the LLM and the embedding model; the
+    retrieved nodes keep hiding it (issue: file sizes and dates reached the prompt)."""
+    from llama_index.core import SimpleDirectoryReader
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "kettle.txt").write_text("Kettles boil water for tea.")
+    docs = SimpleDirectoryReader(str(tmp_path / "docs")).load_data()
+    assert "file_size" in docs[0].excluded_llm_metadata_keys
+    with RetrieveKitRetriever.from_defaults(path=":memory:", embedder=embedder,
+                                            collection=f"rd-{uuid.uuid4().hex[:8]}") as r:
+        r.add_documents(docs)
+        node = r.retrieve("boiling water")[0].node
+        assert node.metadata["file_size"] > 0
+        llm_view = node.get_content(metadata_mode=MetadataMode.LLM)
+        assert "file_size" not in llm_view and "creation_date" not in llm_view
+        assert "file_path" in llm_view  # not excluded by the reader: still shown
+        hidden = {k for k in docs[0].excluded_embed_metadata_keys if k in docs[0].metadata}
+        assert hidden and hidden <= set(node.excluded_embed_metadata_keys)
+        assert not any(k.startswith("_li_") for k in node.metadata)
+
+
+def test_fusion_with_another_index_dedups_unsorted_metadata(embedder, corpus_docs):
+    """QueryFusionRetriever over retrievekit and a plain VectorStoreIndex of the same nodes:
+    one node per document, whatever the order of the metadata keys."""
+    nodes = [TextNode(id_=d.id, text=d.text,
+                      metadata={"year": d.metadata["year"], "topic": d.metadata["topic"],
+                                "lang": d.metadata["lang"]}) for d in corpus_docs]
+    vs = _vector_store(embedder)
+    vs.add(nodes)
+    other = VectorStoreIndex(copy.deepcopy(nodes), embed_model=vs.embed_model)
+    ours = RetrieveKitRetriever(vs.client, similarity_top_k=4)
+    fusion = QueryFusionRetriever([ours, other.as_retriever(similarity_top_k=4)], llm=MockLLM(),
+                                  similarity_top_k=8, num_queries=1, mode="reciprocal_rerank")
+    got = [n.node.node_id for n in fusion.retrieve("programming language")]
+    assert len(got) == len(set(got))
+    assert list(ours.retrieve("programming language")[0].node.metadata)[:3] == \
+        ["year", "topic", "lang"]
+    vs.close()
+
+
+def test_reranker_needs_a_model_it_can_load(hybrid, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from retrievekit.errors import ModelNotFoundError
+
+    with pytest.raises(ConfigError, match="no reranker configured"):
+        RetrieveKitReranker(reranker=hybrid.reranker)  # hybrid has none
+    with pytest.raises(ModelNotFoundError, match="ms-marco-MiniLM-L-6-v2"):
+        RetrieveKitReranker()  # the default cross-encoder is not cached offline
+
+
+def test_filters_set_after_construction_apply(hybrid):
+    r = RetrieveKitRetriever(hybrid, similarity_top_k=8)
+    assert len(r.retrieve("animals")) == 8
+    r.filters = MetadataFilters(filters=[_f("topic", "animals")])
+    assert {n.node.node_id for n in r.retrieve("animals")} == {"cats", "dogs", "chat"}
+    r.where = {"lang": "en"}
+    assert {n.node.node_id for n in r.retrieve("animals")} == {"cats", "dogs"}
+    with pytest.raises(InvalidInputError, match="MetadataFilters"):
+        r.filters = {"topic": "animals"}
