@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import re
+import traceback
 import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -157,6 +159,20 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
     return out
 
 
+#: directory -> (the store holding its lock in this process, where that store was opened):
+#: so a second open in the same process can say what holds the directory
+_HOLDERS: dict[str, tuple[weakref.ref, str]] = {}
+
+
+def _caller_site() -> str:
+    """The innermost frame outside retrievekit and installed libraries, as file:line."""
+    package = str(Path(__file__).parent)
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        if not frame.filename.startswith(package) and "site-packages" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}"
+    return "an unknown place"
+
+
 class ChromaStore:
     """One Chroma collection plus the settings recorded in its metadata."""
 
@@ -256,9 +272,17 @@ class ChromaStore:
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(path / "retrievekit.lock"))
+        key = str(path.resolve())
         try:
             lock.acquire(timeout=0)
         except Timeout as exc:
+            holder = _HOLDERS.get(key)
+            site = holder[1] if holder is not None and holder[0]() is not None else None
+            if site is not None:
+                raise StoreLockedError(
+                    f"the store at {str(path)!r} is already open in this process, by the "
+                    f"retriever opened at {site}; close that one first (`.close()`, or open "
+                    "it in a `with` block), or keep using it") from exc
             if self.config.is_server:
                 raise StoreLockedError(
                     f"store.replica_dir {str(path)!r} is in use by another process; give each "
@@ -268,6 +292,7 @@ class ChromaStore:
                 "it there, or serve the store with `chroma run --path ...` and connect every "
                 "process with store.host/port") from exc
         self._lock_file = lock
+        _HOLDERS[key] = (weakref.ref(self), _caller_site())
 
     def _release_lock(self) -> None:
         if self._lock_file is not None:
