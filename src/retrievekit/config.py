@@ -44,6 +44,11 @@ class RetrieverConfig:
         funnel_dim: Matryoshka funnel: index only the leading `funnel_dim` dims in Chroma and
             rescore the stage-1 candidates with the full vectors (None: off).
         funnel_candidates: stage-1 candidates to rescore (default: 4 x the dense candidates).
+        local_vectors: keep a copy of every record's full vector in this process (derived
+            from Chroma like the BM25 index; 4 bytes x dimension per record, 1.5 KB at 384),
+            so a filter that few records pass (under 1%) is answered by an exact scan over
+            exactly those records instead of Chroma's filtered HNSW query (20-60x slower than
+            an unfiltered one). With a funnel the copy exists anyway and is used.
     """
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
@@ -61,8 +66,11 @@ class RetrieverConfig:
     cache_dir: str | None = None
     funnel_dim: int | None = None
     funnel_candidates: int | None = None
+    local_vectors: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.local_vectors, bool):
+            raise ConfigError(f"local_vectors must be true or false, got {self.local_vectors!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         p = self.chunk_penalty
@@ -104,6 +112,7 @@ class RetrieverConfig:
             "cache_dir": self.cache_dir,
             "funnel_dim": self.funnel_dim,
             "funnel_candidates": self.funnel_candidates,
+            "local_vectors": self.local_vectors,
         }
 
     @classmethod

@@ -108,7 +108,10 @@ class FunnelVectors:
         out = np.full(len(ids), -np.inf, dtype=np.float32)
         ok = idx >= 0
         if ok.any():
-            out[ok] = matrix[idx[ok]] @ np.asarray(query, dtype=np.float32)
+            rows_ = matrix[idx[ok]]
+            q = np.asarray(query, dtype=np.float32)
+            norms = np.maximum(np.linalg.norm(rows_, axis=1) * float(np.linalg.norm(q)), 1e-12)
+            out[ok] = (rows_ @ q) / norms  # cosine, also for vectors stored unnormalized
         return out
 
     def nbytes(self) -> int:

@@ -107,12 +107,13 @@ class HybridRetriever:
         log = ChangeLog(store.client, cfg.store.collection)
         self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None)
         indexes: list[Any] = [self._sparse]
-        self._funnel = None
-        if cfg.funnel_dim is not None:
+        self._funnel = None  # full vectors by record id: the funnel's, or local_vectors'
+        if cfg.funnel_dim is not None or cfg.local_vectors:
             self._funnel = FunnelVectors(self.embedder.dim, self.embedder.embed_documents,
                                          local / "funnel" if local else None)
             indexes.append(self._funnel)
-        self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server)
+        self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server,
+                                  vectors_in_store=cfg.local_vectors and cfg.funnel_dim is None)
         self._follower.catch_up()
         self._writer = Writer(store, log, self._follower, self.embedder, cfg.chunking,
                               cfg.funnel_dim)

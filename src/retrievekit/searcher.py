@@ -111,7 +111,11 @@ class LocalEngine:
 
     def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
-        if self.funnel is None:
+        if self.funnel is not None and matching is not None:
+            passing = self.sparse.count(matching)
+            if passing < POST_FILTER_SHARE * len(self.sparse):
+                return self._exact(vec, n, matching, passing)
+        if self.settings.funnel_dim is None:
             return self._knn(vec, n, where, matching)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
@@ -123,6 +127,15 @@ class LocalEngine:
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
+    def _exact(self, vec: np.ndarray, n: int, matching: Any, passing: int
+               ) -> list[tuple[str, float]]:
+        """The `n` nearest of the records a selective filter passes, by an exact scan of
+        their full vectors (held in this process: funnel or local_vectors)."""
+        ids = self.sparse.matching(matching, passing)
+        sims = self.funnel.similarities(ids, vec) if ids else np.zeros(0, np.float32)
+        order = np.argsort(-sims, kind="stable")[:n]
+        return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
     def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any
              ) -> list[tuple[str, float]]:

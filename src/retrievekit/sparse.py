@@ -237,6 +237,14 @@ class SparseIndex:
         """How many records a compiled filter matches."""
         return int(self._searcher.search(matching, limit=1, count=True).count)
 
+    def matching(self, matching: Any, limit: int) -> list[str]:
+        """Ids of up to `limit` records a compiled filter matches."""
+        if limit < 1:
+            return []
+        searcher = self._searcher
+        hits = searcher.search(matching, limit=limit, count=False).hits
+        return [searcher.doc(addr)["id"][0] for _, addr in hits]
+
     def keep(self, ids: Sequence[str], matching: Any) -> set[str]:
         """The ids among `ids` that a compiled filter matches."""
         tv = _tantivy()

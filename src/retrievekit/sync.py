@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -43,10 +43,13 @@ class Follower:
     """Keeps derived indexes in step with Chroma through the change log."""
 
     def __init__(self, store: ChromaStore, log: ChangeLog, indexes: Sequence[Derived],
-                 *, sole_writer: bool) -> None:
+                 *, sole_writer: bool, vectors_in_store: bool = False) -> None:
         self.store = store
         self.log = log
         self.indexes = list(indexes)
+        #: Chroma holds the full vectors (no funnel) and an index keeps them: read them from
+        #: Chroma with the records rather than encode the texts again
+        self.vectors_in_store = vectors_in_store
         #: embedded stores have one writer process (the directory lock): a pending entry
         #: found at open belongs to a writer that died
         self.sole_writer = sole_writer
@@ -78,8 +81,9 @@ class Follower:
                 self.repair(dead)
                 entries = self.log.since(low)
             parents = list(dict.fromkeys(p for e in entries for p in e.parents))
-            got = self.store.of_parents(parents)
+            got = self.store.of_parents(parents, include=self._include)
             live = from_chroma(got["ids"], got["documents"], got["metadatas"])
+            vectors = {**_stored_vectors(got), **(vectors or {})}
             for ix in self.indexes:
                 mine = [e for e in entries if e.seq > ix.watermark]
                 if not mine:
@@ -92,6 +96,10 @@ class Follower:
                 logger.info("caught up with %d writes (%d documents)", len(entries),
                             len(parents))
             return len(entries)
+
+    @property
+    def _include(self) -> list[str]:
+        return ["documents", "metadatas"] + (["embeddings"] if self.vectors_in_store else [])
 
     def repair(self, entries: Sequence[Entry]) -> None:
         """Finish writes whose writer died: delete the dead records they left, mark done.
@@ -116,12 +124,21 @@ class Follower:
             ix.clear()
             ix.origin = self.log.origin
         n = 0
-        for batch in self.store.iter_records(include=["documents", "metadatas"]):
+        for batch in self.store.iter_records(include=self._include):
             live = from_chroma(batch["ids"], batch["documents"], batch["metadatas"])
+            vectors = _stored_vectors(batch)
             for ix in indexes:
-                ix.replace((), live)
+                ix.replace((), live, vectors)
             n += len(live)
         for ix in indexes:
             ix.commit(start)
         logger.info("rebuilt %d derived index(es) from %d records in Chroma", len(indexes), n)
 
+
+
+def _stored_vectors(got: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Record id -> vector, for a Chroma result that includes embeddings (else empty)."""
+    embeddings = got.get("embeddings")
+    if embeddings is None or len(embeddings) == 0:
+        return {}
+    return {rid: np.asarray(v, dtype=np.float32) for rid, v in zip(got["ids"], embeddings)}

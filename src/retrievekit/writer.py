@@ -120,7 +120,7 @@ class Writer:
             by_id = {r.id: v for r, v in zip((r for c in changes for r in c.records), vectors)}
             for batch in self._batches(changes):
                 self._write_batch(batch, by_id)
-            self.follower.catch_up(by_id if self.funnel_dim is not None else None)
+            self.follower.catch_up(by_id)  # indexes that keep vectors take them from here
             self.log.trim()
             return stats
 

@@ -124,15 +124,15 @@ def test_a_filter_does_not_change_bm25_scores():
     assert all(s == plain[d] for d, s in only_en)
 
 
-@pytest.fixture(scope="module")
-def filtered_store(tmp_path_factory, tiny_embedder):
+@pytest.fixture(scope="module", params=[False, True], ids=["chroma-vectors", "local-vectors"])
+def filtered_store(request, tmp_path_factory, tiny_embedder):
     from retrievekit.pipeline import HybridRetriever
 
     rng = random.Random(5)
     path = tmp_path_factory.mktemp("filtered") / "s"
     # ef_search above the record count: HNSW answers exactly, so the oracle can be exact
-    r = HybridRetriever({"store": {"path": str(path), "hnsw_ef_search": 1000}},
-                        embedder=tiny_embedder)
+    r = HybridRetriever({"store": {"path": str(path), "hnsw_ef_search": 1000},
+                         "local_vectors": request.param}, embedder=tiny_embedder)
     docs = []
     for i in range(600):
         meta = _metadata(rng)
@@ -160,9 +160,10 @@ def _exact(r, where, qvec, k):
 
 
 def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, tiny_embedder):
-    """Both plans (post-filtering a broad filter's unfiltered neighbours, Chroma's filtered
-    query for a selective one) give the exact filtered top k: no hit outside the filter, k
-    hits whenever k exist. Oracle: exact cosine over the vectors Chroma's `where` selects."""
+    """Every plan (post-filtering a broad filter's unfiltered neighbours; for a selective
+    one Chroma's filtered query, or with local_vectors an exact scan) gives the exact
+    filtered top k: no hit outside the filter, k hits whenever k exist. Oracle: exact cosine
+    over the vectors Chroma's `where` selects."""
     import numpy as np
 
     r = filtered_store
@@ -186,11 +187,54 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
         assert len(hits) == min(10, len(expected_pool))  # k hits whenever k exist
         share = len(expected_pool) / 600
         plans["post" if share >= POST_FILTER_SHARE else "chroma"] += 1
+        if hits and share < POST_FILTER_SHARE and r.config.local_vectors:  # exact scan answered
+            assert hits[0].ranks == {"dense": 1} and "funnel" not in hits[0].ranks
         # the sparse side filters inside the BM25 index: same pool
         for h in r.search("river stone cloud", k=50, mode="sparse", where=where):
             assert h.id in expected_pool
     assert plans["post"] >= 10 and plans["chroma"] >= 10, plans
 
+
+
+def test_local_vectors_follow_writes_and_reopen_without_encoding(tmp_path, tiny_embedder):
+    """The local copy is a derived index: it follows updates and deletes, survives a reopen,
+    and is rebuilt from the vectors Chroma holds (no text encoded again) when lost."""
+    import shutil
+
+    import numpy as np
+
+    from retrievekit.pipeline import HybridRetriever
+
+    path = str(tmp_path / "s")
+    cfg = {"store": {"path": path}, "local_vectors": True}
+    docs = [{"text": f"record {i} river", "id": f"d{i}", "metadata": {"bucket": i % 200}}
+            for i in range(400)]
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        r.add_documents([{"text": "a new text for d0", "id": "d0", "metadata": {"bucket": 0}}])
+        r.delete(["d200"])
+        assert r.verify()["ok"] and r.verify()["funnel_ids"] == r.verify()["chroma_ids"]
+    calls = []
+    encode = tiny_embedder.embed_documents
+
+    def counting(texts, *a, **k):
+        calls.append(len(texts))
+        return encode(texts, *a, **k)
+
+    tiny_embedder.embed_documents = counting
+    try:
+        shutil.rmtree(tmp_path / "s" / "retrievekit" / "retrievekit" / "funnel")
+        with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+            assert r.verify()["ok"] and len(r.verify()["funnel_ids"]) == 399
+            q = tiny_embedder.embed_query("a new text")
+            hits = r.search("x", 3, mode="dense", where={"bucket": 0}, query_vector=q)
+            assert [h.id for h in hits] == ["d0"]  # d200 is gone, d0 has its new vector
+            assert hits[0].score == pytest.approx(float(
+                np.asarray(r.store.get(ids=["d0"], include=["embeddings"])["embeddings"][0])
+                @ q), abs=1e-5)
+    finally:
+        tiny_embedder.embed_documents = encode
+    assert calls == []  # rebuilt from Chroma's vectors
 
 
 def test_post_filtering_widens_until_k_pass():
