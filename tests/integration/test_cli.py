@@ -28,7 +28,7 @@ def test_index_search_info(tmp_path, capsys):
     assert main(["search", "merges ranked lists", "--store", store, "--mode", "sparse"]) == 0
     assert "fusion.md" in capsys.readouterr().out
 
-    assert main(["info", "--store", store]) == 0
+    assert main(["info", "--store", store, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["records"] == 2 and info["bm25_records"] == 2
     assert info["settings"]["embedder"]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
