@@ -173,6 +173,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     options = LoadOptions(text_field=args.text_field, encoding=args.encoding,
                           hidden=args.hidden, exclude=() if args.host else (Path(args.store),))
     loaded = load(args.paths, options)  # read everything before touching the store
+    logger.info("read %d documents from %d files under %s; %d skipped", len(loaded.documents),
+                len(loaded.files), " ".join(args.paths), len(loaded.skipped))
     try:
         r, created = _open(args, write=True, has_docs=bool(loaded.documents))
     except StoreError as exc:
@@ -288,6 +290,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             from .rerank import Reranker
 
             r.reranker = Reranker(model=args.rerank, weight=args.rerank_weight)
+        logger.info("searching %s (%d records), mode %s", _label(args), r.count(),
+                    args.mode or r.config.mode)
         hits = r.search(args.query, k=args.k, mode=args.mode, where=where)
     if args.json:
         print(json.dumps([{"id": h.id, "score": h.score, "ranks": dict(h.ranks),
@@ -488,7 +492,10 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, its one line printed)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -271,10 +271,10 @@ def _read(file: Path, root: Path, options: LoadOptions
             if kind == "jsonl":
                 text = _decode(raw, options.encoding, file)
                 return (*_jsonl(file, root, text, base, options), kind)
-            if b"\x00" in raw and options.encoding is None:
+            text = _decode(raw, options.encoding, file)
+            if "\x00" in text:
                 return [], [Skipped(file, "unsupported",
                                     "binary content (NUL bytes), not text")], kind
-            text = _decode(raw, options.encoding, file)
             extra = {}
             if kind == "html":
                 text, title = html_text(text)
