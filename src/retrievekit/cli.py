@@ -498,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        # the hub's and transformers' bars ("Loading weights") read this once, at import
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args) or 0)
     except RetrieveKitError as exc:

@@ -262,7 +262,8 @@ def test_no_log_lines_without_verbose(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("Cats purr and hunt mice.")
-    (docs / "b.md").write_text("Rust is a systems programming language.")
+    for i in range(12):  # more than a query-sized batch: bulk encoding may load torch
+        (docs / f"n{i}.md").write_text(f"Note {i} about systems programming languages.")
     store = str(tmp_path / "store")
 
     def run(*argv: str) -> subprocess.CompletedProcess:
