@@ -245,7 +245,7 @@ def _matching(r: Any, target: str) -> list[str]:
     p = resolve_dir(target) if is_dir else resolve_file(target)
     found.update(dict.fromkeys(r.document_ids(where={"$or": [{"source": str(p)},
                                                               {"root": str(p)}]})))
-    if not Path(target).is_file():  # a directory (maybe gone) inside a tree indexed higher up
+    if not Path(target).is_file() and p.parents:  # a directory inside a tree indexed higher up
         above = r.document_ids(where={"root": {"$in": [str(a) for a in p.parents]}})
         for s in range(0, len(above), 500):
             for d in r.get(above[s:s + 500]):
