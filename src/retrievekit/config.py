@@ -46,7 +46,7 @@ class RetrieverConfig:
         funnel_candidates: stage-1 candidates to rescore (default: 4 x the dense candidates).
         local_vectors: keep a copy of every record's full vector in this process (derived
             from Chroma like the BM25 index; 4 bytes x dimension per record, 1.5 KB at 384),
-            so a filter that few records pass (under 1%) is answered by an exact scan over
+            so a filter that few records pass (under 5%) is answered by an exact scan over
             exactly those records instead of Chroma's filtered HNSW query (20-60x slower than
             an unfiltered one). With a funnel the copy exists anyway and is used.
     """

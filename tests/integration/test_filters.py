@@ -15,7 +15,7 @@ import pytest
 from chromadb.config import Settings
 
 from retrievekit.records import Record
-from retrievekit.searcher import POST_FILTER_SHARE
+from retrievekit.searcher import EXACT_SCAN_SHARE, POST_FILTER_SHARE
 from retrievekit.sparse import SparseIndex
 
 KEYS = ["lang", "year", "score", "flag", "tags"]
@@ -187,7 +187,7 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
         assert len(hits) == min(10, len(expected_pool))  # k hits whenever k exist
         share = len(expected_pool) / 600
         plans["post" if share >= POST_FILTER_SHARE else "chroma"] += 1
-        if hits and share < POST_FILTER_SHARE and r.config.local_vectors:  # exact scan answered
+        if hits and share < EXACT_SCAN_SHARE and r.config.local_vectors:  # exact scan answered
             assert hits[0].ranks == {"dense": 1} and "funnel" not in hits[0].ranks
         # the sparse side filters inside the BM25 index: same pool
         for h in r.search("river stone cloud", k=50, mode="sparse", where=where):
