@@ -9,6 +9,11 @@ Phases:
            head, since no trained cross-encoder is available offline: its timings are real,
            its scores are not meaningful, so only their deviation from fp32 is reported).
   crossover  ms per call by call size, ONNX fp32 vs torch bf16 (where "auto" switches).
+  backends retrievekit's ONNX engine against sentence-transformers' own ONNX backend
+           (`backend="onnx"`, optimum): export/reload time, passages/s and query latency
+           (medians of interleaved rounds), agreement with torch fp32, int8 of both. Needs
+           `optimum-onnx` next to sentence-transformers (see docs/benchmarks.md for the
+           environment it ran in).
   quality  dense nDCG@10 of each setting on cranfield and nfcorpus (exact search, a
            document scores its best chunk; chunks made by the pipeline), its difference from
            torch fp32, and how far its vectors and top-10 lists move. The fp32 baseline's
@@ -20,6 +25,7 @@ Every number comes with the 1-minute load average seen around it (the CPU is sha
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py speed
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py quality [--nfcorpus-docs N]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py crossover
+    HF_HUB_OFFLINE=1 python benchmarks/inference.py backends [--rounds 5] [--passages 320]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # optimum imports onnxruntime itself
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("RETRIEVEKIT_DATA", HERE.parent.parent / "shared" / "data"))
@@ -355,20 +362,173 @@ def phase_quality(args: argparse.Namespace) -> None:
         save(f"quality-{coll}", {"collection": res})
 
 
+# -- backends ----------------------------------------------------------------------------------
+def _folder_bytes(path: Path, pattern: str = "*.onnx") -> int:
+    return sum(f.stat().st_size for f in path.rglob(pattern) if f.is_file())
+
+
+def phase_backends(args: argparse.Namespace) -> None:
+    """retrievekit's ONNX engine against sentence-transformers' own ONNX backend
+    (`SentenceTransformer(model, backend="onnx")`, optimum), side by side in one process:
+    export and reload time, files written, passages/s and query latency (medians over
+    interleaved rounds), vector agreement with torch fp32, int8 variants.
+
+    Needs `optimum-onnx` importable next to sentence-transformers; everything is exported
+    into fresh temporary folders (nothing cached from earlier runs is reused)."""
+    import shutil
+    import tempfile
+
+    import onnxruntime as ort
+    import sentence_transformers
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    from retrievekit.embedding import Embedder
+    from retrievekit.evaluation import load_beir
+    from retrievekit.inference import configure_torch_threads, default_num_threads
+    from retrievekit.models import resolve_model
+
+    threads = args.threads or default_num_threads()
+    configure_torch_threads(threads)
+    ds = load_beir(DATA / "nfcorpus")
+    queries = [ds.queries[q] for q in sorted(ds.queries)][:args.queries]
+    probe = Embedder(model=MODEL, backend="torch", dtype="float32")
+    _, chunks = chunk_texts(ds, probe)
+    passages = chunks[:args.passages]
+    del probe
+    tmp = Path(tempfile.mkdtemp(prefix="rk-backends-"))
+    os.environ["RETRIEVEKIT_CACHE"] = str(tmp / "retrievekit-cache")
+    st_dir = tmp / "st-model"  # a writable copy: sentence-transformers saves its export there
+    shutil.copytree(resolve_model(MODEL).load_from, st_dir)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+
+    def st_onnx(file_name: str | None = None) -> Any:
+        kw: dict[str, Any] = {"session_options": opts, "provider": "CPUExecutionProvider"}
+        if file_name:
+            kw["file_name"] = file_name
+        return SentenceTransformer(str(st_dir), backend="onnx", model_kwargs=kw,
+                                   local_files_only=True)
+
+    engines: dict[str, Any] = {}
+    prep: dict[str, Any] = {}
+
+    def prepared(name: str, make: Callable[[], Any], reload: Callable[[], Any] | None,
+                 files: Callable[[], int]) -> None:
+        t0 = time.perf_counter()
+        engines[name] = make()
+        row = {"first_s": round(time.perf_counter() - t0, 2), "load": load1()}
+        if reload is not None:
+            t0 = time.perf_counter()
+            engines[name] = reload()
+            row["reload_s"] = round(time.perf_counter() - t0, 2)
+        row["onnx_bytes"] = files()
+        prep[name] = row
+        print(f"{name:14s} first use {row['first_s']:6.1f} s, reload "
+              f"{row.get('reload_s', '-')} s, {row['onnx_bytes'] / 1e6:.1f} MB", flush=True)
+
+    def rk(**cfg: Any) -> Callable[[], Any]:
+        def make() -> Any:
+            e = Embedder(model=MODEL, num_threads=threads, **cfg)
+            e.embed_query("warm up")
+            return e
+        return make
+
+    rk_cache = tmp / "retrievekit-cache"
+    prepared("torch-fp32", lambda: SentenceTransformer(str(st_dir), device="cpu"), None,
+             lambda: 0)
+    prepared("torch-bf16", rk(backend="torch", dtype="bfloat16"), None, lambda: 0)
+    prepared("rk-onnx-fp32", rk(backend="onnx"), rk(backend="onnx"),
+             lambda: _folder_bytes(rk_cache, "embed-fp32.onnx"))
+
+    def st_export() -> Any:
+        m = st_onnx()
+        m.save_pretrained(str(st_dir))  # the documented way to keep the export
+        return m
+
+    prepared("st-onnx-fp32", st_export, lambda: st_onnx("onnx/model.onnx"),
+             lambda: _folder_bytes(st_dir / "onnx", "model.onnx"))
+    prepared("rk-onnx-int8", rk(backend="onnx", onnx_quantize="int8"),
+             rk(backend="onnx", onnx_quantize="int8"),
+             lambda: _folder_bytes(rk_cache, "embed-int8.onnx"))
+
+    def st_int8() -> Any:
+        export_dynamic_quantized_onnx_model(engines["st-onnx-fp32"], "avx512_vnni",
+                                            str(st_dir))
+        return st_onnx("onnx/model_qint8_avx512_vnni.onnx")
+
+    prepared("st-onnx-int8", st_int8, lambda: st_onnx("onnx/model_qint8_avx512_vnni.onnx"),
+             lambda: _folder_bytes(st_dir / "onnx", "model_qint8*.onnx"))
+
+    def encode(name: str, texts: list[str]) -> np.ndarray:
+        e = engines[name]
+        if isinstance(e, Embedder):
+            return e.embed_documents(texts, progress=False)
+        return e.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
+                        show_progress_bar=False)
+
+    ref = encode("torch-fp32", passages)
+    rows: dict[str, Any] = {n: {**prep[n], "passages_per_s": [], "query_ms": []}
+                            for n in engines}
+    for name in engines:
+        vecs = encode(name, passages)
+        rows[name]["max_abs_diff_vs_torch"] = float(np.max(np.abs(vecs - ref)))
+        rows[name]["min_cosine_vs_torch"] = float(np.min(np.sum(vecs * ref, axis=1)))
+    for rnd in range(args.rounds):  # interleaved, so that load changes hit every engine
+        for name in engines:
+            t0 = time.perf_counter()
+            encode(name, passages)
+            rows[name]["passages_per_s"].append(len(passages) / (time.perf_counter() - t0))
+            lat = timed(lambda q: encode(name, [q]), queries, warmup=3)
+            rows[name]["query_ms"].append(pct(lat, 50))
+        print(f"round {rnd + 1}/{args.rounds} (load {load1()})", flush=True)
+    base = "rk-onnx-fp32"
+    med = {n: (statistics.median(r["passages_per_s"]), statistics.median(r["query_ms"]))
+           for n, r in rows.items()}
+    for name, row in rows.items():
+        row["passages_per_s_median"], row["query_ms_median"] = med[name]
+        row["passages_per_s_ratio_vs_rk"] = med[name][0] / med[base][0]
+        row["query_ms_ratio_vs_rk"] = med[name][1] / med[base][1]
+        print(f"{name:14s} {med[name][0]:7.1f} passages/s ({row['passages_per_s_ratio_vs_rk']:.2f}x"
+              f") | query p50 {med[name][1]:6.2f} ms ({row['query_ms_ratio_vs_rk']:.2f}x) | max "
+              f"|diff| {row['max_abs_diff_vs_torch']:.1e} min cos "
+              f"{row['min_cosine_vs_torch']:.6f}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    save("backends", {"passages": len(passages), "queries": len(queries), "rounds": args.rounds,
+                      "threads": threads, "versions": {
+                          "sentence_transformers": sentence_transformers.__version__,
+                          "transformers": transformers.__version__,
+                          "optimum_onnx": _version("optimum-onnx"),
+                          "torch": torch.__version__, "onnxruntime": ort.__version__},
+                      "engines": rows})
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("phase", choices=["speed", "quality", "crossover"])
+    p.add_argument("phase", choices=["speed", "quality", "crossover", "backends"])
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--passages", type=int, default=320, help="speed: passages encoded")
     p.add_argument("--queries", type=int, default=200, help="speed: single queries timed")
     p.add_argument("--rerank-queries", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="crossover: best of N calls")
+    p.add_argument("--rounds", type=int, default=5, help="backends: interleaved rounds")
+    p.add_argument("--threads", type=int, default=0, help="backends: threads (0: default)")
     p.add_argument("--collections", default="cranfield,nfcorpus")
     p.add_argument("--nfcorpus-docs", type=int, default=0,
                    help="quality: the first N nfcorpus documents by id (0: all)")
     args = p.parse_args(argv)
     {"speed": phase_speed, "quality": phase_quality,
-     "crossover": phase_crossover}[args.phase](args)
+     "crossover": phase_crossover, "backends": phase_backends}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
   "auto": ONNX fp32 for small calls (a query, a few rerank pairs) where it is several times
   faster than torch, and torch in the resolved `dtype` for bulk calls when that dtype is a
   native half precision of the hardware (bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA);
-  on a CPU without native bf16 the fp32 ONNX engine serves every call.
+  on a CPU without native bf16 the fp32 ONNX engine serves every call. "auto" never exports:
+  until a checked export is cached (`ModelEngines.export_onnx`, once per model), torch serves
+  every call; backend="onnx" exports on first use, with a progress bar.
 - dtype: "auto" resolves to bf16 on CPUs that have native bf16 instructions, fp16 on CUDA,
   else fp32. It applies to the torch engine; the ONNX engine runs fp32 (or int8, opt-in).
 - num_threads: intra-op threads of both engines; the default never oversubscribes (see
@@ -209,7 +211,8 @@ class ModelEngines:
       when it is "auto" (the full-precision model: to train, or to compare with);
     - the torch engine: torch in `dtype` (the resolved precision); `model` itself unless
       "auto" resolved to a half precision, then a second, internal copy;
-    - the ONNX engine (`retrievekit.onnx_backend`), loaded and on first use exported.
+    - the ONNX engine (`retrievekit.onnx_backend`): loaded from the export cache; exported
+      on first use only with backend="onnx", else by `export_onnx()`.
 
     Subclasses set `config` and `resolved`, call `_init_engines()`, and provide
     `_load(device=None, dtype=None)` (a torch model), `_ONNX_KIND`, and optionally
@@ -269,8 +272,8 @@ class ModelEngines:
     def engine_for(self, n_items: int) -> str:
         """The engine ("onnx" or "torch") that serves a call of `n_items` texts or pairs.
 
-        Loads (and on first use exports) the ONNX engine when the settings pick it, so that
-        a refused export answers "torch"."""
+        Loads the ONNX engine when the settings pick it (backend="onnx": exporting it on
+        first use), so that a refused or (backend="auto") missing export answers "torch"."""
         cfg = self.config
         if choose_engine(cfg.backend, self.dtype, cfg.onnx_quantize, cfg.device,
                          n_items) == "onnx" and self._onnx_engine() is not None:
@@ -307,3 +310,31 @@ class ModelEngines:
                         self._onnx_loaded(engine)
                     self._onnx = engine if engine is not None else False
         return self._onnx or None
+
+    def export_onnx(self, *, progress: bool | None = None) -> Path:
+        """Export this model to ONNX now (once per model and precision; a cached export is
+        reused), check it against torch, and serve with it from now on where the settings
+        pick the ONNX engine. backend="auto" needs this step (or another process's) to run
+        small calls on onnxruntime; it never exports by itself.
+
+        Args:
+            progress: a progress bar of the export's stages; None: on a terminal.
+
+        Returns:
+            The exported `.onnx` file (in the export cache, see `retrievekit.onnx_backend`).
+
+        Raises:
+            MissingDependencyError: onnxruntime, onnxscript or onnx is missing.
+            OnnxUnavailable: the export was refused (the message says why and how to retry).
+        """
+        from .onnx_backend import load
+
+        cfg = self.config
+        with self._onnx_lock:
+            engine = load(self._ONNX_KIND, self.resolved, cfg.model,
+                          reference=self._reference_model, quantize=cfg.onnx_quantize,
+                          num_threads=cfg.num_threads, export=True, progress=progress,
+                          **self._onnx_options())
+            self._onnx_loaded(engine)
+            self._onnx = engine
+        return engine.path

@@ -18,6 +18,17 @@ whose largest deviation exceeds `TOLERANCE` is refused: the engine falls back to
 warning, and the failure is recorded so it is not retried on every load (delete the record,
 or upgrade torch, to try again). A cached file whose hash no longer matches its record is
 refused the same way.
+
+When: `load(export=False)` only opens a checked export that is already cached (what
+backend="auto" does, so that first use never waits for an export); `load(export=True)` (what
+backend="onnx" and `ModelEngines.export_onnx` do) exports first when needed, with a progress
+bar of its stages on a terminal.
+
+Network: onnxruntime's official builds start a telemetry uploader when the library is first
+imported, which looks up its collector host on a timer. Only `ORT_DISABLE_TELEMETRY=1`, read at
+that import, stops it (`onnxruntime.disable_telemetry_events()` does not stop the lookups; both
+checked with strace, see docs/design.md). `require_onnxruntime`, the one place that imports
+onnxruntime, sets it unless the user set it.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -36,7 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, RetrieveKitError
 from .inference import resolve_num_threads
 from .models import ResolvedModel, model_fingerprint
 
@@ -83,27 +95,38 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-class OnnxUnavailable(Exception):
+class OnnxUnavailable(RetrieveKitError, RuntimeError):
     """The ONNX engine cannot serve this model; the message says why (torch serves it)."""
 
 
+class NotExported(OnnxUnavailable):
+    """No checked export is cached yet, and this load may not make one."""
+
+
 def require_onnxruntime() -> Any:
-    """Import onnxruntime, or raise the error that names the install."""
+    """Import onnxruntime with its telemetry off, or raise the error that names the install."""
+    if "onnxruntime" not in sys.modules:
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read once, at the first import
+    elif "ORT_DISABLE_TELEMETRY" not in os.environ:
+        warn_once("ort-telemetry", "onnxruntime was imported before retrievekit could turn its "
+                  "telemetry off, so it may look up its telemetry host; set "
+                  "ORT_DISABLE_TELEMETRY=1 in the environment to stop that")
     try:
         import onnxruntime
     except ImportError as exc:
         raise MissingDependencyError(
             f"backend='onnx' needs onnxruntime: {_INSTALL} (or use backend='torch')") from exc
+    onnxruntime.disable_telemetry_events()  # the events, where the variable came too late
     return onnxruntime
 
 
-def warn_once(key: str, message: str, *args: Any) -> None:
-    """logging.warning, once per process for each `key` (loads repeat; the advice doesn't)."""
+def warn_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+    """Log once per process for each `key` (loads repeat; the advice doesn't)."""
     with _warned_lock:
         if key in _warned:
             return
         _warned.add(key)
-    logger.warning(message, *args)
+    logger.log(level, message, *args)
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -444,13 +467,51 @@ class _Spec:
     max_length: int | None = None  # rerank: the configured max_length
 
 
-def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None) -> dict[str, Any]:
+class _Stages:
+    """A progress bar over the stages of one export: shown on a terminal unless the caller
+    says otherwise; each stage is also logged (INFO), for logs that are not a terminal."""
+
+    def __init__(self, label: str, stages: int, progress: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        self.label = label
+        self.bar = tqdm(total=stages, desc=f"ONNX export of {label}", disable=not show,
+                        bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+        self.started = time.perf_counter()
+        self.current: str | None = None
+        self._done = threading.Event()
+        if show:  # a stage lasts up to a minute: keep its clock moving
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._done.wait(1.0):
+            self.bar.refresh()
+
+    def start(self, stage: str) -> None:
+        if self.current is not None:
+            self.bar.update(1)
+        self.current = stage
+        self.bar.set_postfix_str(stage)
+        logger.info("%s: %s (%.0f s into the export)", self.label, stage,
+                    time.perf_counter() - self.started)
+
+    def close(self) -> None:
+        self._done.set()
+        if self.current is not None:
+            self.bar.update(1)
+        self.bar.close()
+
+
+def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None,
+                      stages: _Stages) -> dict[str, Any]:
     """Export (fp32) or quantize (int8) the variant into `folder` and check it against torch.
 
     Returns its record (ok true or false); `_prepare` writes it."""
     variant = spec.variant
     path = folder / f"{variant.stem}.onnx"
     started = time.perf_counter()
+    stages.start("loading the torch model")
     ref_model = spec.reference()
     if variant.kind == "embed":
         hf_tok = ref_model.tokenizer
@@ -485,8 +546,10 @@ def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None) -> dic
     if path.exists():
         pass  # a file without its record (a crash after the rename, a copy): check it only
     elif variant.precision == "fp32":
+        stages.start("exporting the graph")
         _export_graph(module, forward, hf_tok, path, example)
     else:  # `load` made and checked the fp32 variant first
+        stages.start("quantizing to int8")
         _quantize_int8(folder / f"{variant.kind}-fp32.onnx", path)
     _save_tokenizer(hf_tok, folder)
     record: dict[str, Any] = {
@@ -494,6 +557,7 @@ def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None) -> dic
         "model": spec.label, "tokenizer": tok, **record_extra, **_versions(),
         "sha256": _sha256(path), "tolerance": variant.tolerance,
     }
+    stages.start("checking against torch")
     deviation = _check(spec, folder, record, ref_model, num_threads)
     record.update(deviation=deviation, ok=deviation <= variant.tolerance,
                   seconds=round(time.perf_counter() - started, 1))
@@ -536,11 +600,15 @@ def _check(spec: _Spec, folder: Path, record: dict[str, Any], ref_model: Any,
     return worst
 
 
-def _prepare(spec: _Spec, folder: Path, num_threads: int | None) -> dict[str, Any]:
+def _prepare(spec: _Spec, folder: Path, num_threads: int | None, *, export: bool = True,
+             progress: bool | None = None) -> dict[str, Any]:
     """The record of `spec.variant` in `folder`, exporting and checking it first if needed.
 
     A model file without a record is checked, not exported again; one whose record is
-    outdated (another export format, or a failure under another torch) is exported anew."""
+    outdated (another export format, or a failure under another torch) is exported anew.
+
+    Raises:
+        NotExported: `export` is False and there is no current record."""
     from filelock import FileLock
 
     stem = spec.variant.stem
@@ -548,6 +616,8 @@ def _prepare(spec: _Spec, folder: Path, num_threads: int | None) -> dict[str, An
     record = _read_record(record_path)
     if record is not None and _current(record):
         return record
+    if not export:
+        raise NotExported(f"no ONNX export of {spec.label} ({stem}) in {folder} yet")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / ".lock"))
@@ -562,8 +632,9 @@ def _prepare(spec: _Spec, folder: Path, num_threads: int | None) -> dict[str, An
         if record is not None:
             (folder / f"{stem}.onnx").unlink(missing_ok=True)
         logger.info("exporting %s to ONNX (%s), once; cached in %s", spec.label, stem, folder)
+        stages = _Stages(f"{spec.label} ({stem})", 3, progress)
         try:
-            record = _export_and_check(spec, folder, num_threads)
+            record = _export_and_check(spec, folder, num_threads, stages)
         except (OnnxUnavailable, MissingDependencyError):
             raise
         except Exception as exc:  # an exporter or runtime failure on this model
@@ -571,9 +642,13 @@ def _prepare(spec: _Spec, folder: Path, num_threads: int | None) -> dict[str, An
                       "precision": spec.variant.precision, "model": spec.label, "ok": False,
                       "reason": f"export failed: {type(exc).__name__}: {str(exc)[:300]}",
                       **_versions()}
+        finally:
+            stages.close()
         if not record["ok"]:
             (folder / f"{stem}.onnx").unlink(missing_ok=True)
         _write_atomic(record_path, json.dumps(record, indent=1).encode())
+        logger.info("%s (%s): export %s in %.0f s", spec.label, stem,
+                    "checked" if record["ok"] else "refused", time.perf_counter() - stages.started)
         return record
     finally:
         lock.release()
@@ -592,7 +667,8 @@ def _current(record: dict[str, Any]) -> bool:
 
 def load(kind: str, resolved: ResolvedModel, label: str, *, reference: Callable[[], Any],
          quantize: str | None = None, num_threads: int | None = None,
-         prefixes: Sequence[str] = ("",), max_length: int | None = None
+         prefixes: Sequence[str] = ("",), max_length: int | None = None,
+         export: bool = True, progress: bool | None = None
          ) -> OnnxEmbedder | OnnxCrossEncoder:
     """The ONNX engine of a model: from the cache, or exported, checked and cached now.
 
@@ -601,9 +677,12 @@ def load(kind: str, resolved: ResolvedModel, label: str, *, reference: Callable[
         reference: loads the fp32 torch model on the CPU (only called to export/check).
         prefixes: the resolved prefixes the embedder will prepend (all are probed).
         max_length: the reranker's configured tokens per pair (None: the model's).
+        export: export (and check) now when no export is cached; False: raise NotExported.
+        progress: the export's progress bar; None: on a terminal.
 
     Raises:
         MissingDependencyError: onnxruntime (or, to export, onnxscript/onnx) is missing.
+        NotExported: `export` is False and no checked export is cached.
         OnnxUnavailable: the model cannot be served by ONNX; the message says why.
     """
     require_onnxruntime()
@@ -620,12 +699,13 @@ def load(kind: str, resolved: ResolvedModel, label: str, *, reference: Callable[
         return loaded[0]
 
     variant = Variant(kind, quantize or "fp32")
+    how = {"export": export, "progress": progress}
     if variant.precision != "fp32":  # int8 is quantized from the checked fp32 export
         base = Variant(kind, "fp32")
         _require_ok(_prepare(_Spec(base, label, reference_once, tuple(prefixes), max_length),
-                             folder, num_threads), folder / f"{base.stem}.json")
+                             folder, num_threads, **how), folder / f"{base.stem}.json")
     record = _prepare(_Spec(variant, label, reference_once, tuple(prefixes), max_length),
-                      folder, num_threads)
+                      folder, num_threads, **how)
     _require_ok(record, folder / f"{variant.stem}.json")
     path = folder / f"{variant.stem}.onnx"
     try:
@@ -655,19 +735,27 @@ def load_engine(kind: str, resolved: ResolvedModel, label: str, *, backend: str,
                 max_length: int | None = None) -> OnnxEmbedder | OnnxCrossEncoder | None:
     """`load`, or None when torch must serve instead (the reason logged once per process).
 
-    With backend="onnx" a missing onnxruntime raises (the user asked for it); with "auto"
-    it only means torch serves.
+    backend="onnx" exports on first use (the user asked for this engine) and a missing
+    onnxruntime raises; backend="auto" only opens an export that is already cached (first
+    use never waits for one; `ModelEngines.export_onnx` makes it), and without onnxruntime
+    torch serves.
 
     Raises:
         MissingDependencyError: backend="onnx" without onnxruntime (or onnxscript to export).
     """
     try:
         return load(kind, resolved, label, reference=reference, quantize=quantize,
-                    num_threads=num_threads, prefixes=prefixes, max_length=max_length)
+                    num_threads=num_threads, prefixes=prefixes, max_length=max_length,
+                    export=backend == "onnx")
     except MissingDependencyError as exc:
         if backend == "onnx":
             raise
         logger.info("%s: the ONNX engine is not installed (%s); torch serves", label, exc)
+    except NotExported as exc:
+        warn_once(f"{kind}:{label}:not-exported", "%s (%s): %s; torch serves every call. "
+                  "Export it once ahead of time with .export_onnx() on the embedder or "
+                  "reranker to serve small calls with onnxruntime", label, kind, exc,
+                  level=logging.INFO)
     except OnnxUnavailable as exc:
         warn_once(f"{kind}:{label}:{exc}", "%s (%s): ONNX engine refused, torch serves "
                   "instead: %s", label, kind, exc)

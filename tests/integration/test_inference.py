@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -190,6 +192,38 @@ def test_missing_onnxruntime(monkeypatch):
 
 
 # -- automatic choices ---------------------------------------------------------------------------
+def test_auto_never_exports_on_first_use(tmp_path, monkeypatch, fp32_embedder, caplog):
+    monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path))  # no export cached here
+    caplog.set_level(logging.INFO, logger="retrievekit.onnx_backend")
+    e = Embedder(model=MODEL, dtype="float32")  # "auto" would pick ONNX for every call
+    assert e.engine_for(1) == "torch" and e.engine_for(1000) == "torch"
+    q = "answered by torch until an export exists"
+    np.testing.assert_allclose(e.embed_query(q), fp32_embedder.embed_query(q), atol=1e-6)
+    assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.json"))
+    assert any("export_onnx()" in r.getMessage() for r in caplog.records)
+
+
+def test_export_onnx_ahead_of_time_with_progress(small_cross_encoder, tmp_path, monkeypatch,
+                                                 capsys):
+    monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path))
+    auto = Reranker(model=small_cross_encoder, dtype="float32", sigmoid=False)
+    assert auto.engine_for(1) == "torch"  # nothing exported yet, and first use did not wait
+    capsys.readouterr()
+    path = auto.export_onnx(progress=True)
+    err = capsys.readouterr().err
+    assert "ONNX export of" in err and "3/3" in err and "checking against torch" in err
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    assert auto.engine_for(1) == "onnx"  # the same object switches ...
+    assert Reranker(model=small_cross_encoder, dtype="float32").engine_for(1) == "onnx"  # new too
+    torch_ = Reranker(model=small_cross_encoder, backend="torch", dtype="float32", sigmoid=False)
+    passages = ["tea has caffeine", "cats purr", ""]
+    np.testing.assert_allclose(auto.score("green tea", passages),
+                               torch_.score("green tea", passages), atol=1e-5)
+    stamp = os.stat(path).st_mtime_ns
+    assert auto.export_onnx(progress=True) == path  # a second call reuses the export ...
+    assert os.stat(path).st_mtime_ns == stamp and "ONNX export of" not in capsys.readouterr().err
+
+
 def test_auto_backend_routes_by_call_size(onnx_embedder, fp32_embedder):
     default = Embedder(model=MODEL)
     assert default.dtype == ("bfloat16" if inference.cpu_has_native_bf16() else "float32")
@@ -224,6 +258,52 @@ def test_onnx_threads_follow_the_setting(onnx_embedder):
     assert opts.intra_op_num_threads == inference.default_num_threads()
     one = Embedder(model=MODEL, backend="onnx", num_threads=1)
     assert one._onnx_engine().session.get_session_options().intra_op_num_threads == 1
+
+
+# -- network -------------------------------------------------------------------------------------
+_NO_NETWORK_CHILD = textwrap.dedent("""
+    import time
+    from retrievekit.embedding import Embedder
+    e = Embedder(model=%r, backend="onnx")
+    assert e.engine_for(1) == "onnx"
+    e.embed_query("no network, please")
+    time.sleep(14)  # onnxruntime's telemetry looks up its host ~10 s after the import
+""")
+
+
+@pytest.mark.slow
+def test_onnx_engine_makes_no_network_calls(onnx_embedder, onnx_cache, tmp_path):
+    """Seen with strace: every socket the process opens. onnxruntime's telemetry opens UDP
+    sockets for DNS lookups of its collector host unless ORT_DISABLE_TELEMETRY is set."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["RETRIEVEKIT_CACHE"] = str(onnx_cache)
+    trace = tmp_path / "trace.txt"
+    proc = subprocess.run(
+        ["strace", "-f", "-e", "trace=socket,connect,sendto", "-o", str(trace),
+         sys.executable, "-c", _NO_NETWORK_CHILD % MODEL],
+        env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = trace.read_text()
+    assert "+++ exited with 0 +++" in text  # strace did follow the process to its end
+    inet = [line for line in text.splitlines() if "AF_INET" in line]
+    assert not inet, "\n".join(inet[:5])
+
+
+def test_onnxruntime_is_imported_with_its_telemetry_off():
+    child = ("import os, sys; from retrievekit.onnx_backend import require_onnxruntime; "
+             "require_onnxruntime(); print(os.environ.get('ORT_DISABLE_TELEMETRY'))")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out[-1] == "1"
+    env["ORT_DISABLE_TELEMETRY"] = "0"  # the user's own choice stands
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out[-1] == "0"
 
 
 # -- the reranker --------------------------------------------------------------------------------
