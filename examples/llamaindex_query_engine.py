@@ -6,8 +6,10 @@ Chroma stores, and LlamaIndex's MockLLM stands in for the LLM (it answers with i
 
 Prints the response and the source nodes with the rank they had at each stage (dense,
 sparse, fused, and rerank when a cross-encoder is given; none is bundled, so pass a name in
-your Hugging Face cache or a local directory). Swap MockLLM for any LlamaIndex LLM to get
-real answers.
+your Hugging Face cache or a local directory). Then the same documents through the vector
+store: `VectorStoreIndex.from_vector_store(...)` queried with
+`vector_store_query_mode="hybrid"`, the way LlamaIndex users do hybrid search. Swap MockLLM
+for any LlamaIndex LLM to get real answers.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from llama_index.core import Document  # noqa: E402
+from llama_index.core import Document, VectorStoreIndex  # noqa: E402
 from llama_index.core.llms import MockLLM  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters  # noqa: E402
 
-from retrievekit.llama_index import RetrieveKitReranker, RetrieveKitRetriever  # noqa: E402
+from retrievekit.llama_index import (RetrieveKitReranker, RetrieveKitRetriever,  # noqa: E402
+                                     RetrieveKitVectorStore)
 
 DOCS = [
     Document(id_="rrf", text="Reciprocal rank fusion merges ranked lists by summing "
@@ -69,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {n.node.node_id:<10} score={n.score:.4f}  ({ranks})")
     print("with MetadataFilters(topic == errors), 'locked directory' finds:",
           [n.node.node_id for n in filtered])
+
+    with RetrieveKitVectorStore(path=":memory:", collection="llamaindex-vector-store",
+                                model="sentence-transformers/all-MiniLM-L6-v2") as vs:
+        vs.add(DOCS)
+        index = VectorStoreIndex.from_vector_store(vs, embed_model=vs.embed_model)
+        engine = index.as_query_engine(llm=MockLLM(), vector_store_query_mode="hybrid",
+                                       similarity_top_k=2, sparse_top_k=20, alpha=0.5)
+        hybrid = engine.query(question)
+    print("vector store, vector_store_query_mode='hybrid':",
+          [(n.node.node_id, round(n.score, 4)) for n in hybrid.source_nodes])
     return 0
 
 

@@ -277,7 +277,8 @@ class ChromaStore:
             lock.acquire(timeout=0)
         except Timeout as exc:
             holder = _HOLDERS.get(key)
-            site = holder[1] if holder is not None and holder[0]() is not None else None
+            store = holder[0]() if holder is not None else None
+            site = holder[1] if store is not None and store._lock_file is not None else None
             if site is not None:
                 raise StoreLockedError(
                     f"the store at {str(path)!r} is already open in this process, by the "
@@ -298,6 +299,9 @@ class ChromaStore:
         if self._lock_file is not None:
             self._lock_file.release()
             self._lock_file = None
+            for key, (ref, _) in list(_HOLDERS.items()):
+                if ref() is self:
+                    del _HOLDERS[key]
 
     def _open_collection(self):
         cfg = self.config

@@ -486,6 +486,7 @@ def test_example_runs_offline_and_prints_stage_ranks(capsys):
     sources = out.split("source nodes:")[1].splitlines()
     assert sources[1].split()[0] == "e1042" and "fused #1" in sources[1]
     assert "'locked directory' finds: ['e2001', 'e1042']" in out
+    assert "vector_store_query_mode='hybrid': [('e1042', 0.0164" in out  # alpha 0.5: 2 x 0.5/61
 
 
 # -- vector store ------------------------------------------------------------------------------
