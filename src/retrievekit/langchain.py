@@ -456,6 +456,12 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         return [(stored_document(h.document), self.retriever.relevance(h))
                 for h in self._search(query, k, kwargs)]
 
+    async def _asimilarity_search_with_relevance_scores(self, query: str, k: int = 4,
+                                                        **kwargs: Any
+                                                        ) -> list[tuple[LCDocument, float]]:
+        return await asyncio.to_thread(self._similarity_search_with_relevance_scores, query, k,
+                                       **kwargs)
+
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any
                                     ) -> list[LCDocument]:
         """Dense search with a query vector from this store's `embeddings.embed_query`."""
@@ -483,8 +489,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
                                          mode=kwargs.get("mode") or self.retrieval_mode)
         return [stored_document(h.document) for h in hits]
 
-    # -- async: the sync methods in a worker thread (the base class's run_in_executor) ----------
-    # -- construction ------------------------------------------------------------------------
+    # -- construction (the async variants of the rest: the base class runs them in a thread) --
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Any = None,
                    metadatas: list[dict] | None = None, *, ids: list[str] | None = None,

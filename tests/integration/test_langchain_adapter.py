@@ -592,6 +592,13 @@ async def test_vector_store_async_and_delete(embedder, corpus_docs):
     vs = _store(embedder, corpus_docs)
     docs = await vs.asimilarity_search("sourdough starter", k=1)
     assert docs[0].id == "bread"
+    rel = await vs.asimilarity_search_with_relevance_scores("sourdough starter", k=2)
+    assert rel == vs.similarity_search_with_relevance_scores("sourdough starter", k=2)
+    thr = vs.as_retriever(search_type="similarity_score_threshold",
+                          search_kwargs={"k": 3, "score_threshold": 0.5})
+    assert [d.id for d in await thr.ainvoke("sourdough starter")][:1] == ["bread"]
+    mmr = await vs.amax_marginal_relevance_search("sourdough starter", k=2, fetch_k=4)
+    assert len(mmr) == 2
     assert vs.delete(["bread"]) is True
     assert await vs.aget_by_ids(["bread", "tea"]) == [
         LCDocument(page_content=corpus_docs[7].text, metadata=dict(corpus_docs[7].metadata),
