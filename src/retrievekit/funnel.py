@@ -100,18 +100,20 @@ class FunnelVectors:
             self._matrix = np.zeros((0, self.dim), dtype=np.float32)
             self._base = None  # the next commit writes a new base
 
-    def similarities(self, ids: Sequence[str], query: np.ndarray) -> np.ndarray:
-        """Cosine similarity of `query` (full dim, normalized) with each id's vector;
-        -inf for an id that is not held."""
+    def similarities(self, ids: Sequence[str], query: np.ndarray, *, cosine: bool = False
+                     ) -> np.ndarray:
+        """Dot product of `query` (full dim) with each id's vector: the cosine similarity
+        for normalized vectors, or always with `cosine`; -inf for an id that is not held."""
         rows, matrix = self._rows, self._matrix  # one consistent snapshot
         idx = np.asarray([rows.get(i, -1) for i in ids], dtype=np.int64)
         out = np.full(len(ids), -np.inf, dtype=np.float32)
         ok = idx >= 0
         if ok.any():
-            rows_ = matrix[idx[ok]]
+            held = matrix[idx[ok]]
             q = np.asarray(query, dtype=np.float32)
-            norms = np.maximum(np.linalg.norm(rows_, axis=1) * float(np.linalg.norm(q)), 1e-12)
-            out[ok] = (rows_ @ q) / norms  # cosine, also for vectors stored unnormalized
+            out[ok] = held @ q
+            if cosine:
+                out[ok] /= np.maximum(np.linalg.norm(held, axis=1) * np.linalg.norm(q), 1e-12)
         return out
 
     def nbytes(self) -> int:

@@ -133,7 +133,9 @@ class LocalEngine:
         """The `n` nearest of the records a selective filter passes, by an exact scan of
         their full vectors (held in this process: funnel or local_vectors)."""
         ids = self.sparse.matching(matching, passing)
-        sims = self.funnel.similarities(ids, vec) if ids else np.zeros(0, np.float32)
+        # cosine, as Chroma's space is, also for vectors stored unnormalized
+        sims = self.funnel.similarities(ids, vec, cosine=True) if ids else \
+            np.zeros(0, np.float32)
         order = np.argsort(-sims, kind="stable")[:n]
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 

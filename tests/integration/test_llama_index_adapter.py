@@ -353,7 +353,8 @@ def test_reranker_orders_by_cross_encoder_and_leaves_inputs_alone(hybrid, tiny_c
     order = sorted(range(len(nodes)), key=lambda i: -probs[i])[:3]
     assert [n.node.node_id for n in out] == [nodes[i].node.node_id for i in order]
     for rank, (n, i) in enumerate(zip(out, order), start=1):
-        assert n.score == pytest.approx(probs[i], abs=1e-5)
+        # 1e-4: "auto" may score on an ONNX export another test cached (fp32, ~3e-5 apart)
+        assert n.score == pytest.approx(probs[i], abs=1e-4)
         assert n.node.metadata["retrievekit_ranks"] == {**nodes[i].node.metadata[
             "retrievekit_ranks"], "rerank": rank}
         assert n.node.metadata["retrieval_score"] == nodes[i].score

@@ -109,7 +109,7 @@ def test_reopen_reads_recorded_settings_and_bm25(tmp_path, embedder, corpus_docs
 
 
 def test_second_open_of_same_store_is_refused(retriever):
-    with pytest.raises(StoreLockedError, match="another process"):
+    with pytest.raises(StoreLockedError, match="already open in this process"):
         HybridRetriever(path=retriever.config.store.path, embedder=retriever.embedder)
 
 
