@@ -1,5 +1,6 @@
 """Retrieval quality on the shared test collections: BM25 parity, tokenizer choice, the
-pipeline's sparse/dense/hybrid modes, hybrid variants, and the dense checks.
+pipeline's sparse/dense/hybrid modes, hybrid variants and fusions, the gap to the best peer
+recipe, and the dense checks.
 
 Usage (from the repository root; see benchmarks/README.md):
 
@@ -7,6 +8,8 @@ Usage (from the repository root; see benchmarks/README.md):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py bm25      # no model needed
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py modes
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py variants
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py fusions --candidates 100,200
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py gap       # offline fusions
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py dense
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py all
 
