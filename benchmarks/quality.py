@@ -1,5 +1,6 @@
 """Retrieval quality on the shared test collections: BM25 parity, tokenizer choice, the
-pipeline's sparse/dense/hybrid modes, hybrid variants, and the dense checks.
+pipeline's sparse/dense/hybrid modes, hybrid variants and fusions, the gap to the best peer
+recipe, and the dense checks.
 
 Usage (from the repository root; see benchmarks/README.md):
 
@@ -7,6 +8,8 @@ Usage (from the repository root; see benchmarks/README.md):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py bm25      # no model needed
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py modes
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py variants
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py fusions --candidates 100,200
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py gap       # offline fusions
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py dense
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py all
 
@@ -293,7 +296,7 @@ WEIGHTS = {"1:1 (default)": {"dense": 1.0, "sparse": 1.0},
 def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]],
                  phase: str, title: str) -> None:
     """Hybrid nDCG@10 / MRR@10 (k = 10) of each variant (query-time config options) at each
-    of CANDIDATES per side, on the nfcorpus dev split first, then the test sets."""
+    of `--candidates` per side, on the nfcorpus dev split first, then the test sets."""
     from retrievekit.evaluation import evaluate
     from retrievekit.report import index_dataset
 
@@ -311,7 +314,7 @@ def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, A
                     embedder = r.embedder
                     index_dataset(r, ds, cache=cache, progress=False)
                     with r.embedder.using_cache(cache):  # queries too: quality only here
-                        for cand in CANDIDATES:
+                        for cand in args.candidates:
                             res = evaluate(
                                 lambda q, n, c=cand: r.search(q, k=n, mode="hybrid",
                                                               candidates=c),
@@ -326,7 +329,11 @@ def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, A
                   for c in results),
              f"{_mean(results[c][n]['ndcg@10'] for c in tests):.4f}") for n in names]
     print(_table(["variant", *results, "mean nDCG@10 (test)"], rows))
-    _save(phase, {"results": results}, f"benchmarks/quality.py {phase}")
+    command = f"benchmarks/quality.py {phase}"
+    if tuple(args.candidates) != CANDIDATES:  # a run beside the documented one
+        phase += "-c" + "-".join(map(str, args.candidates))
+        command += " --candidates " + ",".join(map(str, args.candidates))
+    _save(phase, {"results": results}, command)
 
 
 def phase_variants(args: argparse.Namespace) -> None:
@@ -341,6 +348,209 @@ def phase_fusions(args: argparse.Namespace) -> None:
     """Hybrid with each fusion method and candidates per side, nfcorpus dev first."""
     _hybrid_grid(args, {f: {"fusion": f} for f in FUSIONS}, "fusions",
                  "Fusion methods (hybrid, equal weights)")
+
+
+# --------------------------------------------------------------------------------------
+# gap: where ours loses to the best peer recipe (LlamaIndex relative_score, 100 per side)
+# --------------------------------------------------------------------------------------
+
+#: depth of every side list collected for the offline fusions
+GAP_DEPTH = 200
+
+
+def _peer_bm25(ids: Sequence[str], texts: Sequence[str]) -> Callable[[str, int], list]:
+    """LlamaIndex's `BM25Retriever.from_defaults` as it scores: bm25s (Lucene BM25, k1=1.5,
+    b=0.75) over whole documents, bm25s's English stopwords, PyStemmer's English stemmer."""
+    import bm25s
+    import Stemmer
+
+    stemmer = Stemmer.Stemmer("english")
+    index = bm25s.BM25()
+    index.index(bm25s.tokenize(list(texts), stopwords="en", stemmer=stemmer,
+                               show_progress=False), show_progress=False)
+
+    def search(query: str, n: int) -> list[tuple[str, float]]:
+        tokens = bm25s.tokenize(query, stopwords="en", stemmer=stemmer, show_progress=False)
+        docs, scores = index.retrieve(tokens, k=min(n, len(ids)), show_progress=False)
+        return [(ids[int(d)], float(s)) for d, s in zip(docs[0], scores[0])]
+    return search
+
+
+def _side_lists(args: argparse.Namespace, name: str, split: str, embedder: Any, cache: Any
+                ) -> tuple[Any, dict[str, dict[str, list]]]:
+    """Per query, each side's documents (id, score) best first, GAP_DEPTH deep: ours (the
+    pipeline's dense and sparse modes: best chunk per document, dense with chunk_penalty),
+    the peer's (first-chunk dense = the whole passage truncated to the model window, as the
+    peers embed it; LlamaIndex's BM25). Kept under benchmarks/.cache/gap/."""
+    import numpy as np
+
+    from retrievekit.report import index_dataset
+
+    ds = _load(args, name, split)
+    path = CACHE / "gap" / f"{name}-{split}.json"
+    if path.exists():
+        return ds, json.loads(path.read_text(encoding="utf-8"))
+    qids = list(ds.qrels)
+    lists: dict[str, dict[str, list]] = {}
+    with _retriever(name, embedder=embedder) as r:
+        index_dataset(r, ds, cache=cache, progress=False)
+        with r.embedder.using_cache(cache):
+            qvecs = r.embedder.embed_queries([ds.queries[q] for q in qids])
+        for side, mode in (("dense", "dense"), ("sparse", "sparse")):
+            lists[side] = {
+                q: [(h.id, float(h.scores[mode])) for h in
+                    r.search(ds.queries[q], k=GAP_DEPTH, mode=mode, candidates=GAP_DEPTH,
+                             query_vector=v)]
+                for q, v in zip(qids, qvecs)}
+        parents, _, first = _stored(r, first_chunk_only=True)
+    sims = qvecs @ first.T
+    lists["peer dense"] = {}
+    for qi, q in enumerate(qids):
+        top = np.argsort(-sims[qi], kind="stable")[:GAP_DEPTH]
+        # LlamaIndex's Chroma store turns Chroma's default squared L2 into exp(-distance);
+        # on unit vectors that is exp(2 cos - 2)
+        lists["peer dense"][q] = [(parents[j], float(np.exp(2 * sims[qi, j] - 2))) for j in top]
+    ids, texts = _docs(ds)
+    bm25 = _peer_bm25(ids, texts)
+    lists["peer sparse"] = {q: bm25(ds.queries[q], GAP_DEPTH) for q in qids}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(lists), encoding="utf-8")
+    return ds, lists
+
+
+def _fused_run(lists: Mapping[str, Mapping[str, list]], sides: tuple[str, str], method: str,
+               n: int | tuple[int, int], weights: tuple[float, float] = (1.0, 1.0),
+               rrf_k: float = 60) -> dict[str, list[str]]:
+    """Documents fused by the library's own fusion functions from the top `n` of each of two
+    side lists (n documents, not chunks; a pair gives dense and sparse their own)."""
+    from retrievekit.fusion import reciprocal_rank_fusion, score_fusion
+
+    nd, ns = (n, n) if isinstance(n, int) else n
+    run = {}
+    for q in lists[sides[0]]:
+        ranked = {"dense": [tuple(x) for x in lists[sides[0]][q][:nd]],
+                  "sparse": [tuple(x) for x in lists[sides[1]][q][:ns]]}
+        ranked = {k: v for k, v in ranked.items() if v}
+        w = {"dense": weights[0], "sparse": weights[1]}
+        w = {k: w[k] for k in ranked}
+        fused = reciprocal_rank_fusion(ranked, k=rrf_k, weights=w) if method == "rrf" else \
+            score_fusion(ranked, method=method, weights=w)
+        run[q] = [f.id for f in fused[:101]]
+    return run
+
+
+def _single_run(lists: Mapping[str, Mapping[str, list]], side: str) -> dict[str, list[str]]:
+    return {q: [d for d, _ in v[:101]] for q, v in lists[side].items()}
+
+
+#: offline configurations: (label, (dense side, sparse side), method, n per side, weights)
+OURS = ("dense", "sparse")
+GAP_CONFIGS: list[tuple[str, tuple[str, str], str, Any, tuple[float, float], float]] = [
+    *((f"ours rrf k={k} 100", OURS, "rrf", 100, (1, 1), k) for k in (10, 20, 30, 60, 100)),
+    ("ours rrf k=60 50 (default)", OURS, "rrf", 50, (1, 1), 60),
+    *((f"ours {m} {n}", OURS, m, n, (1, 1), 60)
+      for m in ("dbsf", "relative_score") for n in (50, 100, 150, 200)),
+    *((f"ours {m} 100, dense {wd} : sparse {ws}", OURS, m, 100, (wd, ws), 60)
+      for m in ("dbsf", "relative_score") for wd, ws in ((1, 0.75), (0.75, 1))),
+    ("ours dbsf dense 100 sparse 200", OURS, "dbsf", (100, 200), (1, 1), 60),
+    ("ours dbsf dense 200 sparse 100", OURS, "dbsf", (200, 100), (1, 1), 60),
+    ("peer relative_score 100 (replica)", ("peer dense", "peer sparse"), "relative_score", 100,
+     (1, 1), 60),
+    ("peer dense + ours sparse, relative_score 100", ("peer dense", "sparse"),
+     "relative_score", 100, (1, 1), 60),
+    ("ours dense + peer sparse, relative_score 100", ("dense", "peer sparse"),
+     "relative_score", 100, (1, 1), 60),
+    ("ours dense + peer sparse, dbsf 100", ("dense", "peer sparse"), "dbsf", 100, (1, 1), 60),
+]
+
+
+#: per-query numbers kept in the results file (the others only as means)
+GAP_KEEP = ("ours rrf k=60 50 (default)", "ours dbsf 100", "peer relative_score 100 (replica)")
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float], rounds: int = 5000
+            ) -> tuple[float, float, float]:
+    """Mean of a - b over the queries, its standard error, and the two-sided p-value of a
+    paired randomization test (signs flipped at random, seed 0)."""
+    import random
+
+    diff = [a[q] - b[q] for q in a]
+    obs = sum(diff) / len(diff)
+    se = (sum((d - obs) ** 2 for d in diff) / len(diff)) ** 0.5 / len(diff) ** 0.5
+    rng = random.Random(0)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diff)) / len(diff)
+               >= abs(obs) - 1e-12 for _ in range(rounds))
+    return obs, se, hits / rounds
+
+
+def phase_gap(args: argparse.Namespace) -> None:
+    """Offline fusions of the collected side lists, per-query comparison on each set."""
+    from retrievekit.evaluation import evaluate_run
+    from retrievekit.tokenize import Tokenizer
+
+    sets = [("nfcorpus", "dev")] if "nfcorpus" in args.collections else []
+    sets += [(c, "test") for c in args.collections]
+    out: dict[str, Any] = {}
+    per_query: dict[str, dict[str, dict[str, float]]] = {}
+    lengths: dict[str, dict[str, int]] = {}
+    tokenizer = Tokenizer()
+    with _cache() as cache:
+        embedder = None
+        for name, split in sets:
+            key = name if split == "test" else f"{name} (dev)"
+            ds, lists = _side_lists(args, name, split, embedder, cache)
+            runs = {f"{side} alone": _single_run(lists, side) for side in lists}
+            for label, sides, method, n, w, k in GAP_CONFIGS:
+                runs[label] = _fused_run(lists, sides, method, n, w, rrf_k=k)
+            res = {label: evaluate_run(run, ds.qrels, ks=(10,), metrics=("ndcg", "mrr"))
+                   for label, run in runs.items()}
+            out[key] = {label: {"ndcg@10": r.means["ndcg@10"], "mrr@10": r.means["mrr@10"]}
+                        for label, r in res.items()}
+            per_query[key] = {label: {q: v["ndcg@10"] for q, v in r.per_query.items()}
+                              for label, r in res.items()}
+            lengths[key] = {q: len(tokenizer(ds.queries[q])) for q in ds.qrels}
+            print(f"{key}: done", flush=True)
+    labels = list(next(iter(out.values())))
+    tests = [k for k in out if "(dev)" not in k]
+    print("\n### Offline fusions of the side lists (k=10): nDCG@10\n")
+    print(_table(["configuration", *out, "mean (test)"],
+                 [(lab, *(out[k][lab]["ndcg@10"] for k in out),
+                   _mean(out[k][lab]["ndcg@10"] for k in tests)) for lab in labels]))
+
+    pairs = [("ours dbsf 100", "peer relative_score 100 (replica)"),
+             ("ours dbsf 100", "ours rrf k=60 50 (default)")]
+    paired: dict[str, dict[str, Any]] = {}
+    rows = []
+    for a, b in pairs:
+        for key in out:
+            d, se, p = _paired(per_query[key][a], per_query[key][b])
+            paired.setdefault(f"{a} - {b}", {})[key] = {"diff": d, "se": se, "p": p}
+            rows.append((f"{a} − {b}", key, f"{d:+.4f}", f"{se:.4f}", f"{p:.2f}"))
+    print("\n### Paired differences of nDCG@10 (randomization test, 5000 rounds)\n")
+    print(_table(["difference", "set", "mean", "s.e.", "p"], rows))
+
+    halves: dict[str, dict[str, Any]] = {}
+    rows = []
+    for key in out:
+        qs = sorted(lengths[key], key=lambda q: (lengths[key][q], q))
+        short, long = qs[:len(qs) // 2], qs[len(qs) // 2:]
+        halves[key] = {"short_max_terms": lengths[key][short[-1]],
+                       "long_max_terms": lengths[key][long[-1]]}
+        for lab in labels:
+            pq = per_query[key][lab]
+            halves[key][lab] = {"short": _mean(pq[q] for q in short),
+                                "long": _mean(pq[q] for q in long)}
+    key = "cisi" if "cisi" in out else next(iter(out))
+    print(f"\n### {key}: nDCG@10 on the shorter and the longer half of the queries (query "
+          f"terms <= {halves[key]['short_max_terms']} / up to "
+          f"{halves[key]['long_max_terms']})\n")
+    print(_table(["configuration", "short half", "long half"],
+                 [(lab, halves[key][lab]["short"], halves[key][lab]["long"]) for lab in labels]))
+    kept = {key: {lab: {q: round(v, 4) for q, v in pq[lab].items()} for lab in GAP_KEEP}
+            for key, pq in per_query.items()}
+    _save("gap", {"depth": GAP_DEPTH, "results": out, "paired": paired,
+                  "query_length_halves": halves, "per_query_ndcg@10": kept},
+          "benchmarks/quality.py gap")
 
 
 # --------------------------------------------------------------------------------------
@@ -499,7 +709,8 @@ def phase_dense(args: argparse.Namespace) -> None:
 
 PHASES: dict[str, Callable[[argparse.Namespace], None]] = {
     "index": phase_index, "bm25": phase_bm25, "modes": phase_modes,
-    "variants": phase_variants, "fusions": phase_fusions, "dense": phase_dense,
+    "variants": phase_variants, "fusions": phase_fusions, "gap": phase_gap,
+    "dense": phase_dense,
 }
 
 
@@ -511,11 +722,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="embedding precision for `index` (the cache key does not include it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--candidates", default=",".join(map(str, CANDIDATES)),
+                   help="variants, fusions: candidates per side to try (default 50,100)")
     p.add_argument("--bf16-ranking", metavar="COLLECTION", default=None,
                    help="dense phase: also re-encode this whole collection in bf16 (slow) and "
                    "compare its retrieval with the fp32 vectors")
     args = p.parse_args(argv)
     args.collections = [c for c in args.collections.split(",") if c]
+    args.candidates = [int(c) for c in args.candidates.split(",") if c]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
