@@ -14,10 +14,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import validate as v
 from .changelog import ChangeLog
 from .config import RetrieverConfig
 from .embedding import Embedder
 from .errors import ConfigError, InvalidInputError, StoreError
+from .filters import validate_where
 from .funnel import FunnelVectors
 from .records import PARENT_KEY, check_document_id, from_chroma, reassemble
 from .rerank import RerankConfig, Reranker
@@ -48,13 +50,19 @@ class HybridRetriever:
                  collection: str | None = None, model: str | None = None,
                  truncate_dim: int | None = None, mode: str | None = None,
                  candidates: int | None = None) -> None:
+        if embedder is not None and not isinstance(embedder, Embedder):
+            v.fail("embedder", "a retrievekit Embedder or None", embedder,
+                   "pass model='<name>' to choose the model by name")
+        if reranker is not None and not isinstance(reranker, (Reranker, RerankConfig, str)):
+            v.fail("reranker", "a Reranker, a RerankConfig, a cross-encoder name or None",
+                   reranker)
         cfg = _as_config(config)
-        store_changes = {k: v for k, v in
+        store_changes = {k: x for k, x in
                          {"path": path, "host": host, "port": port, "collection": collection
-                          }.items() if v is not None}
-        emb_changes = {k: v for k, v in {"model": model, "truncate_dim": truncate_dim}.items()
-                       if v is not None}
-        top = {k: v for k, v in {"mode": mode, "candidates": candidates}.items() if v is not None}
+                          }.items() if x is not None}
+        emb_changes = {k: x for k, x in {"model": model, "truncate_dim": truncate_dim}.items()
+                       if x is not None}
+        top = {k: x for k, x in {"mode": mode, "candidates": candidates}.items() if x is not None}
         if isinstance(reranker, str):
             top["reranker"] = {**(cfg.reranker.to_dict() if cfg.reranker else {}),
                                "model": reranker}
@@ -229,6 +237,7 @@ class HybridRetriever:
 
     def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
         """Ids of the stored documents (matching a Chroma `where` filter when given)."""
+        validate_where(where)
         seen: dict[str, None] = {}
         for batch in self._store.iter_records(include=["metadatas"], where=where):
             for r in from_chroma(batch["ids"], [None] * len(batch["ids"]), batch["metadatas"]):
@@ -262,7 +271,8 @@ class HybridRetriever:
         """
         sparse = self._sparse
         return self._searcher.search(
-            query, k, total=lambda: len(sparse), where=where, mode=mode or self.config.mode,
+            query, k, total=lambda: len(sparse), where=where,
+            mode=self.config.mode if mode is None or mode == "" else mode,
             rerank=rerank, query_vector=query_vector,
             candidates=candidates if candidates is not None else self.config.candidates)
 
@@ -332,14 +342,15 @@ class HybridRetriever:
 
 
 def _id_list(ids: Any) -> list[str]:
-    if isinstance(ids, str) or not isinstance(ids, Iterable):
+    """A list of document ids: a str, a dict, bytes or a non-iterable are refused (a str
+    would be read as its characters)."""
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
         what = "a single str" if isinstance(ids, str) else type(ids).__name__
         raise InvalidInputError(f"ids must be a list of document ids, got {what} "
-                                f"{ids!r:.80}; wrap it in a list")
+                                f"{v.shown(ids)}; wrap it in a list")
     ids = list(ids)
     for i, x in enumerate(ids):
-        if not isinstance(x, str) or not x:
-            raise InvalidInputError(f"ids[{i}] must be a non-empty str, got {x!r}")
+        v.text(f"ids[{i}]", x, empty=False, error=InvalidInputError)
     return ids
 
 
@@ -357,8 +368,11 @@ def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> Retr
 
 
 def _normalize_documents(documents: Any) -> list[Document]:
-    if isinstance(documents, (str, Document)) or isinstance(documents, Mapping):
+    if isinstance(documents, (str, Document, Mapping)):
         raise InvalidInputError("documents must be a list; wrap the single document in a list")
+    if isinstance(documents, bytes) or not isinstance(documents, Iterable):
+        v.fail("documents", "a list of Documents, str or dicts", documents,
+               "e.g. [Document('text', id='a')]", error=InvalidInputError)
     out: list[Document] = []
     for i, d in enumerate(documents):
         if isinstance(d, str):
@@ -373,11 +387,9 @@ def _normalize_documents(documents: Any) -> list[Document]:
         elif not isinstance(d, Document):
             raise InvalidInputError(
                 f"documents[{i}] must be a Document, a str or a dict, got {type(d).__name__}")
-        if not isinstance(d.text, str) or not d.text.strip():
-            raise InvalidInputError(f"documents[{i}].text must be a non-empty str, got {d.text!r:.40}")
-        if d.id is not None and (not isinstance(d.id, str) or not d.id):
-            raise InvalidInputError(f"documents[{i}].id must be a non-empty str or None, got {d.id!r}")
-        if d.id is not None:
+        v.readable(f"documents[{i}].text", d.text, "give the text to index, or drop it")
+        if v.text(f"documents[{i}].id", d.id, optional=True, empty=False,
+                  error=InvalidInputError, fix="None derives one from the text") is not None:
             check_document_id(d.id, f"documents[{i}].id")
         meta = clean_metadata(d.metadata, f"documents[{i}]")
         out.append(Document(text=d.text, id=d.id if d.id is not None else text_id(d.text),

@@ -15,8 +15,10 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from . import validate as v
 from .config import MODES
 from .errors import ConfigError, InvalidInputError
+from .filters import validate_where
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
@@ -72,9 +74,6 @@ class LocalEngine:
         where = request.where
         matching = None  # the filter, compiled for the BM25 index when it can evaluate it
         if where is not None:
-            from chromadb.api.types import validate_where
-
-            _filtered(lambda: validate_where(where), where)
             matching = self.sparse.compile(where)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
@@ -84,11 +83,10 @@ class LocalEngine:
         if request.mode in ("hybrid", "sparse"):
             allowed = None
             if where is not None and matching is None:  # outside the subset: Chroma says
-                allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
-                                    where)
+                allowed = self.store.get(where=where, include=[])["ids"]
             lists["sparse"] = self.sparse.search(request.query, request.n, allowed=allowed,
                                                  matching=matching)
-        full = any(len(v) >= request.n for v in lists.values())
+        full = any(len(side) >= request.n for side in lists.values())
         fused = fuse(lists, self.settings)
         if stage1:
             fused = [Fused(f.id, f.score, {**f.ranks, "funnel": stage1[f.id][0]},
@@ -123,7 +121,7 @@ class LocalEngine:
                 return _post_filtered(lambda m: self.store.query(vec, m, None),
                                       lambda ids: self.sparse.keep(ids, matching),
                                       n, passing / total, total)
-        return _filtered(lambda: self.store.query(vec, n, where), where)
+        return self.store.query(vec, n, where)
 
 
 def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
@@ -202,16 +200,6 @@ def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
         fetch = min(total, 2 * fetch)
 
 
-def _filtered(call: Callable[[], Any], where: Mapping[str, Any] | None) -> Any:
-    try:
-        return call()
-    except ValueError as exc:  # chromadb's filter validation errors derive from ValueError
-        if where is None:
-            raise
-        raise InvalidInputError(f"where={dict(where)!r} is not a valid Chroma filter: {exc}") \
-            from exc
-
-
 class Searcher:
     """Search over an engine: widen until enough documents, attach texts, rerank."""
 
@@ -229,21 +217,17 @@ class Searcher:
     def search(self, query: str, k: int, *, total: int, where: Mapping[str, Any] | None,
                mode: str, rerank: bool | None, candidates: int,
                query_vector: np.ndarray | None) -> list[Hit]:
-        _check_query(query)
+        v.readable("query", query, "pass the text to search for")
         qvec = None if query_vector is None else _check_query_vector(query_vector, self.dim)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
-        if mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        if where is not None and not isinstance(where, Mapping):
-            raise InvalidInputError(
-                f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
-                f"{type(where).__name__}")
+        v.integer("k", k, error=InvalidInputError, fix="e.g. 10")
+        v.choice("mode", mode, MODES, error=InvalidInputError)
+        validate_where(where)
+        v.boolean("rerank", rerank, optional=True, error=InvalidInputError,
+                  fix="None reranks when a reranker is configured")
         if rerank and self.reranker is None:
             raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
                               "or set config.reranker")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise InvalidInputError(f"candidates must be an int >= 1, got {candidates!r}")
+        v.integer("candidates", candidates, error=InvalidInputError, fix="e.g. 50")
         reranker = self.reranker if rerank is not False else None
         want = max(k, reranker.config.candidates if reranker else k)
         if self.before is not None:
@@ -296,13 +280,6 @@ class Searcher:
                 if len(hits) >= limit:
                     break
         return hits
-
-
-def _check_query(query: Any) -> None:
-    if not isinstance(query, str):
-        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
-    if not query.strip():
-        raise InvalidInputError("query is empty or whitespace; pass the text to search for")
 
 
 def _check_query_vector(vector: Any, dim: int) -> np.ndarray:

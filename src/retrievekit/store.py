@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError, StoreError, StoreLockedError
+from . import validate as v
 from .records import PARENT_KEY, RESERVED_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 _SETTINGS_KEY = "rk_settings"
 _OLD_MARKER_KEY = "rk_marker"  # format 1's change marker, dropped on migration
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
+HNSW_M_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class StoreConfig:
         replica_dir: server clients only: a local directory where this client keeps its BM25
             index (and funnel vectors), so that a restart catches up from the change log
             instead of reading the whole collection. One client process per directory.
+        private: create the store directory (and replica_dir) 0o700 and retrievekit's own
+            files 0o600, so that other users cannot read the texts whatever the umask
+            (docs/reliability.md, "File permissions").
     """
 
     path: str = ".retrievekit"
@@ -54,22 +59,30 @@ class StoreConfig:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 200
     replica_dir: str | None = None
+    private: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.collection, str) or not _NAME_RE.match(self.collection) \
                 or ".." in self.collection:
-            raise ConfigError(
-                f"store.collection must be 3-512 characters of letters, digits, '.', '_' or "
-                f"'-', starting and ending with a letter or digit; got {self.collection!r}")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "port"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"store.{name} must be a positive int, got {v!r}")
-        if self.replica_dir is not None and (not isinstance(self.replica_dir, str)
-                                             or not self.replica_dir or self.host is None):
-            raise ConfigError(
-                f"store.replica_dir={self.replica_dir!r}: a directory path for a server "
-                "client (store.host set); an embedded store keeps its BM25 index beside Chroma")
+            v.fail("store.collection", "3-512 characters of letters, digits, '.', '_' or "
+                   "'-', starting and ending with a letter or digit", self.collection)
+        object.__setattr__(self, "path", v.path("store.path", self.path,
+                                                fix="e.g. '.retrievekit' or ':memory:'"))
+        v.text("store.host", self.host, optional=True, empty=False,
+               fix="e.g. 'localhost', or None for an embedded store")
+        v.integer("store.port", self.port, 1, 65535, fix="Chroma's default is 8000")
+        v.boolean("store.ssl", self.ssl)
+        # M=1 builds a graph that finds almost nothing; past 10,000 hnswlib warns of harm and
+        # each record's links take 8*M bytes (Chroma then fails every add on allocation)
+        v.integer("store.hnsw_m", self.hnsw_m, 2, HNSW_M_MAX, fix="16-64 is usual")
+        for name in ("hnsw_ef_construction", "hnsw_ef_search"):  # Chroma stores a u64
+            v.integer(f"store.{name}", getattr(self, name), 1, 2 ** 64 - 1,
+                      fix="100-400 is usual")
+        replica = v.path("store.replica_dir", self.replica_dir, optional=True)
+        if replica is not None and self.host is None:
+            v.fail("store.replica_dir", "None for an embedded store (it keeps its BM25 index "
+                   "beside Chroma)", replica, "set store.host for a server client, or drop it")
+        object.__setattr__(self, "replica_dir", replica)
         token = self.auth_token
         if token is not None and (not isinstance(token, str) or not token
                                   or not all(33 <= ord(c) <= 126 for c in token)):
@@ -77,6 +90,7 @@ class StoreConfig:
             raise ConfigError(
                 "store.auth_token must be a non-empty str of printable ASCII without spaces "
                 "(it travels in an HTTP header); the value given is not shown")
+        v.boolean("store.private", self.private)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,14 +109,17 @@ class StoreConfig:
         d = asdict(self)
         if d["auth_token"]:
             d["auth_token"] = "***"
-        return "StoreConfig(" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + ")"
+        return "StoreConfig(" + ", ".join(f"{k}={x!r}" for k, x in d.items()) + ")"
 
 
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 def _check_scalar(value: Any, where: str) -> None:
-    """Refuse the scalars Chroma stores but cannot index: NaN/inf, ints outside 64 bits."""
+    """Refuse the scalars Chroma stores but cannot index: NaN/inf, ints outside 64 bits,
+    strs that are not valid Unicode."""
+    if isinstance(value, str):
+        v.utf8(where, value, error=InvalidInputError)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInputError(
             f"{where} is {value!r}; Chroma's index cannot hold NaN or inf (the store would "
@@ -124,8 +141,7 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
         raise InvalidInputError(f"{where}.metadata must be a dict, got {type(metadata).__name__}")
     out: dict[str, Any] = {}
     for key, value in metadata.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidInputError(f"{where}.metadata keys must be non-empty str, got {key!r}")
+        v.text(f"{where}.metadata keys", key, empty=False, error=InvalidInputError)
         if key.startswith(RESERVED_PREFIX) or key.startswith("$") or key.startswith("chroma:"):
             raise InvalidInputError(
                 f"{where}.metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, "
@@ -141,13 +157,13 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
                 raise InvalidInputError(
                     f"{name} is an empty list, which Chroma rejects; "
                     "drop the key or give at least one value")
-            kinds = {type(v) for v in value}
+            kinds = {type(x) for x in value}
             if len(kinds) != 1 or not kinds <= {str, int, float, bool}:
                 raise InvalidInputError(
                     f"{name} must be a list of one scalar type "
                     f"(str, int, float or bool), got {value!r:.200}")
-            for i, v in enumerate(value):
-                _check_scalar(v, f"{name}[{i}]")
+            for i, x in enumerate(value):
+                _check_scalar(x, f"{name}[{i}]")
             out[key] = list(value)
         else:
             raise InvalidInputError(
@@ -338,7 +354,7 @@ class ChromaStore:
         return json.loads(raw) if raw else None
 
     def write_settings(self, settings: Mapping[str, Any]) -> None:
-        meta = {k: v for k, v in self._metadata().items() if k != _OLD_MARKER_KEY}
+        meta = {k: x for k, x in self._metadata().items() if k != _OLD_MARKER_KEY}
         meta[_SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
         self.collection.modify(metadata=meta)
 

@@ -62,7 +62,7 @@ def test_empty_query(shared, query):
 
 @pytest.mark.parametrize("query", [None, 42, ["cats"], b"cats"])
 def test_non_str_query(shared, query):
-    refused(lambda r: r.search(query), shared, words=["query must be str"])
+    refused(lambda r: r.search(query), shared, words=["query must be a str"])
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
@@ -290,7 +290,7 @@ def test_truncate_dim_above_model_dim(tmp_path, embedder):
 def test_truncate_dim_not_a_positive_int(value):
     with pytest.raises(ConfigError) as err:
         HybridRetriever(path=":memory:", truncate_dim=value)
-    assert "truncate_dim must be a positive int" in str(err.value)
+    assert "truncate_dim must be an int >= 1" in str(err.value)
 
 
 def test_unknown_model_offline(tmp_path, embedder):
