@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -26,10 +28,24 @@ from .rerank import RerankConfig, Reranker
 from .searcher import FusionSettings, LocalEngine, Searcher
 from .settings import config_from_settings, reconcile
 from .sparse import SparseIndex
-from .store import ChromaStore, clean_metadata
+from .store import ChromaStore, chroma_errors, clean_metadata
 from .sync import Follower
 from .types import Document, Hit, text_id
 from .writer import Writer
+
+logger = logging.getLogger(__name__)
+
+
+def _guarded(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Public calls turn a failure of Chroma (its change-log calls included) into a
+    StoreError saying what failed; see `store.chroma_errors`."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def guarded(self: "HybridRetriever", *args: Any, **kwargs: Any) -> Any:
+            with chroma_errors(self.config.store, what):
+                return method(self, *args, **kwargs)
+        return guarded
+    return wrap
 
 
 class HybridRetriever:
@@ -98,7 +114,8 @@ class HybridRetriever:
         self._store = ChromaStore(cfg.store)
         self._sparse: SparseIndex | None = None
         try:
-            self._open_parts()
+            with chroma_errors(cfg.store, "open"):
+                self._open_parts()
         except BaseException:
             self.close()
             self._store.discard()  # a store this constructor created goes again
@@ -121,7 +138,9 @@ class HybridRetriever:
                                          local / "funnel" if local else None)
             indexes.append(self._funnel)
         self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server)
+        self._follower.rebuild_if_ahead()
         self._follower.catch_up()
+        self._check_truth()
         self._writer = Writer(store, log, self._follower, self.embedder, cfg.chunking,
                               cfg.funnel_dim)
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
@@ -132,6 +151,26 @@ class HybridRetriever:
             store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,
             before=self._follower.catch_up if cfg.store.is_server else None)
+
+    def _check_truth(self) -> None:
+        """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an
+        embedded store has one writer, so after the catch-up both agree), or a vector index
+        that does not find its own vectors."""
+        if not self.config.store.is_server:
+            chroma, bm25 = self._store.count(), len(self._sparse)
+            if chroma < bm25:
+                raise StoreError(
+                    f"Chroma holds {chroma} records of collection "
+                    f"{self.config.store.collection!r} but the BM25 index, which follows it, "
+                    f"holds {bm25}: Chroma's database lost records. Restore the store "
+                    "directory from a backup (if you restored only chroma.sqlite3 on "
+                    f"purpose, delete {str(self._store.local_dir)!r} to rebuild the derived "
+                    "indexes from it)")
+            if chroma > bm25:
+                logger.warning("the BM25 index holds %d records, Chroma %d; rebuilding it",
+                               bm25, chroma)
+                self._follower.rebuild()
+        self._store.check_vectors()
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -181,6 +220,7 @@ class HybridRetriever:
         self._searcher.reranker = reranker
 
     # -- writes ----------------------------------------------------------------------------
+    @_guarded("add documents")
     def add_documents(self, documents: Iterable[Document | str | Mapping[str, Any]], *,
                       progress: bool | None = None) -> list[str]:
         """Insert or replace documents by id; returns their ids in input order.
@@ -204,6 +244,7 @@ class HybridRetriever:
         self.last_add_stats = stats.to_dict()
         return [d.id for d in docs]
 
+    @_guarded("delete documents")
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents (and all their chunks) by id; returns how many records went.
         Unknown ids are ignored, so a repeated delete is safe."""
@@ -211,6 +252,7 @@ class HybridRetriever:
         return self._writer.delete(ids) if ids else 0
 
     # -- reads -----------------------------------------------------------------------------
+    @_guarded("count records")
     def count(self) -> int:
         """Number of stored records (chunks count one each)."""
         if self._sparse is None:
@@ -219,6 +261,7 @@ class HybridRetriever:
             self._follower.catch_up()  # writes of other clients count too
         return len(self._sparse)
 
+    @_guarded("read documents")
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id (chunked ones are put back together); unknown ids are skipped."""
         ids = _id_list(ids)
@@ -235,6 +278,7 @@ class HybridRetriever:
                 out.append(Document(text=text, id=doc_id, metadata=meta))
         return out
 
+    @_guarded("list document ids")
     def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
         """Ids of the stored documents (matching a Chroma `where` filter when given)."""
         validate_where(where)
@@ -252,6 +296,7 @@ class HybridRetriever:
             if from_chroma([""], [None], [meta]):
                 yield str(meta[PARENT_KEY]), np.asarray(vec, dtype=np.float32)
 
+    @_guarded("search")
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
                mode: str | None = None, rerank: bool | None = None,
                candidates: int | None = None,
@@ -292,6 +337,7 @@ class HybridRetriever:
     async def adelete(self, ids: Sequence[str]) -> int:
         return await asyncio.to_thread(self.delete, list(ids))
 
+    @_guarded("verify the derived indexes")
     def verify(self) -> dict[str, Any]:
         """Compare the derived indexes with Chroma, record by record (reads every id: a
         check for tests and operators, not for the query path).
@@ -314,6 +360,7 @@ class HybridRetriever:
                 "ok": live == sparse and funnel in (None, live) and not dead and not pending}
 
     # -- lifecycle -------------------------------------------------------------------------
+    @_guarded("describe itself")
     def info(self) -> dict[str, Any]:
         """What the store holds and its settings."""
         n = self.count()

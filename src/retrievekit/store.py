@@ -7,19 +7,23 @@ passed in, writes batched by `get_max_batch_size()`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import re
+import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInputError, StoreError, StoreLockedError
 from . import validate as v
+from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
+                     StoreLockedError)
 from .records import PARENT_KEY, RESERVED_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -173,6 +177,76 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
     return out
 
 
+#: below this much free space a failure of an embedded store is put down to a full disk
+_LOW_DISK = 64 * 2 ** 20
+
+
+def _is_chroma_failure(exc: BaseException) -> bool:
+    """Errors of Chroma, its HTTP client or the file system, as opposed to our own bugs.
+    The HTTP client raises a bare `Exception` for an error status without a Chroma body
+    (e.g. a 401 from a proxy)."""
+    import httpx
+    from chromadb.errors import ChromaError
+
+    return isinstance(exc, (ChromaError, httpx.HTTPError, OSError)) or type(exc) is Exception
+
+
+def explain_failure(config: StoreConfig, what: str, exc: BaseException) -> str:
+    """What failed, why it most likely did, and what to do about it."""
+    import httpx
+    from chromadb.errors import AuthorizationError, ChromaAuthError
+
+    detail = f"{type(exc).__name__}: {v.shown(str(exc), 200)}"
+    if config.is_server:
+        where = f"the Chroma server at {config.host}:{config.port}"
+        if isinstance(exc, (ChromaAuthError, AuthorizationError)) \
+                or any(code in str(exc) for code in ("401", "403", "Unauthorized")):
+            return (f"{where} refused the credentials while trying to {what} ({detail}); "
+                    "check store.auth_token")
+        if isinstance(exc, httpx.TransportError):
+            return (f"lost the connection to {where} while trying to {what} ({detail}); "
+                    "retry once the server is back (writes are idempotent: repeat the "
+                    "whole call)")
+        return f"{where} failed to {what} ({detail}); check the server's log"
+    where = "the in-memory store" if config.is_memory else f"the store at {config.path!r}"
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    if not config.is_memory and not full:
+        try:
+            full = shutil.disk_usage(Path(config.path).expanduser()).free < _LOW_DISK
+        except OSError:
+            pass
+    if full:
+        return (f"{where} could not {what}: the disk is full ({detail}); free some space, "
+                "then repeat the call (writes are idempotent)")
+    return (f"{where} could not {what} ({detail}); if it persists, restore the store "
+            "directory from a backup")
+
+
+def _forget_failed_system(identifier: str) -> None:
+    """Chroma caches a client's System per directory before starting it; when the start
+    fails, the broken System stays cached and every later client of that directory fails
+    with AttributeError ('RustBindingsAPI' object has no attribute 'bindings'). Drop it when
+    no client holds it, so that a retry in this process starts afresh."""
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    if SharedSystemClient._identifier_to_refcount.get(identifier, 0) <= 0:
+        SharedSystemClient._identifier_to_system.pop(identifier, None)
+
+
+@contextmanager
+def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
+    """Turn a failure of Chroma into a StoreError that says what failed (the original is
+    its __cause__); retrievekit's own errors and our bugs pass through."""
+    try:
+        yield
+    except RetrieveKitError:
+        raise
+    except Exception as exc:
+        if not _is_chroma_failure(exc):
+            raise
+        raise StoreError(explain_failure(config, what, exc)) from exc
+
+
 class ChromaStore:
     """One Chroma collection plus the settings recorded in its metadata."""
 
@@ -231,12 +305,21 @@ class ChromaStore:
                 self._acquire_lock(self.local_dir)
             return client
         if cfg.is_memory:
-            return chromadb.EphemeralClient(settings=self._settings())
+            with self._guard("open its database"):
+                return chromadb.EphemeralClient(settings=self._settings())
         path = Path(cfg.path).expanduser()
-        if not self._create and not (path / "chroma.sqlite3").is_file():
-            raise StoreError(f"no retrievekit store at store.path={str(path)!r} (no "
-                             "chroma.sqlite3 there); check the path, or create one with "
-                             "HybridRetriever(path=...)")
+        if not (path / "chroma.sqlite3").is_file():
+            derived = path / "retrievekit"
+            if derived.is_dir() and any(derived.iterdir()):
+                raise StoreError(
+                    f"the store at store.path={str(path)!r} has lost Chroma's database "
+                    f"(chroma.sqlite3 is missing, while retrievekit's derived indexes in "
+                    f"{str(derived)!r} are there): the texts and vectors are gone from it. "
+                    "Restore the directory from a backup; to start afresh, delete it")
+            if not self._create:
+                raise StoreError(f"no retrievekit store at store.path={str(path)!r} (no "
+                                 "chroma.sqlite3 there); check the path, or create one with "
+                                 "HybridRetriever(path=...)")
         try:
             if not path.exists():
                 self.created_dir = path
@@ -250,8 +333,10 @@ class ChromaStore:
                 "choose another path or fix its permissions") from exc
         self._acquire_lock(path)
         try:
-            return chromadb.PersistentClient(path=str(path), settings=self._settings())
-        except Exception:
+            with self._guard("open its database"):
+                return chromadb.PersistentClient(path=str(path), settings=self._settings())
+        except BaseException:
+            _forget_failed_system(str(path))
             self._release_lock()
             raise
 
@@ -343,20 +428,34 @@ class ChromaStore:
         return Path(cfg.path).expanduser() / "retrievekit" / cfg.collection
 
     # -- recorded settings ---------------------------------------------------------------
+    def _guard(self, what: str):
+        return chroma_errors(self.config, what)
+
     def _metadata(self) -> dict[str, Any]:
-        if self.config.is_server:  # another client may have changed it
-            self.collection = self.client.get_collection(self.config.collection,
-                                                         embedding_function=None)
-        return dict(self.collection.metadata or {})
+        with self._guard("read the collection's metadata"):
+            if self.config.is_server:  # another client may have changed it
+                self.collection = self.client.get_collection(self.config.collection,
+                                                             embedding_function=None)
+            return dict(self.collection.metadata or {})
 
     def read_settings(self) -> dict[str, Any] | None:
         raw = self._metadata().get(_SETTINGS_KEY)
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            settings = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            settings = exc
+        if not isinstance(settings, dict):
+            raise StoreError(f"the settings recorded in collection {self.config.collection!r} "
+                             f"are damaged ({v.shown(raw)}); restore the store from a backup")
+        return settings
 
     def write_settings(self, settings: Mapping[str, Any]) -> None:
         meta = {k: x for k, x in self._metadata().items() if k != _OLD_MARKER_KEY}
         meta[_SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
-        self.collection.modify(metadata=meta)
+        with self._guard("record its settings"):
+            self.collection.modify(metadata=meta)
 
     # -- records ---------------------------------------------------------------------------
     @property
@@ -368,7 +467,8 @@ class ChromaStore:
 
     def count(self) -> int:
         """Records held, dead ones included (see `records.py`)."""
-        return int(self.collection.count())
+        with self._guard("count its records"):
+            return int(self.collection.count())
 
     def write(self, groups: Sequence[tuple[Sequence[str], np.ndarray, Sequence[str],
                                            Sequence[Mapping[str, Any]]]]) -> None:
@@ -389,19 +489,23 @@ class ChromaStore:
     def _upsert(self, groups: list[tuple]) -> None:
         ids = [i for g in groups for i in g[0]]
         vectors = np.concatenate([np.asarray(g[1], dtype=np.float32) for g in groups])
-        self.collection.upsert(ids=ids, embeddings=vectors,
-                               documents=[t for g in groups for t in g[2]],
-                               metadatas=[dict(m) for g in groups for m in g[3]])
+        with self._guard(f"write {len(ids)} records"):
+            self.collection.upsert(ids=ids, embeddings=vectors,
+                                   documents=[t for g in groups for t in g[2]],
+                                   metadatas=[dict(m) for g in groups for m in g[3]])
 
     def delete(self, ids: Sequence[str]) -> None:
         step = self.max_batch
         for s in range(0, len(ids), step):
-            self.collection.delete(ids=list(ids[s:s + step]))
+            with self._guard(f"delete {len(ids[s:s + step])} records"):
+                self.collection.delete(ids=list(ids[s:s + step]))
 
     def get(self, ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
             include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
-        return self.collection.get(ids=list(ids) if ids is not None else None,
-                                   where=dict(where) if where else None, include=list(include))
+        with self._guard("read records"):
+            return self.collection.get(ids=list(ids) if ids is not None else None,
+                                       where=dict(where) if where else None,
+                                       include=list(include))
 
     def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
                                                                            "metadatas")
@@ -421,20 +525,51 @@ class ChromaStore:
         """All records in pages (ids plus `include`)."""
         offset = 0
         while True:
-            batch = self.collection.get(include=list(include), limit=page, offset=offset,
-                                        where=dict(where) if where else None)
+            with self._guard("read records"):
+                batch = self.collection.get(include=list(include), limit=page, offset=offset,
+                                            where=dict(where) if where else None)
             if not batch["ids"]:
                 return
             yield batch
             offset += len(batch["ids"])
+
+    def check_vectors(self, sample: int = 3) -> None:
+        """Query the oldest few stored vectors for themselves: each must be found (or a copy
+        of it). Chroma serves a collection whose HNSW folder was lost as if it were nearly
+        empty; this notices it at the cost of a few reads.
+
+        Raises:
+            StoreError: a stored vector cannot be read, or a query for it misses it.
+        """
+        fix = "restore the store directory from a backup, or index the documents again"
+        name = f"the vector index of collection {self.config.collection!r}"
+        with self._guard("read records"):
+            ids = self.collection.get(limit=sample, include=[])["ids"]
+        for rid in ids:
+            try:
+                got = self.collection.get(ids=[rid], include=["embeddings"])
+            except Exception as exc:
+                if not _is_chroma_failure(exc):
+                    raise
+                raise StoreError(f"{name} is damaged or missing: the vector of record {rid!r} "
+                                 f"cannot be read ({type(exc).__name__}: "
+                                 f"{v.shown(str(exc), 200)}); {fix}") from exc
+            # ten, not one: a small ef_search may stop a greedy search just short of it
+            found = self.query(np.asarray(got["embeddings"][0]), 10)
+            if not found or found[0][1] < 0.99:
+                raise StoreError(
+                    f"{name} is damaged or missing: a query for the stored vector of record "
+                    f"{rid!r} does not find it (best: {found[:1]}), so dense search would "
+                    f"silently miss records; {fix}")
 
     def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
               ) -> list[tuple[str, float]]:
         """Nearest records by cosine similarity: [(id, similarity)], best first."""
         if n <= 0:
             return []
-        res = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
-                                    n_results=n, where=dict(where) if where else None,
-                                    include=["distances"])
+        with self._guard("run a nearest-neighbour query"):
+            res = self.collection.query(
+                query_embeddings=[np.asarray(vector, dtype=np.float32)], n_results=n,
+                where=dict(where) if where else None, include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
