@@ -331,11 +331,11 @@ class HybridRetriever:
 
     async def aadd_documents(self, documents: Iterable[Document | str | Mapping[str, Any]],
                              **kwargs: Any) -> list[str]:
-        docs = list(documents)
+        docs = list(documents) if isinstance(documents, Iterator) else documents
         return await asyncio.to_thread(self.add_documents, docs, **kwargs)
 
     async def adelete(self, ids: Sequence[str]) -> int:
-        return await asyncio.to_thread(self.delete, list(ids))
+        return await asyncio.to_thread(self.delete, _id_list(ids))
 
     @_guarded("verify the derived indexes")
     def verify(self) -> dict[str, Any]:

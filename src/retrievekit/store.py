@@ -48,9 +48,10 @@ class StoreConfig:
         replica_dir: server clients only: a local directory where this client keeps its BM25
             index (and funnel vectors), so that a restart catches up from the change log
             instead of reading the whole collection. One client process per directory.
-        private: create the store directory (and replica_dir) 0o700 and retrievekit's own
-            files 0o600, so that other users cannot read the texts whatever the umask
-            (docs/reliability.md, "File permissions").
+        private: make the store directory (or a server client's replica_dir) 0o700 on
+            every open: the files inside, Chroma's own included, are then out of other
+            users' reach whatever the umask gave them (docs/reliability.md, "File
+            permissions").
     """
 
     path: str = ".retrievekit"
@@ -302,6 +303,8 @@ class ChromaStore:
                 ) from exc
             if self.local_dir is not None:
                 self.local_dir.mkdir(parents=True, exist_ok=True)
+                if cfg.private:
+                    Path(cfg.replica_dir).expanduser().chmod(0o700)
                 self._acquire_lock(self.local_dir)
             return client
         if cfg.is_memory:
@@ -324,6 +327,8 @@ class ChromaStore:
             if not path.exists():
                 self.created_dir = path
             path.mkdir(parents=True, exist_ok=True)
+            if cfg.private:
+                path.chmod(0o700)
             probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
