@@ -89,8 +89,7 @@ def _check_operand(name: str, op: str, arg: Any) -> None:
         for i, a in enumerate(arg):
             _check_scalar(f"{name}[{i}]", a)
     elif op in _COMPARE:
-        if isinstance(arg, bool) or not isinstance(arg, (int, float)):
-            _bad(name, "a number (int or float)", arg, f"{op} compares numbers only")
+        v.number(name, arg, fix=f"{op} compares numbers only", error=InvalidInputError)
         _check_scalar(name, arg)
     else:
         if isinstance(arg, list):
@@ -105,7 +104,7 @@ def _check_scalar(name: str, value: Any) -> None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             _bad(name, "a finite number", value)
-    elif isinstance(value, int) and not isinstance(value, bool):
+    elif v.is_int(value):
         if not _INT64[0] <= value <= _INT64[1]:
             _bad(name, "a 64-bit integer", value, "stored metadata never holds larger ones")
     elif not isinstance(value, bool):

@@ -159,7 +159,7 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
     """LangChain documents -> core documents (ids per `document_id`); validates the types."""
     if isinstance(docs, (LCDocument, str, bytes, Mapping)) or not isinstance(docs, Iterable):
         raise InvalidInputError(f"documents must be a list of LangChain Documents, got "
-                                f"{v.shown(docs)}; wrap a single document in a list")
+                                f"{v.shown(docs)}; wrap the single document in a list")
     out = []
     for i, d in enumerate(docs):
         if not isinstance(d, LCDocument):

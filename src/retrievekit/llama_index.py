@@ -243,7 +243,7 @@ def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Docume
     if isinstance(nodes, (BaseNode, NodeWithScore, str, bytes, Mapping)) \
             or not isinstance(nodes, Iterable):
         raise InvalidInputError(f"nodes must be a list of LlamaIndex nodes or Documents, got "
-                                f"{v.shown(nodes)}; wrap a single node in a list")
+                                f"{v.shown(nodes)}; wrap the single node in a list")
     out = []
     for i, n in enumerate(nodes):
         if isinstance(n, NodeWithScore):

@@ -129,8 +129,7 @@ def _check_scalar(value: Any, where: str) -> None:
         raise InvalidInputError(
             f"{where} is {value!r}; Chroma's index cannot hold NaN or inf (the store would "
             "fail on every later write): use a finite number or drop the key")
-    if isinstance(value, int) and not isinstance(value, bool) \
-            and not _INT64[0] <= value <= _INT64[1]:
+    if v.is_int(value) and not _INT64[0] <= value <= _INT64[1]:
         raise InvalidInputError(
             f"{where} is {value}, outside the 64-bit integers Chroma stores; store it as a "
             "str or a float")
