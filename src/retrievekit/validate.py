@@ -121,7 +121,7 @@ def path(name: str, value: Any, *, optional: bool = False, fix: str = "",
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value or "\x00" in value:
-        fail(name, "a directory path (a non-empty str)" + (" or None" if optional else ""),
+        fail(name, "a path (a non-empty str)" + (" or None" if optional else ""),
              value, fix, error=error)
     utf8(name, value, error=error)
     return value

@@ -30,14 +30,20 @@ _SCALARS = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
             | st.floats(allow_nan=True, allow_infinity=True) | _TEXT | st.binary(max_size=6)
             | st.sampled_from([0, 1, 5, -1, 2 ** 63, 0.5, "", " ", "cats", "dense", "hybrid",
                                "sparse", "rrf", "en", "topic", "food", "$in", "$and", "$eq",
-                               "$gt", "cats#chunk1", "\x00", "\u200b"]))
-VALUES = st.recursive(
+                               "$gt", "cats#chunk1", "\x00", "\u200b", "caf\udce9"]))
+#: pointed bad values, drawn as often as everything else together
+NASTY = st.sampled_from([None, True, False, 0, -1, 2 ** 63, math.nan, math.inf, -math.inf,
+                         "", " ", "\x00\x01", "\u200b", "caf\udce9", b"cats", [], {},
+                         ["cats"], {"text": None}, [None], [["x"]], {"$in": [1]},
+                         {"topic": math.nan}, {"topic": "caf\udce9"}, {"topic": [1, 2]}])
+ANY = st.recursive(
     _SCALARS,
     lambda inner: (st.lists(inner, max_size=3) | st.tuples(inner, inner)
                    | st.dictionaries(st.sampled_from(["topic", "year", "$in", "$and", "$or",
                                                      "text", "id", "metadata"]) | _TEXT
                                      | st.integers(-3, 3), inner, max_size=3)),
     max_leaves=6)
+VALUES = NASTY | ANY
 #: filters that are often well-formed, often not
 WHERES = VALUES | st.fixed_dictionaries({"topic": VALUES}) | st.fixed_dictionaries(
     {"year": st.dictionaries(st.sampled_from(["$eq", "$ne", "$gt", "$lte", "$in", "$nin",
@@ -101,7 +107,7 @@ SEARCH_ARGS = {
 }
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=100)
 @given(bad=st.sampled_from([None, *SEARCH_ARGS]), data=st.data())
 def test_search_with_any_arguments(store, bad, data):
     """One argument (or none) drawn from any value at all, the others valid: each check
@@ -160,7 +166,8 @@ _SECTIONS = {None: ["mode", "candidates", "fusion", "rrf_k", "weights", "collaps
 PLAUSIBLE = st.sampled_from([None, True, False, 0, 1, 2, 16, 64, 100, 512, 0.05, 0.5, 1.0,
                              60.0, "dense", "rrf", "dbsf", "auto", "float32", "torch", "cpu",
                              "int8", "en", "english", "docs", "x/y", ".rk", "localhost",
-                             {"dense": 0.5}, {"lowercase": False}, {"stemmer": None}])
+                             {"dense": 0.5}, {"dense": math.nan}, {"sparse": math.inf},
+                             {"lowercase": False}, {"stemmer": None}, math.nan, math.inf])
 
 
 @settings(max_examples=500, deadline=None, derandomize=True)
