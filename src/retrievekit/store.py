@@ -23,7 +23,7 @@ import numpy as np
 
 from . import validate as v
 from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
-                     StoreLockedError)
+                     StoreFullError, StoreLockedError)
 from .records import PARENT_KEY, RESERVED_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,9 @@ def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
     except Exception as exc:
         if not _is_chroma_failure(exc):
             raise
-        raise StoreError(explain_failure(config, what, exc)) from exc
+        message = explain_failure(config, what, exc)
+        kind = StoreFullError if "the disk is full" in message else StoreError
+        raise kind(message) from exc
 
 
 class ChromaStore:
