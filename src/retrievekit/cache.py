@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from retrievekit import validate as v
 from retrievekit.errors import InvalidInputError, StoreError
 
 logger = logging.getLogger(__name__)
@@ -102,12 +103,7 @@ class EmbeddingCache:
             raise InvalidInputError(f"model_id={model_id!r}: must be a non-empty string")
         if not isinstance(prefix, str):
             raise InvalidInputError(f"prefix={prefix!r}: must be a string ('' for none)")
-        if truncate_dim is not None and (
-            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1
-        ):
-            raise InvalidInputError(
-                f"truncate_dim={truncate_dim!r}: must be None or an int >= 1"
-            )
+        v.integer("truncate_dim", truncate_dim, optional=True, error=InvalidInputError)
         if not isinstance(text, str):
             raise InvalidInputError(f"text={text!r}: must be a string")
         text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import validate as v
 from .errors import ConfigError
 
 
@@ -26,13 +27,10 @@ class ChunkConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 8):
-            raise ConfigError(f"chunking.max_tokens must be an int >= 8 or None, got "
-                              f"{self.max_tokens!r}")
-        if not isinstance(self.overlap_tokens, int) or self.overlap_tokens < 0:
-            raise ConfigError(f"chunking.overlap_tokens must be an int >= 0, got "
-                              f"{self.overlap_tokens!r}")
+        v.integer("chunking.max_tokens", self.max_tokens, 8, optional=True,
+                  fix="None uses the model's window")
+        v.integer("chunking.overlap_tokens", self.overlap_tokens, 0, fix="32 is the default")
+        v.boolean("chunking.enabled", self.enabled)
         if self.max_tokens is not None and self.overlap_tokens >= self.max_tokens:
             raise ConfigError(
                 f"chunking.overlap_tokens ({self.overlap_tokens}) must be smaller than "

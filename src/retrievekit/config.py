@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from .chunking import ChunkConfig
 from .embedding import EmbedderConfig
+from . import validate as v
 from .errors import ConfigError
 from .fusion import METHODS as FUSIONS
 from .fusion import validate_rrf_params
@@ -69,27 +70,32 @@ class RetrieverConfig:
     local_vectors: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.local_vectors, bool):
-            raise ConfigError(f"local_vectors must be true or false, got {self.local_vectors!r}")
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        p = self.chunk_penalty
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 2:
-            raise ConfigError(f"chunk_penalty must be a number in [0, 2] (a cosine-similarity "
-                              f"margin; 0 switches it off), got {p!r}")
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
-                or self.candidates < 1:
-            raise ConfigError(f"candidates must be an int >= 1, got {self.candidates!r}")
-        for name in ("funnel_dim", "funnel_candidates"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive int or None, got {v!r}")
+        for name, kind in (("embedder", EmbedderConfig), ("store", StoreConfig),
+                           ("sparse", SparseConfig), ("chunking", ChunkConfig)):
+            if not isinstance(getattr(self, name), kind):
+                v.fail(name, f"a {kind.__name__}", getattr(self, name),
+                       "or pass a dict to RetrieverConfig.from_dict")
+        if self.reranker is not None and not isinstance(self.reranker, RerankConfig):
+            v.fail("reranker", "a RerankConfig or None", self.reranker)
+        v.choice("mode", self.mode, MODES)
+        v.choice("fusion", self.fusion, FUSIONS)
+        v.number("chunk_penalty", self.chunk_penalty, 0, 2,
+                 fix="a cosine-similarity margin; 0 switches it off")
+        v.integer("candidates", self.candidates, fix="50 is the default")
+        v.boolean("collapse_chunks", self.collapse_chunks)
+        object.__setattr__(self, "cache_dir", v.path("cache_dir", self.cache_dir,
+                                                     optional=True))
+        v.integer("funnel_dim", self.funnel_dim, optional=True,
+                  fix="e.g. a third of the model's dimension")
+        v.integer("funnel_candidates", self.funnel_candidates, optional=True)
+        if not isinstance(self.weights, Mapping):
+            v.fail("weights", "a dict like {'dense': 1.0, 'sparse': 0.5}", self.weights)
+        v.boolean("local_vectors", self.local_vectors)
         weights = dict(self.weights)
         unknown = set(weights) - {"dense", "sparse"}
         if unknown:
-            raise ConfigError(f"weights may name 'dense' and 'sparse' only, got {sorted(unknown)}")
+            v.fail("weights", "a dict with the keys 'dense' and 'sparse' only", self.weights,
+                   f"drop {sorted(unknown, key=str)}")
         validate_rrf_params(self.rrf_k, weights)
         object.__setattr__(self, "weights", {"dense": 1.0, "sparse": 1.0, **weights})
 
@@ -138,13 +144,18 @@ class RetrieverConfig:
         """Read a TOML file whose tables mirror `to_dict()` ([embedder], [store], ...)."""
         import tomllib
 
+        path = v.path("config file", path, fix="pass the path of a TOML file")
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
         except OSError as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from exc
+            raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not UTF-8 (byte {exc.start} is "
+                              f"{exc.object[exc.start:exc.start + 1]!r}); TOML files are "
+                              "UTF-8: save it with that encoding") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "RetrieverConfig":
@@ -164,7 +175,8 @@ class RetrieverConfig:
 def _reject_unknown(where: str, data: Mapping[str, Any], valid: set[str]) -> None:
     unknown = set(data) - valid
     if unknown:
-        raise ConfigError(f"unknown {where} keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+        raise ConfigError(f"unknown {where} keys {sorted(unknown, key=repr)}; valid keys: "
+                          f"{sorted(valid)}")
 
 
 def _build(kind: type, value: Any, where: str) -> Any:
@@ -173,10 +185,7 @@ def _build(kind: type, value: Any, where: str) -> Any:
     _reject_unknown(where, value, {f.name for f in dataclasses.fields(kind)})
     value = dict(value)
     if kind is SparseConfig and isinstance(value.get("tokenizer"), Mapping):
-        tok = dict(value["tokenizer"])
-        _reject_unknown("sparse.tokenizer", tok,
-                        {f.name for f in dataclasses.fields(TokenizerConfig)})
-        value["tokenizer"] = TokenizerConfig(**tok)
+        value["tokenizer"] = TokenizerConfig.from_dict(value["tokenizer"])
     try:
         return kind(**value)
     except TypeError as exc:

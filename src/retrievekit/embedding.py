@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import validate as v
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 from .inference import ModelEngines, configure_torch_threads, torch_dtype, validate_inference
 from .models import (ResolvedModel, model_fingerprint, model_not_found, read_model_prompts,
@@ -61,13 +62,15 @@ class EmbedderConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.truncate_dim is not None and (
-                isinstance(self.truncate_dim, bool) or not isinstance(self.truncate_dim, int)
-                or self.truncate_dim < 1):
-            raise ConfigError(
-                f"truncate_dim must be a positive int or None, got {self.truncate_dim!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        v.text("embedder.model", self.model, empty=False,
+               fix=f"a hub name like {DEFAULT_MODEL!r} or a local directory")
+        for name in ("query_prefix", "document_prefix"):
+            v.text(f"embedder.{name}", getattr(self, name), optional=True,
+                   fix="None resolves it from the model; '' for none")
+        v.integer("embedder.truncate_dim", self.truncate_dim, optional=True,
+                  fix="e.g. 256 for a Matryoshka model, None keeps all")
+        v.boolean("embedder.normalize", self.normalize)
+        v.integer("embedder.batch_size", self.batch_size, fix="32 is the default")
         object.__setattr__(self, "onnx_quantize", validate_inference(
             "", dtype=self.dtype, backend=self.backend, onnx_quantize=self.onnx_quantize,
             num_threads=self.num_threads, device=self.device))

@@ -33,3 +33,7 @@ class StoreLockedError(RetrieveKitError, RuntimeError):
 
 class StoreError(RetrieveKitError, RuntimeError):
     """The store could not be read or written (unwritable directory, server unreachable)."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full; free space, then repeat the call."""

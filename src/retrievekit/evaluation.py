@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from retrievekit import validate as v
 from retrievekit.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -372,8 +373,11 @@ def _validate_ks_metrics(
     if isinstance(ks, int):
         ks = (ks,)
     ks_t = tuple(ks)
-    if not ks_t or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks_t):
-        raise InvalidInputError(f"ks={ks_t!r}: every cutoff must be an int >= 1, e.g. ks=(10, 100)")
+    if not ks_t:
+        v.fail("ks", "a non-empty list of cutoffs", ks_t, "e.g. ks=(10, 100)",
+               error=InvalidInputError)
+    for i, k in enumerate(ks_t):
+        v.integer(f"ks[{i}]", k, error=InvalidInputError, fix="e.g. ks=(10, 100)")
     if isinstance(metrics, str):
         metrics = (metrics,)
     metrics_t = tuple(metrics)
@@ -414,7 +418,7 @@ def _check_qrels(qrels: Qrels) -> dict[str, dict[str, int]]:
     judged: dict[str, dict[str, int]] = {}
     for qid, docs in qrels.items():
         for doc_id, grade in docs.items():
-            if isinstance(grade, bool) or not isinstance(grade, (int, np.integer)):
+            if not (v.is_int(grade) or isinstance(grade, np.integer)):
                 raise InvalidInputError(
                     f"qrels[{qid!r}][{doc_id!r}]={grade!r}: relevance grades must be integers"
                 )
@@ -552,8 +556,7 @@ def evaluate(
     Raises:
         InvalidInputError: bad `k`/`ks`/`metrics`, or `search_fn` returned malformed results.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidInputError(f"k={k!r}: must be an int >= 1 (results asked per query)")
+    v.integer("k", k, error=InvalidInputError, fix="results asked per query")
     ks_in: Iterable[int] = ks if ks is not None else tuple(sorted({min(10, k), k}))
     ks_t, metrics_t = _validate_ks_metrics(ks_in, metrics)
     too_big = [c for c in ks_t if c > k]

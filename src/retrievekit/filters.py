@@ -8,16 +8,107 @@ random-filter test): `$ne` and `$nin` also match records that lack the key; equa
 matches a list; bools are not numbers.
 
 Filters outside this subset (`$gt`/`$gte`/`$lt`/`$lte`, `$not_contains` on lists, integers
-past 2**53, float operands with a fraction, anything unknown) compile to None: the caller then asks Chroma for the matching
-ids, as before. A filter that is malformed compiles to None too, and Chroma's own
-validation reports it.
+past 2**53, float operands with a fraction) compile to None: the caller then asks Chroma
+for the matching ids. Every filter is first checked by `validate_where`, stricter than
+Chroma's own check (which lets `{"$in": [1]}`, NaN or lone surrogates through to fail in
+its Rust core as "Invalid where clause").
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping
 
+from . import validate as v
+from .errors import InvalidInputError
+
 _EXACT_INT = 2 ** 53
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+_LOGICAL = ("$and", "$or")
+_COMPARE = ("$gt", "$gte", "$lt", "$lte")
+_SCALAR_OPS = ("$eq", "$ne", "$contains", "$not_contains")
+_LIST_OPS = ("$in", "$nin")
+_OPERATORS = _SCALAR_OPS + _COMPARE + _LIST_OPS
+
+
+def validate_where(where: Any) -> None:
+    """Refuse a `where` filter that Chroma would refuse or fail on, with InvalidInputError
+    naming the bad part and the fix. `{}` and None mean no filter."""
+    if where is None:
+        return
+    if not isinstance(where, Mapping):
+        raise InvalidInputError(
+            f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
+            f"{type(where).__name__}")
+    if where:
+        try:
+            _check_clause(where, "where")
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{exc} (where={v.shown(dict(where), 200)} is not a valid "
+                                    "Chroma filter)") from None
+
+
+def _bad(name: str, what: str, value: Any, fix: str = "") -> None:
+    v.fail(name, what, value, fix, error=InvalidInputError)
+
+
+def _check_clause(clause: Any, name: str) -> None:
+    if not isinstance(clause, Mapping) or len(clause) != 1:
+        _bad(name, "a dict with exactly one key (a field, '$and' or '$or')", clause,
+             "combine conditions with {'$and': [{...}, {...}]}")
+    (key, cond), = clause.items()
+    if not isinstance(key, str) or not key:
+        _bad(f"{name} key", "a non-empty str (a metadata field, '$and' or '$or')", key)
+    v.utf8(f"{name} key", key, error=InvalidInputError)
+    here = f"{name}[{key!r}]"
+    if key in _LOGICAL:
+        if not isinstance(cond, list) or len(cond) < 2:
+            _bad(here, "a list of at least two filters", cond,
+                 f"for one condition drop {key!r} and give the filter itself")
+        for i, sub in enumerate(cond):
+            _check_clause(sub, f"{here}[{i}]")
+    elif key.startswith("$"):
+        _bad(f"{name} key", "a metadata field, '$and' or '$or'", key,
+             f"operators go inside a field: {{'field': {{{key!r}: ...}}}}")
+    elif isinstance(cond, Mapping):
+        if len(cond) != 1:
+            _bad(here, "one operator and its operand", cond,
+                 "combine several with {'$and': [...]}")
+        (op, arg), = cond.items()
+        if op not in _OPERATORS:
+            _bad(f"{here} operator", f"one of {list(_OPERATORS)}", op)
+        _check_operand(f"{here}[{op!r}]", op, arg)
+    else:
+        _check_operand(here, "$eq", cond)
+
+
+def _check_operand(name: str, op: str, arg: Any) -> None:
+    if op in _LIST_OPS:
+        if not isinstance(arg, list) or not arg or len({type(a) for a in arg}) != 1:
+            _bad(name, "a non-empty list of one scalar type (str, int, float or bool)", arg)
+        for i, a in enumerate(arg):
+            _check_scalar(f"{name}[{i}]", a)
+    elif op in _COMPARE:
+        v.number(name, arg, fix=f"{op} compares numbers only", error=InvalidInputError)
+        _check_scalar(name, arg)
+    else:
+        if isinstance(arg, list):
+            _bad(name, "a str, int, float or bool", arg,
+                 "to match any of several values use {'$in': [...]}")
+        _check_scalar(name, arg)
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        v.utf8(name, value, error=InvalidInputError)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            _bad(name, "a finite number", value)
+    elif v.is_int(value):
+        if not _INT64[0] <= value <= _INT64[1]:
+            _bad(name, "a 64-bit integer", value, "stored metadata never holds larger ones")
+    elif not isinstance(value, bool):
+        _bad(name, "a str, int, float or bool", value)
 
 
 def _value(value: Any) -> str | None:
@@ -69,7 +160,7 @@ def _query_value(value: Any) -> str | None:
 
 
 def _terms(key: str, values: Iterable[Any], tv: Any, schema: Any, *, element: bool = False):
-    texts = [_query_value(v) for v in values]
+    texts = [_query_value(x) for x in values]
     if any(t is None for t in texts) or not texts:
         raise Unsupported
     name = f"{key}[]" if element else key

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import validate as v
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,10 +76,6 @@ _INSTALL = "pip install 'retrievekit[finetune]'"
 # --------------------------------------------------------------------------------------
 # Settings and data
 # --------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any, minimum: int) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
 @dataclass(frozen=True)
@@ -118,28 +115,18 @@ class MiningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("dense", "hybrid"):
-            raise ConfigError(f"mining mode={self.mode!r}: choose 'dense' or 'hybrid'")
-        if not _is_int(self.num_negatives, 1):
-            raise ConfigError(f"num_negatives={self.num_negatives!r}: must be an int >= 1")
-        if not _is_int(self.depth, 1):
-            raise ConfigError(f"depth={self.depth!r}: must be an int >= 1 (candidates per query)")
-        if not _is_int(self.skip_top, 0):
-            raise ConfigError(f"skip_top={self.skip_top!r}: must be an int >= 0")
-        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(
-                self.margin, (int, float)) or not math.isfinite(self.margin)):
-            raise ConfigError(f"margin={self.margin!r}: must be a finite number (cosine "
-                              "units, e.g. 0.05) or None to switch the score filter off")
-        if self.candidates is not None and not _is_int(self.candidates, 1):
-            raise ConfigError(f"candidates={self.candidates!r}: must be an int >= 1 or None")
-        if self.positive_depth is not None and not _is_int(self.positive_depth, 1):
-            raise ConfigError(f"positive_depth={self.positive_depth!r}: must be an int >= 1 "
-                              "or None (every judged positive)")
-        if self.sampling not in ("top", "random"):
-            raise ConfigError(f"sampling={self.sampling!r}: choose 'top' (highest-ranked "
-                              "negatives) or 'random' (drawn within depth)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed={self.seed!r}: must be an int")
+        v.choice("mining.mode", self.mode, ("dense", "hybrid"))
+        v.integer("mining.num_negatives", self.num_negatives)
+        v.integer("mining.depth", self.depth, fix="candidates per query")
+        v.integer("mining.skip_top", self.skip_top, 0)
+        v.number("mining.margin", self.margin, optional=True,
+                 fix="cosine units, e.g. 0.05; None switches the score filter off")
+        v.integer("mining.candidates", self.candidates, optional=True)
+        v.integer("mining.positive_depth", self.positive_depth, optional=True,
+                  fix="None keeps every judged positive")
+        v.choice("mining.sampling", self.sampling, ("top", "random"),
+                 fix="'top': highest-ranked negatives, 'random': drawn within depth")
+        v.integer("mining.seed", self.seed, -2 ** 63)
 
 
 @dataclass(frozen=True)
@@ -189,38 +176,34 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_seconds is not None and (isinstance(self.max_seconds, bool) or not
-                                             isinstance(self.max_seconds, (int, float))
-                                             or not self.max_seconds > 0):
-            raise ConfigError(f"max_seconds={self.max_seconds!r}: must be a number > 0 or None")
-        for name in ("epochs", "batch_size"):
-            if not _is_int(getattr(self, name), 1):
-                raise ConfigError(f"{name}={getattr(self, name)!r}: must be an int >= 1")
-        for name in ("max_steps", "max_seq_length"):
-            v = getattr(self, name)
-            if v is not None and not _is_int(v, 1):
-                raise ConfigError(f"{name}={v!r}: must be an int >= 1 or None")
-        for name in ("learning_rate", "scale", "head_learning_rate"):
-            v = getattr(self, name)
-            if v is None and name == "head_learning_rate":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{name}={v!r}: must be a number > 0")
-        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
-        if self.reranker_loss not in RERANKER_LOSSES:
-            raise ConfigError(f"reranker_loss={self.reranker_loss!r}: choose from "
-                              f"{list(RERANKER_LOSSES)}")
+        v.number("max_seconds", self.max_seconds, 0, low_open=True, optional=True)
+        v.integer("epochs", self.epochs)
+        v.integer("batch_size", self.batch_size)
+        v.integer("max_steps", self.max_steps, optional=True, fix="None: epochs decide")
+        v.integer("max_seq_length", self.max_seq_length, optional=True)
+        v.number("learning_rate", self.learning_rate, 0, low_open=True)
+        v.number("scale", self.scale, 0, low_open=True)
+        v.number("head_learning_rate", self.head_learning_rate, 0, low_open=True,
+                 optional=True, fix="None uses learning_rate")
+        v.number("warmup_ratio", self.warmup_ratio, 0, 1)
+        if self.warmup_ratio == 1:
+            v.fail("warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        v.number("weight_decay", self.weight_decay, 0)
+        v.choice("reranker_loss", self.reranker_loss, RERANKER_LOSSES)
+        v.boolean("bf16", self.bf16)
+        v.integer("seed", self.seed, -2 ** 63)
+        v.text("device", self.device, optional=True, empty=False)
         weights = self.matryoshka_weights
         if self.matryoshka_dims is not None:
             dims = tuple(self.matryoshka_dims)
-            if not dims or any(not _is_int(d, 1) for d in dims) or len(set(dims)) != len(dims):
+            if not dims or any(not v.is_int(d) or d < 1 for d in dims) \
+                    or len(set(dims)) != len(dims):
                 raise ConfigError(f"matryoshka_dims={self.matryoshka_dims!r}: give distinct "
                                   "positive ints, e.g. (384, 256, 128, 64)")
             if weights is not None:
                 weights = tuple(weights)
                 if len(weights) != len(dims) or any(
-                        isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0
+                        not (v.is_int(w) or isinstance(w, float)) or not 0 < w < math.inf
                         for w in weights):
                     raise ConfigError(
                         f"matryoshka_weights={self.matryoshka_weights!r}: give one positive "
@@ -343,11 +326,9 @@ def pairs_from_qrels(qrels: Mapping[str, Mapping[str, int]], *, max_pairs: int |
     order). With `max_pairs`, pairs are drawn round-robin over the queries (in a seeded
     random order): every query's first positive, then every query's second, and so on.
     """
-    if max_pairs is not None and not _is_int(max_pairs, 1):
-        raise InvalidInputError(f"max_pairs={max_pairs!r}: must be an int >= 1 or None")
-    if max_pairs_per_query is not None and not _is_int(max_pairs_per_query, 1):
-        raise InvalidInputError(
-            f"max_pairs_per_query={max_pairs_per_query!r}: must be an int >= 1 or None")
+    v.integer("max_pairs", max_pairs, optional=True, error=InvalidInputError)
+    v.integer("max_pairs_per_query", max_pairs_per_query, optional=True,
+              error=InvalidInputError)
     rng = random.Random(seed)
     per_query: list[tuple[str, list[str]]] = []
     for qid in sorted(qrels):
@@ -980,20 +961,20 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
 
     if kind not in ("embedder", "reranker"):
         raise InvalidInputError(f"kind={kind!r}: choose 'embedder' or 'reranker'")
-    if not _is_int(rerank_candidates, 1):
-        raise InvalidInputError(f"rerank_candidates={rerank_candidates!r}: must be an int >= 1")
+    v.integer("rerank_candidates", rerank_candidates, error=InvalidInputError)
     if tune_split is not None and tune_split == eval_split:
         raise InvalidInputError(
             f"tune_split={tune_split!r} is the evaluation split: choosing the reranker weight "
             "on the queries it is judged on overstates the gain; use another split (dev) or "
             "None for weight 1.0")
     blend_weights = tuple(blend_weights)
-    if not blend_weights or any(isinstance(w, bool) or not isinstance(w, (int, float))
-                                or not 0 < w <= 1 for w in blend_weights):
-        raise InvalidInputError(f"blend_weights={blend_weights!r}: give numbers in (0, 1], "
-                                "e.g. (1.0, 0.7, 0.5)")
-    if max_eval_queries is not None and not _is_int(max_eval_queries, 1):
-        raise InvalidInputError(f"max_eval_queries={max_eval_queries!r}: must be an int >= 1")
+    if not blend_weights:
+        v.fail("blend_weights", "numbers in (0, 1]", blend_weights, "e.g. (1.0, 0.7, 0.5)",
+               error=InvalidInputError)
+    for i, w in enumerate(blend_weights):
+        v.number(f"blend_weights[{i}]", w, 0, 1, low_open=True, error=InvalidInputError,
+                 fix="e.g. (1.0, 0.7, 0.5)")
+    v.integer("max_eval_queries", max_eval_queries, optional=True, error=InvalidInputError)
     training = training or TrainConfig()
     mining = mining or (MiningConfig(mode="dense") if kind == "embedder" else MiningConfig(
         mode="hybrid", num_negatives=3, depth=rerank_candidates, margin=None,
@@ -1196,7 +1177,7 @@ def _number_list(cast: Any, example: str) -> Any:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: give comma-separated numbers, e.g. {example}") from None
-        if not values or any(not v > 0 for v in values):
+        if not values or any(not x > 0 for x in values):
             raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
         return values
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from . import validate as v
 from .errors import ConfigError
 
 
@@ -26,13 +27,9 @@ class Fused:
 
 def validate_rrf_params(k: float, weights: Mapping[str, float] | None) -> None:
     """Raise ConfigError for an RRF constant or weight that cannot be used."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 0:
-        raise ConfigError(f"rrf_k must be a number >= 0 (60 is the usual value), got {k!r}")
+    v.number("rrf_k", k, 0, fix="60 is the usual value")
     for name, w in (weights or {}).items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise ConfigError(
-                f"fusion weight for {name!r} must be a number >= 0, got {w!r}; "
-                "use 0 to switch a side off")
+        v.number(f"weights[{name!r}]", w, 0, fix="use 0 to switch a side off")
 
 
 def reciprocal_rank_fusion(

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from . import validate as v
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -45,25 +46,20 @@ def validate_inference(where: str, *, dtype: Any, backend: Any, onnx_quantize: A
     Raises:
         ConfigError: naming the setting, the value and the valid ones.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"{where}dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"{where}backend must be one of {list(BACKENDS)}, got {backend!r}")
+    v.choice(f"{where}dtype", dtype, DTYPES)
+    v.choice(f"{where}backend", backend, BACKENDS)
+    v.text(f"{where}device", device, optional=True, empty=False,
+           fix="e.g. 'cpu' or 'cuda:0'; None picks CUDA when present")
     quantize = {False: None, True: "int8"}.get(onnx_quantize, onnx_quantize) \
-        if isinstance(onnx_quantize, bool) or onnx_quantize is None else onnx_quantize
-    if quantize not in QUANTIZE:
-        raise ConfigError(f"{where}onnx_quantize must be None/False or 'int8', got "
-                          f"{onnx_quantize!r}")
+        if isinstance(onnx_quantize, bool) else onnx_quantize
+    v.choice(f"{where}onnx_quantize", quantize, QUANTIZE, fix="True means 'int8'")
     if quantize is not None and backend == "torch":
         raise ConfigError(f"{where}onnx_quantize={quantize!r} quantizes the ONNX engine, but "
                           f"backend='torch'; set backend='onnx' (or 'auto'), or drop onnx_quantize")
     if backend == "onnx" and device is not None and not str(device).startswith("cpu"):
         raise ConfigError(f"{where}backend='onnx' runs on the CPU (onnxruntime's CPU provider), "
                           f"got device={device!r}; use backend='torch' (or 'auto') there")
-    if num_threads is not None and (isinstance(num_threads, bool)
-                                    or not isinstance(num_threads, int) or num_threads < 1):
-        raise ConfigError(f"{where}num_threads must be an int >= 1 or None (automatic), got "
-                          f"{num_threads!r}")
+    v.integer(f"{where}num_threads", num_threads, optional=True, fix="None: automatic")
     return quantize
 
 

@@ -26,7 +26,7 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 
@@ -43,11 +43,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "retrievekit.langchain needs langchain-core: pip install 'retrievekit[langchain]' "
         "(or pip install langchain-core)") from exc
 
-from pydantic import ConfigDict, PrivateAttr, field_validator
+from pydantic import ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from .adapters import (BUILD_KEYS, CHUNK_ID_KEY, RANKS_KEY, SCORES_KEY,  # noqa: F401
                        ClosesOwnRetriever, open_retriever, result_metadata)
-from .config import MODES
+from . import validate as v
+from .config import MODES, RetrieverConfig
 from .embedding import Embedder, EmbedderConfig
 from .pipeline import HybridRetriever
 from .rerank import Reranker
@@ -129,13 +130,29 @@ class RetrieveKitEmbeddings(Embeddings):
         return await asyncio.to_thread(self.embed_query, text)
 
 
+def _build_model(init: Any, data: Mapping[str, Any]) -> None:
+    """Run a pydantic constructor; its ValidationError becomes a ConfigError naming each
+    field, like every other setting of retrievekit."""
+    try:
+        init(**data)
+    except ValidationError as exc:
+        parts = []
+        for e in exc.errors():
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            field = ".".join(map(str, e["loc"]))
+            parts.append(msg if msg.startswith(field) else
+                         f"{field}: {msg}, got {v.shown(e.get('input'))}")
+        raise ConfigError("; ".join(parts)) from exc
+
+
 # -- conversions -----------------------------------------------------------------------------
 def document_id(doc: LCDocument) -> str:
     """The id a LangChain document is stored under: ``doc.id`` when set, else the first 32
     hex chars of sha256 over the text and the metadata (as sorted JSON)."""
     if doc.id is not None:
         return doc.id
-    h = hashlib.sha256(doc.page_content.encode("utf-8"))
+    # surrogatepass: a text that is not valid Unicode is refused by the core, not here
+    h = hashlib.sha256(str(doc.page_content).encode("utf-8", "surrogatepass"))
     h.update(b"\0")
     h.update(json.dumps(doc.metadata, sort_keys=True, default=repr).encode("utf-8"))
     return h.hexdigest()[:32]
@@ -143,9 +160,9 @@ def document_id(doc: LCDocument) -> str:
 
 def to_core(docs: Sequence[LCDocument]) -> list[Document]:
     """LangChain documents -> core documents (ids per `document_id`); validates the types."""
-    if isinstance(docs, LCDocument):
-        raise InvalidInputError("documents must be a list of LangChain Documents; wrap the "
-                                "single document in a list")
+    if isinstance(docs, (LCDocument, str, bytes, Mapping)) or not isinstance(docs, Iterable):
+        raise InvalidInputError(f"documents must be a list of LangChain Documents, got "
+                                f"{v.shown(docs)}; wrap the single document in a list")
     out = []
     for i, d in enumerate(docs):
         if not isinstance(d, LCDocument):
@@ -213,26 +230,22 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
         data["retriever"], owned = open_retriever(data.get("retriever"), data.pop("config", None),
                                                   build, "RetrieveKitRetriever")
         try:
-            super().__init__(**data)
+            _build_model(super().__init__, data)
         except BaseException:
             if owned:
                 data["retriever"].close()
             raise
         self._owned = owned
 
-    @field_validator("k")
+    @field_validator("k", mode="before")
     @classmethod
-    def _check_k(cls, v: int) -> int:
-        if isinstance(v, bool) or v < 1:
-            raise ValueError(f"k must be an int >= 1, got {v!r}")
-        return v
+    def _check_k(cls, k: int) -> int:
+        return v.integer("k", k, error=InvalidInputError)
 
-    @field_validator("mode")
+    @field_validator("mode", mode="before")
     @classmethod
-    def _check_mode(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)} or None, got {v!r}")
-        return v
+    def _check_mode(cls, mode: str | None) -> str | None:
+        return mode if mode is None else v.choice("mode", mode, MODES, error=InvalidInputError)
 
     # -- search ------------------------------------------------------------------------------
     def _search_args(self, k: int | None, where: Any, mode: Any, rerank: Any,
@@ -277,7 +290,8 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
         return self.retriever.add_documents(to_core(documents), **kwargs)
 
     async def aadd_documents(self, documents: Sequence[LCDocument], **kwargs: Any) -> list[str]:
-        return await asyncio.to_thread(self.add_documents, list(documents), **kwargs)
+        docs = list(documents) if isinstance(documents, Iterator) else documents
+        return await asyncio.to_thread(self.add_documents, docs, **kwargs)
 
     def upsert(self, items: Sequence[LCDocument], /, **kwargs: Any) -> UpsertResponse:
         """`DocumentIndex.upsert`: insert or replace by id. The batch is validated before
@@ -294,10 +308,9 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
                                     "collection or directory")
         if kwargs:
             raise InvalidInputError(f"delete takes only ids, got {sorted(kwargs)}")
-        if isinstance(ids, str):
-            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
+        ids = list(ids) if isinstance(ids, Iterator) else ids
+        present = {d.id for d in self.retriever.get(ids)}  # refuses a str, non-str ids
         ids = list(dict.fromkeys(ids))
-        present = {d.id for d in self.retriever.get(ids)}
         self.retriever.delete(ids)
         done = [i for i in ids if i in present]
         return {"num_deleted": len(done), "succeeded": done, "failed": [], "num_failed": 0}
@@ -309,12 +322,11 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
         """Documents by id with their own metadata (no scores); unknown ids are skipped."""
         if kwargs:
             raise InvalidInputError(f"get takes only ids, got {sorted(kwargs)}")
-        if isinstance(ids, str):
-            raise InvalidInputError("ids must be a list of ids, got a single str; wrap it in a list")
-        return [stored_document(d) for d in self.retriever.get(list(ids))]
+        return [stored_document(d) for d in self.retriever.get(ids)]  # refuses None, a str, ...
 
     async def aget(self, ids: Sequence[str], /, **kwargs: Any) -> list[LCDocument]:
-        return await asyncio.to_thread(self.get, list(ids), **kwargs)
+        ids = list(ids) if isinstance(ids, Iterator) else ids
+        return await asyncio.to_thread(self.get, ids, **kwargs)
 
 
 # -- vector store ----------------------------------------------------------------------------
@@ -561,14 +573,12 @@ class RetrieveKitReranker(BaseDocumentCompressor):
         elif not isinstance(data["reranker"], Reranker):
             raise ConfigError(f"reranker must be a retrievekit Reranker, got "
                               f"{type(data['reranker']).__name__}")
-        super().__init__(**data)
+        _build_model(super().__init__, data)
 
-    @field_validator("top_n")
+    @field_validator("top_n", mode="before")
     @classmethod
-    def _check_top_n(cls, v: int | None) -> int | None:
-        if v is not None and (isinstance(v, bool) or v < 1):
-            raise ValueError(f"top_n must be an int >= 1 or None, got {v!r}")
-        return v
+    def _check_top_n(cls, top_n: int | None) -> int | None:
+        return v.integer("top_n", top_n, optional=True, error=InvalidInputError)
 
     def compress_documents(self, documents: Sequence[LCDocument], query: str,
                            callbacks: Callbacks | None = None) -> list[LCDocument]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 from hashlib import sha256
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import ConfigError, InvalidInputError, MissingDependencyError
 
@@ -70,6 +70,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .adapters import (CHUNK_ID_KEY, RANKS_KEY, RESULT_KEYS, SCORES_KEY,  # noqa: F401
                        ClosesOwnRetriever, open_retriever, result_metadata)
+from . import validate as v
 from .config import MODES
 from .embedding import DEFAULT_MODEL, Embedder, EmbedderConfig
 from .pipeline import HybridRetriever
@@ -258,9 +259,10 @@ def flatten_metadata(metadata: Mapping[str, Any], node_id: str) -> dict[str, Any
 
 def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Document]:
     """LlamaIndex nodes or `Document`s -> core documents (id, text, flattened metadata)."""
-    if isinstance(nodes, (BaseNode, NodeWithScore)):
-        raise InvalidInputError("nodes must be a list of LlamaIndex nodes or Documents; wrap the "
-                                "single node in a list")
+    if isinstance(nodes, (BaseNode, NodeWithScore, str, bytes, Mapping)) \
+            or not isinstance(nodes, Iterable):
+        raise InvalidInputError(f"nodes must be a list of LlamaIndex nodes or Documents, got "
+                                f"{v.shown(nodes)}; wrap the single node in a list")
     out = []
     for i, n in enumerate(nodes):
         if isinstance(n, NodeWithScore):
@@ -365,6 +367,13 @@ def _as_where(where: Any, name: str) -> dict[str, Any] | None:
 
 
 # -- retriever -------------------------------------------------------------------------------
+def _query(query: Any) -> str | QueryBundle:
+    """Refuse a query LlamaIndex would fail on in its own event validation."""
+    if not isinstance(query, QueryBundle):
+        v.readable("query", query, "pass the text to search for (or a QueryBundle)")
+    return query
+
+
 class RetrieveKitRetriever(ClosesOwnRetriever, BaseRetriever):
     """Hybrid BM25 + dense (+ rerank) retrieval as a LlamaIndex retriever.
 
@@ -391,12 +400,9 @@ class RetrieveKitRetriever(ClosesOwnRetriever, BaseRetriever):
         if not isinstance(retriever, HybridRetriever):
             raise ConfigError(f"retriever must be a retrievekit HybridRetriever, got "
                               f"{type(retriever).__name__}")
-        if isinstance(similarity_top_k, bool) or not isinstance(similarity_top_k, int) \
-                or similarity_top_k < 1:
-            raise InvalidInputError(f"similarity_top_k must be an int >= 1, got "
-                                    f"{similarity_top_k!r}")
-        if mode is not None and mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {list(MODES)} or None, got {mode!r}")
+        v.integer("similarity_top_k", similarity_top_k, error=InvalidInputError)
+        if mode is not None:
+            v.choice("mode", mode, MODES, error=InvalidInputError)
         self.retriever = retriever
         self._owned = False
         self.similarity_top_k = similarity_top_k
@@ -454,6 +460,12 @@ class RetrieveKitRetriever(ClosesOwnRetriever, BaseRetriever):
     def _options(self) -> dict[str, Any]:
         return {"where": self.where, "mode": self.mode, "rerank": self.rerank,
                 "candidates": self.candidates}
+
+    def retrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        return super().retrieve(_query(str_or_query_bundle))
+
+    async def aretrieve(self, str_or_query_bundle: str | QueryBundle) -> list[NodeWithScore]:
+        return await super().aretrieve(_query(str_or_query_bundle))
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         hits = self.retriever.search(query_bundle.query_str, self.similarity_top_k,
@@ -739,12 +751,8 @@ class RetrieveKitReranker(BaseNodePostprocessor):
             core = reranker
         else:
             core = Reranker(RerankConfig(model=str(model or DEFAULT_RERANKER), **build))
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                  or top_n < 1):
-            raise ConfigError(f"top_n must be an int >= 1 or None, got {top_n!r}")
-        if threshold is not None and (isinstance(threshold, bool)
-                                      or not isinstance(threshold, (int, float))):
-            raise ConfigError(f"threshold must be a number or None, got {threshold!r}")
+        v.integer("top_n", top_n, optional=True)
+        v.number("threshold", threshold, optional=True)
         try:
             mode = MetadataMode(metadata_mode)
         except ValueError as exc:

@@ -9,25 +9,43 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import validate as v
 from .changelog import ChangeLog
 from .config import RetrieverConfig
 from .embedding import Embedder
 from .errors import ConfigError, InvalidInputError, StoreError
+from .filters import validate_where
 from .funnel import FunnelVectors
 from .records import PARENT_KEY, check_document_id, from_chroma, reassemble
 from .rerank import RerankConfig, Reranker
 from .searcher import FusionSettings, LocalEngine, Searcher
 from .settings import config_from_settings, reconcile
 from .sparse import SparseIndex
-from .store import ChromaStore, clean_metadata
+from .store import ChromaStore, chroma_errors, clean_metadata
 from .sync import Follower
 from .types import Document, Hit, text_id
 from .writer import Writer
+
+logger = logging.getLogger(__name__)
+
+
+def _guarded(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Public calls turn a failure of Chroma (its change-log calls included) into a
+    StoreError saying what failed; see `store.chroma_errors`."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def guarded(self: "HybridRetriever", *args: Any, **kwargs: Any) -> Any:
+            with chroma_errors(self.config.store, what):
+                return method(self, *args, **kwargs)
+        return guarded
+    return wrap
 
 
 class HybridRetriever:
@@ -48,13 +66,19 @@ class HybridRetriever:
                  collection: str | None = None, model: str | None = None,
                  truncate_dim: int | None = None, mode: str | None = None,
                  candidates: int | None = None) -> None:
+        if embedder is not None and not isinstance(embedder, Embedder):
+            v.fail("embedder", "a retrievekit Embedder or None", embedder,
+                   "pass model='<name>' to choose the model by name")
+        if reranker is not None and not isinstance(reranker, (Reranker, RerankConfig, str)):
+            v.fail("reranker", "a Reranker, a RerankConfig, a cross-encoder name or None",
+                   reranker)
         cfg = _as_config(config)
-        store_changes = {k: v for k, v in
+        store_changes = {k: x for k, x in
                          {"path": path, "host": host, "port": port, "collection": collection
-                          }.items() if v is not None}
-        emb_changes = {k: v for k, v in {"model": model, "truncate_dim": truncate_dim}.items()
-                       if v is not None}
-        top = {k: v for k, v in {"mode": mode, "candidates": candidates}.items() if v is not None}
+                          }.items() if x is not None}
+        emb_changes = {k: x for k, x in {"model": model, "truncate_dim": truncate_dim}.items()
+                       if x is not None}
+        top = {k: x for k, x in {"mode": mode, "candidates": candidates}.items() if x is not None}
         if isinstance(reranker, str):
             top["reranker"] = {**(cfg.reranker.to_dict() if cfg.reranker else {}),
                                "model": reranker}
@@ -90,7 +114,8 @@ class HybridRetriever:
         self._store = ChromaStore(cfg.store)
         self._sparse: SparseIndex | None = None
         try:
-            self._open_parts()
+            with chroma_errors(cfg.store, "open"):
+                self._open_parts()
         except BaseException:
             self.close()
             self._store.discard()  # a store this constructor created goes again
@@ -114,7 +139,9 @@ class HybridRetriever:
             indexes.append(self._funnel)
         self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server,
                                   vectors_in_store=cfg.local_vectors and cfg.funnel_dim is None)
+        self._follower.rebuild_if_ahead()
         self._follower.catch_up()
+        self._check_truth()
         self._writer = Writer(store, log, self._follower, self.embedder, cfg.chunking,
                               cfg.funnel_dim)
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
@@ -125,6 +152,26 @@ class HybridRetriever:
             store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,
             before=self._follower.catch_up if cfg.store.is_server else None)
+
+    def _check_truth(self) -> None:
+        """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an
+        embedded store has one writer, so after the catch-up both agree), or a vector index
+        that does not find its own vectors."""
+        if not self.config.store.is_server:
+            chroma, bm25 = self._store.count(), len(self._sparse)
+            if chroma < bm25:
+                raise StoreError(
+                    f"Chroma holds {chroma} records of collection "
+                    f"{self.config.store.collection!r} but the BM25 index, which follows it, "
+                    f"holds {bm25}: Chroma's database lost records. Restore the store "
+                    "directory from a backup (if you restored only chroma.sqlite3 on "
+                    f"purpose, delete {str(self._store.local_dir)!r} to rebuild the derived "
+                    "indexes from it)")
+            if chroma > bm25:
+                logger.warning("the BM25 index holds %d records, Chroma %d; rebuilding it",
+                               bm25, chroma)
+                self._follower.rebuild()
+        self._store.check_vectors()
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -174,6 +221,7 @@ class HybridRetriever:
         self._searcher.reranker = reranker
 
     # -- writes ----------------------------------------------------------------------------
+    @_guarded("add documents")
     def add_documents(self, documents: Iterable[Document | str | Mapping[str, Any]], *,
                       progress: bool | None = None) -> list[str]:
         """Insert or replace documents by id; returns their ids in input order.
@@ -197,6 +245,7 @@ class HybridRetriever:
         self.last_add_stats = stats.to_dict()
         return [d.id for d in docs]
 
+    @_guarded("delete documents")
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents (and all their chunks) by id; returns how many records went.
         Unknown ids are ignored, so a repeated delete is safe."""
@@ -204,6 +253,7 @@ class HybridRetriever:
         return self._writer.delete(ids) if ids else 0
 
     # -- reads -----------------------------------------------------------------------------
+    @_guarded("count records")
     def count(self) -> int:
         """Number of stored records (chunks count one each)."""
         if self._sparse is None:
@@ -212,6 +262,7 @@ class HybridRetriever:
             self._follower.catch_up()  # writes of other clients count too
         return len(self._sparse)
 
+    @_guarded("read documents")
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Documents by id (chunked ones are put back together); unknown ids are skipped."""
         ids = _id_list(ids)
@@ -228,8 +279,10 @@ class HybridRetriever:
                 out.append(Document(text=text, id=doc_id, metadata=meta))
         return out
 
+    @_guarded("list document ids")
     def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
         """Ids of the stored documents (matching a Chroma `where` filter when given)."""
+        validate_where(where)
         seen: dict[str, None] = {}
         for batch in self._store.iter_records(include=["metadatas"], where=where):
             for r in from_chroma(batch["ids"], [None] * len(batch["ids"]), batch["metadatas"]):
@@ -244,6 +297,7 @@ class HybridRetriever:
             if from_chroma([""], [None], [meta]):
                 yield str(meta[PARENT_KEY]), np.asarray(vec, dtype=np.float32)
 
+    @_guarded("search")
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
                mode: str | None = None, rerank: bool | None = None,
                candidates: int | None = None,
@@ -269,7 +323,8 @@ class HybridRetriever:
         """
         sparse = self._sparse
         return self._searcher.search(
-            query, k, total=lambda: len(sparse), where=where, mode=mode or self.config.mode,
+            query, k, total=lambda: len(sparse), where=where,
+            mode=self.config.mode if mode is None or mode == "" else mode,
             rerank=rerank, query_vector=query_vector, weights=weights,
             sparse_candidates=sparse_candidates,
             candidates=candidates if candidates is not None else self.config.candidates)
@@ -340,12 +395,13 @@ class HybridRetriever:
 
     async def aadd_documents(self, documents: Iterable[Document | str | Mapping[str, Any]],
                              **kwargs: Any) -> list[str]:
-        docs = list(documents)
+        docs = list(documents) if isinstance(documents, Iterator) else documents
         return await asyncio.to_thread(self.add_documents, docs, **kwargs)
 
     async def adelete(self, ids: Sequence[str]) -> int:
-        return await asyncio.to_thread(self.delete, list(ids))
+        return await asyncio.to_thread(self.delete, _id_list(ids))
 
+    @_guarded("verify the derived indexes")
     def verify(self) -> dict[str, Any]:
         """Compare the derived indexes with Chroma, record by record (reads every id: a
         check for tests and operators, not for the query path).
@@ -368,6 +424,7 @@ class HybridRetriever:
                 "ok": live == sparse and funnel in (None, live) and not dead and not pending}
 
     # -- lifecycle -------------------------------------------------------------------------
+    @_guarded("describe itself")
     def info(self) -> dict[str, Any]:
         """What the store holds and its settings."""
         n = self.count()
@@ -396,14 +453,15 @@ class HybridRetriever:
 
 
 def _id_list(ids: Any) -> list[str]:
-    if isinstance(ids, str) or not isinstance(ids, Iterable):
+    """A list of document ids: a str, a dict, bytes or a non-iterable are refused (a str
+    would be read as its characters)."""
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
         what = "a single str" if isinstance(ids, str) else type(ids).__name__
         raise InvalidInputError(f"ids must be a list of document ids, got {what} "
-                                f"{ids!r:.80}; wrap it in a list")
+                                f"{v.shown(ids)}; wrap it in a list")
     ids = list(ids)
     for i, x in enumerate(ids):
-        if not isinstance(x, str) or not x:
-            raise InvalidInputError(f"ids[{i}] must be a non-empty str, got {x!r}")
+        v.text(f"ids[{i}]", x, empty=False, error=InvalidInputError)
     return ids
 
 
@@ -421,8 +479,11 @@ def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> Retr
 
 
 def _normalize_documents(documents: Any) -> list[Document]:
-    if isinstance(documents, (str, Document)) or isinstance(documents, Mapping):
+    if isinstance(documents, (str, Document, Mapping)):
         raise InvalidInputError("documents must be a list; wrap the single document in a list")
+    if isinstance(documents, bytes) or not isinstance(documents, Iterable):
+        v.fail("documents", "a list of Documents, str or dicts", documents,
+               "e.g. [Document('text', id='a')]", error=InvalidInputError)
     out: list[Document] = []
     for i, d in enumerate(documents):
         if isinstance(d, str):
@@ -437,11 +498,9 @@ def _normalize_documents(documents: Any) -> list[Document]:
         elif not isinstance(d, Document):
             raise InvalidInputError(
                 f"documents[{i}] must be a Document, a str or a dict, got {type(d).__name__}")
-        if not isinstance(d.text, str) or not d.text.strip():
-            raise InvalidInputError(f"documents[{i}].text must be a non-empty str, got {d.text!r:.40}")
-        if d.id is not None and (not isinstance(d.id, str) or not d.id):
-            raise InvalidInputError(f"documents[{i}].id must be a non-empty str or None, got {d.id!r}")
-        if d.id is not None:
+        v.readable(f"documents[{i}].text", d.text, "give the text to index, or drop it")
+        if v.text(f"documents[{i}].id", d.id, optional=True, empty=False,
+                  error=InvalidInputError, fix="None derives one from the text") is not None:
             check_document_id(d.id, f"documents[{i}].id")
         meta = clean_metadata(d.metadata, f"documents[{i}]")
         out.append(Document(text=d.text, id=d.id if d.id is not None else text_id(d.text),

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from . import validate as v
 from .errors import ConfigError, InvalidInputError
 from .evaluation import BeirDataset, dataset_documents, evaluate, load_beir
 
@@ -99,14 +100,6 @@ def _check_modes(modes: Iterable[str]) -> tuple[str, ...]:
             f"modes={list(modes)!r}: unknown {bad or 'empty list'}; choose from "
             f"{list(ALL_MODES)}, e.g. --modes sparse,dense,hybrid")
     return out
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name}={value!r}: must be an int >= 1"
-                                + (" or None" if allow_none else ""))
 
 
 def _no_reranker() -> ConfigError:
@@ -298,7 +291,7 @@ def evaluate_modes(retriever: Any, dataset: BeirDataset, modes: Sequence[str], *
                    candidates: int = RECALL_DEPTH, progress: bool | None = None,
                    warmup: bool = True) -> dict[str, ModeResult]:
     """Run every judged query in each mode; nDCG@k, Recall@100, MRR@k, MAP@k and latency."""
-    _positive_int("k", k)
+    v.integer("k", k, error=InvalidInputError)
     modes = _check_modes(modes)
     depth = max(k, RECALL_DEPTH)
     names = _metric_names(k)
@@ -449,9 +442,9 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
         ConfigError: mode rerank without a reranker.
     """
     modes_t = _check_modes(modes)
-    _positive_int("k", k)
-    _positive_int("max_queries", max_queries, allow_none=True)
-    _positive_int("candidates", candidates)
+    v.integer("k", k, error=InvalidInputError)
+    v.integer("max_queries", max_queries, optional=True, error=InvalidInputError)
+    v.integer("candidates", candidates, error=InvalidInputError)
     if "rerank" in modes_t and not reranker:
         raise _no_reranker()
     from .cache import EmbeddingCache

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInputError, MissingDependencyError
+from . import validate as v
+from .errors import ConfigError, InvalidInputError, MissingDependencyError, RetrieveKitError
 from .inference import ModelEngines, configure_torch_threads, torch_dtype, validate_inference
 from .models import check_available, model_not_found, resolve_model
 from .types import Hit
@@ -63,16 +64,16 @@ class RerankConfig:
     rrf_k: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
-            raise ConfigError(f"reranker.top_n must be an int >= 1 or None, got {self.top_n!r}")
-        if not isinstance(self.candidates, int) or self.candidates < 1:
-            raise ConfigError(f"reranker.candidates must be an int >= 1, got {self.candidates!r}")
-        if self.threshold is not None and not isinstance(self.threshold, (int, float)):
-            raise ConfigError(f"reranker.threshold must be a number or None, got "
-                              f"{self.threshold!r}")
+        v.text("reranker.model", self.model, empty=False,
+               fix=f"a cross-encoder name like {DEFAULT_RERANKER!r} or a local directory")
+        v.integer("reranker.top_n", self.top_n, optional=True, fix="None keeps all")
+        v.number("reranker.threshold", self.threshold, optional=True, fix="None keeps all")
+        v.integer("reranker.candidates", self.candidates, fix="50 is the default")
+        v.integer("reranker.batch_size", self.batch_size, fix="32 is the default")
+        v.integer("reranker.max_length", self.max_length, optional=True,
+                  fix="None uses the model's")
+        v.boolean("reranker.sigmoid", self.sigmoid)
         _check_blend(self.weight, self.rrf_k, "reranker.")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"reranker.batch_size must be an int >= 1, got {self.batch_size!r}")
         object.__setattr__(self, "onnx_quantize", validate_inference(
             "reranker.", dtype=self.dtype, backend=self.backend,
             onnx_quantize=self.onnx_quantize, num_threads=self.num_threads, device=self.device))
@@ -81,14 +82,11 @@ class RerankConfig:
         return asdict(self)
 
 
-def _check_blend(weight: Any, rrf_k: Any, prefix: str = "") -> None:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
-        raise ConfigError(f"{prefix}weight must be a number in (0, 1] (1: the cross-encoder's "
-                          f"order alone; 0.5: fused equally with the first stage), got "
-                          f"{weight!r}")
-    if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or not rrf_k >= 0:
-        raise ConfigError(f"{prefix}rrf_k must be a number >= 0 (60 is the usual value), got "
-                          f"{rrf_k!r}")
+def _check_blend(weight: Any, rrf_k: Any, prefix: str = "",
+                 error: type[RetrieveKitError] = ConfigError) -> None:
+    v.number(f"{prefix}weight", weight, 0, 1, low_open=True, error=error,
+             fix="1: the cross-encoder's order alone; 0.5: fused equally with the first stage")
+    v.number(f"{prefix}rrf_k", rrf_k, 0, error=error, fix="60 is the usual value")
 
 
 def blend_order(scores: Sequence[float], weight: float = 1.0, rrf_k: float = 60.0
@@ -210,13 +208,9 @@ class Reranker(ModelEngines):
         top_n = self.config.top_n if top_n is None else top_n
         threshold = self.config.threshold if threshold is None else threshold
         weight = self.config.weight if weight is None else weight
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                  or top_n < 1):
-            raise InvalidInputError(f"top_n must be an int >= 1 or None, got {top_n!r}")
-        try:
-            _check_blend(weight, self.config.rrf_k)
-        except ConfigError as exc:
-            raise InvalidInputError(str(exc)) from None
+        v.integer("top_n", top_n, optional=True, error=InvalidInputError)
+        v.number("threshold", threshold, optional=True, error=InvalidInputError)
+        _check_blend(weight, self.config.rrf_k, error=InvalidInputError)
         texts = list(texts)
         scores = self.score(query, texts)
         order, rank, final = blend_order(scores, weight, self.config.rrf_k)

@@ -15,8 +15,10 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from . import validate as v
 from .config import MODES
 from .errors import ConfigError, InvalidInputError
+from .filters import validate_where
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
@@ -81,9 +83,6 @@ class LocalEngine:
         where = request.where
         matching = None  # the filter, compiled for the BM25 index when it can evaluate it
         if where is not None:
-            from chromadb.api.types import validate_where
-
-            _filtered(lambda: validate_where(where), where)
             matching = self.sparse.compile(where)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
@@ -93,12 +92,11 @@ class LocalEngine:
         if request.mode in ("hybrid", "sparse"):
             allowed = None
             if where is not None and matching is None:  # outside the subset: Chroma says
-                allowed = _filtered(lambda: self.store.get(where=where, include=[])["ids"],
-                                    where)
+                allowed = self.store.get(where=where, include=[])["ids"]
             lists["sparse"] = self.sparse.search(request.query, request.n_sparse or request.n,
                                                  allowed=allowed, matching=matching)
-        full = any(len(v) >= (request.n_sparse or request.n if side == "sparse" else request.n)
-                   for side, v in lists.items())
+        full = any(len(items) >= (request.n_sparse or request.n if side == "sparse"
+                                  else request.n) for side, items in lists.items())
         settings = self.settings
         if request.weights is not None:
             settings = replace(settings, weights={**settings.weights, **request.weights})
@@ -151,7 +149,7 @@ class LocalEngine:
                 return _post_filtered(lambda m: self.store.query(vec, m, None),
                                       lambda ids: self.sparse.keep(ids, matching),
                                       n, passing / total, total)
-        return _filtered(lambda: self.store.query(vec, n, where), where)
+        return self.store.query(vec, n, where)
 
 
 def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
@@ -234,16 +232,6 @@ def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
         fetch = min(total, 2 * fetch)
 
 
-def _filtered(call: Callable[[], Any], where: Mapping[str, Any] | None) -> Any:
-    try:
-        return call()
-    except ValueError as exc:  # chromadb's filter validation errors derive from ValueError
-        if where is None:
-            raise
-        raise InvalidInputError(f"where={dict(where)!r} is not a valid Chroma filter: {exc}") \
-            from exc
-
-
 class Searcher:
     """Search over an engine: widen until enough documents, attach texts, rerank."""
 
@@ -262,23 +250,18 @@ class Searcher:
                mode: str, rerank: bool | None, candidates: int,
                query_vector: np.ndarray | None, weights: Mapping[str, float] | None = None,
                sparse_candidates: int | None = None) -> list[Hit]:
-        _check_query(query)
+        v.readable("query", query, "pass the text to search for")
         qvec = None if query_vector is None else _check_query_vector(query_vector, self.dim)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k must be an int >= 1, got {k!r}")
-        if mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        if where is not None and not isinstance(where, Mapping):
-            raise InvalidInputError(
-                f"where must be a dict in Chroma's filter syntax, e.g. {{'lang': 'en'}}, got "
-                f"{type(where).__name__}")
+        v.integer("k", k, error=InvalidInputError, fix="e.g. 10")
+        v.choice("mode", mode, MODES, error=InvalidInputError)
+        validate_where(where)
+        v.boolean("rerank", rerank, optional=True, error=InvalidInputError,
+                  fix="None reranks when a reranker is configured")
         if rerank and self.reranker is None:
             raise ConfigError("rerank=True needs a reranker: pass reranker='<cross-encoder name>' "
                               "or set config.reranker")
-        for name, value in (("candidates", candidates), ("sparse_candidates", sparse_candidates)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        v.integer("candidates", candidates, error=InvalidInputError, fix="e.g. 50")
+        v.integer("sparse_candidates", sparse_candidates, optional=True, error=InvalidInputError)
         if weights is not None:
             weights = _check_weights(weights)
         reranker = self.reranker if rerank is not False else None
@@ -347,14 +330,7 @@ def _check_weights(weights: Any) -> dict[str, float]:
         validate_rrf_params(60, weights)
     except ConfigError as exc:
         raise InvalidInputError(str(exc)) from None
-    return {k: float(v) for k, v in weights.items()}
-
-
-def _check_query(query: Any) -> None:
-    if not isinstance(query, str):
-        raise InvalidInputError(f"query must be str, got {type(query).__name__}")
-    if not query.strip():
-        raise InvalidInputError("query is empty or whitespace; pass the text to search for")
+    return {side: float(w) for side, w in weights.items()}
 
 
 def _check_query_vector(vector: Any, dim: int) -> np.ndarray:

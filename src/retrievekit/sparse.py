@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
+from . import validate as v
 from .errors import ConfigError, MissingDependencyError
 from .filters import compile_where, metadata_terms
 from .persist import write_json
@@ -52,7 +53,10 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.tokenizer, dict):
-            object.__setattr__(self, "tokenizer", TokenizerConfig(**self.tokenizer))
+            object.__setattr__(self, "tokenizer", TokenizerConfig.from_dict(self.tokenizer))
+        if not isinstance(self.tokenizer, TokenizerConfig):
+            v.fail("sparse.tokenizer", "a TokenizerConfig or a dict of its settings",
+                   self.tokenizer)
         if (self.k1, self.b) != (1.2, 0.75):
             raise ConfigError(
                 f"sparse.k1={self.k1!r}, sparse.b={self.b!r}: the BM25 engine (tantivy) scores "

@@ -7,20 +7,25 @@ passed in, writes batched by `get_max_batch_size()`.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import re
+import shutil
 import traceback
 import uuid
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInputError, StoreError, StoreLockedError
+from . import validate as v
+from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
+                     StoreFullError, StoreLockedError)
 from .records import PARENT_KEY, RESERVED_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 _SETTINGS_KEY = "rk_settings"
 _OLD_MARKER_KEY = "rk_marker"  # format 1's change marker, dropped on migration
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
+HNSW_M_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,10 @@ class StoreConfig:
         replica_dir: server clients only: a local directory where this client keeps its BM25
             index (and funnel vectors), so that a restart catches up from the change log
             instead of reading the whole collection. One client process per directory.
+        private: make the store directory (or a server client's replica_dir) 0o700 on
+            every open: the files inside, Chroma's own included, are then out of other
+            users' reach whatever the umask gave them (docs/reliability.md, "File
+            permissions").
     """
 
     path: str = ".retrievekit"
@@ -56,22 +66,30 @@ class StoreConfig:
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 200
     replica_dir: str | None = None
+    private: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.collection, str) or not _NAME_RE.match(self.collection) \
                 or ".." in self.collection:
-            raise ConfigError(
-                f"store.collection must be 3-512 characters of letters, digits, '.', '_' or "
-                f"'-', starting and ending with a letter or digit; got {self.collection!r}")
-        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "port"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"store.{name} must be a positive int, got {v!r}")
-        if self.replica_dir is not None and (not isinstance(self.replica_dir, str)
-                                             or not self.replica_dir or self.host is None):
-            raise ConfigError(
-                f"store.replica_dir={self.replica_dir!r}: a directory path for a server "
-                "client (store.host set); an embedded store keeps its BM25 index beside Chroma")
+            v.fail("store.collection", "3-512 characters of letters, digits, '.', '_' or "
+                   "'-', starting and ending with a letter or digit", self.collection)
+        object.__setattr__(self, "path", v.path("store.path", self.path,
+                                                fix="e.g. '.retrievekit' or ':memory:'"))
+        v.text("store.host", self.host, optional=True, empty=False,
+               fix="e.g. 'localhost', or None for an embedded store")
+        v.integer("store.port", self.port, 1, 65535, fix="Chroma's default is 8000")
+        v.boolean("store.ssl", self.ssl)
+        # M=1 builds a graph that finds almost nothing; past 10,000 hnswlib warns of harm and
+        # each record's links take 8*M bytes (Chroma then fails every add on allocation)
+        v.integer("store.hnsw_m", self.hnsw_m, 2, HNSW_M_MAX, fix="16-64 is usual")
+        for name in ("hnsw_ef_construction", "hnsw_ef_search"):  # Chroma stores a u64
+            v.integer(f"store.{name}", getattr(self, name), 1, 2 ** 64 - 1,
+                      fix="100-400 is usual")
+        replica = v.path("store.replica_dir", self.replica_dir, optional=True)
+        if replica is not None and self.host is None:
+            v.fail("store.replica_dir", "None for an embedded store (it keeps its BM25 index "
+                   "beside Chroma)", replica, "set store.host for a server client, or drop it")
+        object.__setattr__(self, "replica_dir", replica)
         token = self.auth_token
         if token is not None and (not isinstance(token, str) or not token
                                   or not all(33 <= ord(c) <= 126 for c in token)):
@@ -79,6 +97,7 @@ class StoreConfig:
             raise ConfigError(
                 "store.auth_token must be a non-empty str of printable ASCII without spaces "
                 "(it travels in an HTTP header); the value given is not shown")
+        v.boolean("store.private", self.private)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,20 +116,22 @@ class StoreConfig:
         d = asdict(self)
         if d["auth_token"]:
             d["auth_token"] = "***"
-        return "StoreConfig(" + ", ".join(f"{k}={v!r}" for k, v in d.items()) + ")"
+        return "StoreConfig(" + ", ".join(f"{k}={x!r}" for k, x in d.items()) + ")"
 
 
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 def _check_scalar(value: Any, where: str) -> None:
-    """Refuse the scalars Chroma stores but cannot index: NaN/inf, ints outside 64 bits."""
+    """Refuse the scalars Chroma stores but cannot index: NaN/inf, ints outside 64 bits,
+    strs that are not valid Unicode."""
+    if isinstance(value, str):
+        v.utf8(where, value, error=InvalidInputError)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidInputError(
             f"{where} is {value!r}; Chroma's index cannot hold NaN or inf (the store would "
             "fail on every later write): use a finite number or drop the key")
-    if isinstance(value, int) and not isinstance(value, bool) \
-            and not _INT64[0] <= value <= _INT64[1]:
+    if v.is_int(value) and not _INT64[0] <= value <= _INT64[1]:
         raise InvalidInputError(
             f"{where} is {value}, outside the 64-bit integers Chroma stores; store it as a "
             "str or a float")
@@ -126,8 +147,7 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
         raise InvalidInputError(f"{where}.metadata must be a dict, got {type(metadata).__name__}")
     out: dict[str, Any] = {}
     for key, value in metadata.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidInputError(f"{where}.metadata keys must be non-empty str, got {key!r}")
+        v.text(f"{where}.metadata keys", key, empty=False, error=InvalidInputError)
         if key.startswith(RESERVED_PREFIX) or key.startswith("$") or key.startswith("chroma:"):
             raise InvalidInputError(
                 f"{where}.metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, "
@@ -143,13 +163,13 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
                 raise InvalidInputError(
                     f"{name} is an empty list, which Chroma rejects; "
                     "drop the key or give at least one value")
-            kinds = {type(v) for v in value}
+            kinds = {type(x) for x in value}
             if len(kinds) != 1 or not kinds <= {str, int, float, bool}:
                 raise InvalidInputError(
                     f"{name} must be a list of one scalar type "
                     f"(str, int, float or bool), got {value!r:.200}")
-            for i, v in enumerate(value):
-                _check_scalar(v, f"{name}[{i}]")
+            for i, x in enumerate(value):
+                _check_scalar(x, f"{name}[{i}]")
             out[key] = list(value)
         else:
             raise InvalidInputError(
@@ -171,6 +191,78 @@ def _caller_site() -> str:
         if not frame.filename.startswith(package) and "site-packages" not in frame.filename:
             return f"{frame.filename}:{frame.lineno}"
     return "an unknown place"
+
+
+#: below this much free space a failure of an embedded store is put down to a full disk
+_LOW_DISK = 64 * 2 ** 20
+
+
+def _is_chroma_failure(exc: BaseException) -> bool:
+    """Errors of Chroma, its HTTP client or the file system, as opposed to our own bugs.
+    The HTTP client raises a bare `Exception` for an error status without a Chroma body
+    (e.g. a 401 from a proxy)."""
+    import httpx
+    from chromadb.errors import ChromaError
+
+    return isinstance(exc, (ChromaError, httpx.HTTPError, OSError)) or type(exc) is Exception
+
+
+def explain_failure(config: StoreConfig, what: str, exc: BaseException) -> str:
+    """What failed, why it most likely did, and what to do about it."""
+    import httpx
+    from chromadb.errors import AuthorizationError, ChromaAuthError
+
+    detail = f"{type(exc).__name__}: {v.shown(str(exc), 200)}"
+    if config.is_server:
+        where = f"the Chroma server at {config.host}:{config.port}"
+        if isinstance(exc, (ChromaAuthError, AuthorizationError)) \
+                or any(code in str(exc) for code in ("401", "403", "Unauthorized")):
+            return (f"{where} refused the credentials while trying to {what} ({detail}); "
+                    "check store.auth_token")
+        if isinstance(exc, httpx.TransportError):
+            return (f"lost the connection to {where} while trying to {what} ({detail}); "
+                    "retry once the server is back (writes are idempotent: repeat the "
+                    "whole call)")
+        return f"{where} failed to {what} ({detail}); check the server's log"
+    where = "the in-memory store" if config.is_memory else f"the store at {config.path!r}"
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    if not config.is_memory and not full:
+        try:
+            full = shutil.disk_usage(Path(config.path).expanduser()).free < _LOW_DISK
+        except OSError:
+            pass
+    if full:
+        return (f"{where} could not {what}: the disk is full ({detail}); free some space, "
+                "then repeat the call (writes are idempotent)")
+    return (f"{where} could not {what} ({detail}); if it persists, restore the store "
+            "directory from a backup")
+
+
+def _forget_failed_system(identifier: str) -> None:
+    """Chroma caches a client's System per directory before starting it; when the start
+    fails, the broken System stays cached and every later client of that directory fails
+    with AttributeError ('RustBindingsAPI' object has no attribute 'bindings'). Drop it when
+    no client holds it, so that a retry in this process starts afresh."""
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    if SharedSystemClient._identifier_to_refcount.get(identifier, 0) <= 0:
+        SharedSystemClient._identifier_to_system.pop(identifier, None)
+
+
+@contextmanager
+def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
+    """Turn a failure of Chroma into a StoreError that says what failed (the original is
+    its __cause__); retrievekit's own errors and our bugs pass through."""
+    try:
+        yield
+    except RetrieveKitError:
+        raise
+    except Exception as exc:
+        if not _is_chroma_failure(exc):
+            raise
+        message = explain_failure(config, what, exc)
+        kind = StoreFullError if "the disk is full" in message else StoreError
+        raise kind(message) from exc
 
 
 class ChromaStore:
@@ -228,19 +320,32 @@ class ChromaStore:
                 ) from exc
             if self.local_dir is not None:
                 self.local_dir.mkdir(parents=True, exist_ok=True)
+                if cfg.private:
+                    Path(cfg.replica_dir).expanduser().chmod(0o700)
                 self._acquire_lock(self.local_dir)
             return client
         if cfg.is_memory:
-            return chromadb.EphemeralClient(settings=self._settings())
+            with self._guard("open its database"):
+                return chromadb.EphemeralClient(settings=self._settings())
         path = Path(cfg.path).expanduser()
-        if not self._create and not (path / "chroma.sqlite3").is_file():
-            raise StoreError(f"no retrievekit store at store.path={str(path)!r} (no "
-                             "chroma.sqlite3 there); check the path, or create one with "
-                             "HybridRetriever(path=...)")
+        if not (path / "chroma.sqlite3").is_file():
+            derived = path / "retrievekit"
+            if derived.is_dir() and any(derived.iterdir()):
+                raise StoreError(
+                    f"the store at store.path={str(path)!r} has lost Chroma's database "
+                    f"(chroma.sqlite3 is missing, while retrievekit's derived indexes in "
+                    f"{str(derived)!r} are there): the texts and vectors are gone from it. "
+                    "Restore the directory from a backup; to start afresh, delete it")
+            if not self._create:
+                raise StoreError(f"no retrievekit store at store.path={str(path)!r} (no "
+                                 "chroma.sqlite3 there); check the path, or create one with "
+                                 "HybridRetriever(path=...)")
         try:
             if not path.exists():
                 self.created_dir = path
             path.mkdir(parents=True, exist_ok=True)
+            if cfg.private:
+                path.chmod(0o700)
             probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -250,8 +355,10 @@ class ChromaStore:
                 "choose another path or fix its permissions") from exc
         self._acquire_lock(path)
         try:
-            return chromadb.PersistentClient(path=str(path), settings=self._settings())
-        except Exception:
+            with self._guard("open its database"):
+                return chromadb.PersistentClient(path=str(path), settings=self._settings())
+        except BaseException:
+            _forget_failed_system(str(path))
             self._release_lock()
             raise
 
@@ -356,20 +463,34 @@ class ChromaStore:
         return Path(cfg.path).expanduser() / "retrievekit" / cfg.collection
 
     # -- recorded settings ---------------------------------------------------------------
+    def _guard(self, what: str):
+        return chroma_errors(self.config, what)
+
     def _metadata(self) -> dict[str, Any]:
-        if self.config.is_server:  # another client may have changed it
-            self.collection = self.client.get_collection(self.config.collection,
-                                                         embedding_function=None)
-        return dict(self.collection.metadata or {})
+        with self._guard("read the collection's metadata"):
+            if self.config.is_server:  # another client may have changed it
+                self.collection = self.client.get_collection(self.config.collection,
+                                                             embedding_function=None)
+            return dict(self.collection.metadata or {})
 
     def read_settings(self) -> dict[str, Any] | None:
         raw = self._metadata().get(_SETTINGS_KEY)
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            settings = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            settings = exc
+        if not isinstance(settings, dict):
+            raise StoreError(f"the settings recorded in collection {self.config.collection!r} "
+                             f"are damaged ({v.shown(raw)}); restore the store from a backup")
+        return settings
 
     def write_settings(self, settings: Mapping[str, Any]) -> None:
-        meta = {k: v for k, v in self._metadata().items() if k != _OLD_MARKER_KEY}
+        meta = {k: x for k, x in self._metadata().items() if k != _OLD_MARKER_KEY}
         meta[_SETTINGS_KEY] = json.dumps(settings, sort_keys=True)
-        self.collection.modify(metadata=meta)
+        with self._guard("record its settings"):
+            self.collection.modify(metadata=meta)
 
     # -- records ---------------------------------------------------------------------------
     @property
@@ -381,7 +502,8 @@ class ChromaStore:
 
     def count(self) -> int:
         """Records held, dead ones included (see `records.py`)."""
-        return int(self.collection.count())
+        with self._guard("count its records"):
+            return int(self.collection.count())
 
     def write(self, groups: Sequence[tuple[Sequence[str], np.ndarray, Sequence[str],
                                            Sequence[Mapping[str, Any]]]]) -> None:
@@ -402,19 +524,23 @@ class ChromaStore:
     def _upsert(self, groups: list[tuple]) -> None:
         ids = [i for g in groups for i in g[0]]
         vectors = np.concatenate([np.asarray(g[1], dtype=np.float32) for g in groups])
-        self.collection.upsert(ids=ids, embeddings=vectors,
-                               documents=[t for g in groups for t in g[2]],
-                               metadatas=[dict(m) for g in groups for m in g[3]])
+        with self._guard(f"write {len(ids)} records"):
+            self.collection.upsert(ids=ids, embeddings=vectors,
+                                   documents=[t for g in groups for t in g[2]],
+                                   metadatas=[dict(m) for g in groups for m in g[3]])
 
     def delete(self, ids: Sequence[str]) -> None:
         step = self.max_batch
         for s in range(0, len(ids), step):
-            self.collection.delete(ids=list(ids[s:s + step]))
+            with self._guard(f"delete {len(ids[s:s + step])} records"):
+                self.collection.delete(ids=list(ids[s:s + step]))
 
     def get(self, ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
             include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
-        return self.collection.get(ids=list(ids) if ids is not None else None,
-                                   where=dict(where) if where else None, include=list(include))
+        with self._guard("read records"):
+            return self.collection.get(ids=list(ids) if ids is not None else None,
+                                       where=dict(where) if where else None,
+                                       include=list(include))
 
     def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
                                                                            "metadatas")
@@ -434,20 +560,51 @@ class ChromaStore:
         """All records in pages (ids plus `include`)."""
         offset = 0
         while True:
-            batch = self.collection.get(include=list(include), limit=page, offset=offset,
-                                        where=dict(where) if where else None)
+            with self._guard("read records"):
+                batch = self.collection.get(include=list(include), limit=page, offset=offset,
+                                            where=dict(where) if where else None)
             if not batch["ids"]:
                 return
             yield batch
             offset += len(batch["ids"])
+
+    def check_vectors(self, sample: int = 3) -> None:
+        """Query the oldest few stored vectors for themselves: each must be found (or a copy
+        of it). Chroma serves a collection whose HNSW folder was lost as if it were nearly
+        empty; this notices it at the cost of a few reads.
+
+        Raises:
+            StoreError: a stored vector cannot be read, or a query for it misses it.
+        """
+        fix = "restore the store directory from a backup, or index the documents again"
+        name = f"the vector index of collection {self.config.collection!r}"
+        with self._guard("read records"):
+            ids = self.collection.get(limit=sample, include=[])["ids"]
+        for rid in ids:
+            try:
+                got = self.collection.get(ids=[rid], include=["embeddings"])
+            except Exception as exc:
+                if not _is_chroma_failure(exc):
+                    raise
+                raise StoreError(f"{name} is damaged or missing: the vector of record {rid!r} "
+                                 f"cannot be read ({type(exc).__name__}: "
+                                 f"{v.shown(str(exc), 200)}); {fix}") from exc
+            # ten, not one: a small ef_search may stop a greedy search just short of it
+            found = self.query(np.asarray(got["embeddings"][0]), 10)
+            if not found or found[0][1] < 0.99:
+                raise StoreError(
+                    f"{name} is damaged or missing: a query for the stored vector of record "
+                    f"{rid!r} does not find it (best: {found[:1]}), so dense search would "
+                    f"silently miss records; {fix}")
 
     def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
               ) -> list[tuple[str, float]]:
         """Nearest records by cosine similarity: [(id, similarity)], best first."""
         if n <= 0:
             return []
-        res = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
-                                    n_results=n, where=dict(where) if where else None,
-                                    include=["distances"])
+        with self._guard("run a nearest-neighbour query"):
+            res = self.collection.query(
+                query_embeddings=[np.asarray(vector, dtype=np.float32)], n_results=n,
+                where=dict(where) if where else None, include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]

@@ -101,6 +101,26 @@ class Follower:
     def _include(self) -> list[str]:
         return ["documents", "metadatas"] + (["embeddings"] if self.vectors_in_store else [])
 
+    def rebuild_if_ahead(self) -> None:
+        """Rebuild the derived indexes whose watermark is past the log's head: they were
+        made from a later state of Chroma than the one now there (a Chroma restored from a
+        backup), and the truth is Chroma's."""
+        with self.lock:
+            head = self.log.head()
+            ahead = [ix for ix in self.indexes if ix.watermark > head
+                     and ix.origin == self.log.origin]
+            if ahead:
+                logger.warning("derived indexes are past the change log (seq %d > %d): "
+                               "Chroma was restored from a backup? Rebuilding them from it",
+                               max(ix.watermark for ix in ahead), head)
+                self._rebuild(ahead)
+
+    def rebuild(self) -> None:
+        """Rebuild every derived index from a scan of the collection."""
+        with self.lock:
+            self._rebuild(self.indexes)
+            self.catch_up()
+
     def repair(self, entries: Sequence[Entry]) -> None:
         """Finish writes whose writer died: delete the dead records they left, mark done.
         Each document already holds its old version or its new one (records.py)."""

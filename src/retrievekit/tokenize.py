@@ -4,11 +4,12 @@ stopwords and Snowball stemming. Its settings are recorded in the store."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
-from typing import Any
+from typing import Any, Mapping
 
-from .errors import ConfigError, MissingDependencyError
+from . import validate as v
+from .errors import MissingDependencyError
 
 # Han, Hiragana, Katakana and Hangul have no spaces between words: index them one
 # character at a time (unigrams), which is what Lucene's CJK-less analyzers fall back to.
@@ -54,17 +55,29 @@ class TokenizerConfig:
             object.__setattr__(self, "stemmer", None)
         if isinstance(self.stopwords, list):
             object.__setattr__(self, "stopwords", tuple(self.stopwords))
-        if self.stopwords is not None and not isinstance(self.stopwords, tuple) \
-                and self.stopwords != "en":
-            raise ConfigError(
-                f"tokenizer.stopwords must be None, 'en' or a list of words, got {self.stopwords!r}")
-        if self.stemmer is not None and self.stemmer not in _STEMMER_LANGS:
-            raise ConfigError(
-                f"tokenizer.stemmer must be None or one of {list(_STEMMER_LANGS)}, "
-                f"got {self.stemmer!r}")
-        if not isinstance(self.min_token_len, int) or self.min_token_len < 1:
-            raise ConfigError(
-                f"tokenizer.min_token_len must be an int >= 1, got {self.min_token_len!r}")
+        sw = self.stopwords
+        if sw is not None and sw != "en" and not (
+                isinstance(sw, tuple) and all(isinstance(w, str) and w for w in sw)):
+            v.fail("tokenizer.stopwords", "None, 'en' or a list of words", sw,
+                   "false switches them off")
+        if isinstance(sw, tuple):
+            for i, w in enumerate(sw):
+                v.utf8(f"tokenizer.stopwords[{i}]", w)
+        if self.stemmer is not None:
+            v.choice("tokenizer.stemmer", self.stemmer, _STEMMER_LANGS,
+                     fix="None or false switches it off")
+        v.boolean("tokenizer.lowercase", self.lowercase)
+        v.integer("tokenizer.min_token_len", self.min_token_len, fix="1 keeps every token")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TokenizerConfig":
+        """Build from a dict; unknown keys are an error that lists the valid ones."""
+        valid = {f.name for f in fields(cls)}
+        unknown = set(data) - valid
+        if unknown:
+            v.fail("sparse.tokenizer", f"a dict with keys from {sorted(valid)}", dict(data),
+                   f"drop {sorted(map(str, unknown))}")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -23,7 +23,7 @@ import numpy as np
 from .changelog import ChangeLog
 from .chunking import ChunkConfig, split_text
 from .embedding import Embedder
-from .errors import InvalidInputError
+from .errors import InvalidInputError, StoreFullError
 from .funnel import short_vectors
 from .records import HASH_KEY, SEQ_KEY, Record, dead_metadata, is_live, make_records
 from .store import ChromaStore
@@ -171,15 +171,19 @@ class Writer:
             dead = [rid for c in batch for rid in c.dead]
             if dead:
                 self.store.delete(dead)
-        except BaseException:
-            self._recover(entry)
+        except BaseException as exc:
+            self._recover(entry, exc)
             raise
         self.log.finish(entry)
 
-    def _recover(self, entry: Any) -> None:
+    def _recover(self, entry: Any, error: BaseException | None = None) -> None:
         """After a failed batch: each document is old or new in Chroma; make the log and the
         derived indexes agree with it now, so searches do not wait for the next open. Best
-        effort: the original error is the one the caller sees."""
+        effort: the original error is the one the caller sees. Not on a full disk: Chroma
+        1.5.9 can hang in the repair's next write there; the next open repairs it."""
+        if isinstance(error, StoreFullError):
+            logger.warning("the disk is full: the failed write is repaired on the next open")
+            return
         try:
             self.follower.repair([entry])
             self.follower.catch_up()

@@ -62,7 +62,7 @@ def test_empty_query(shared, query):
 
 @pytest.mark.parametrize("query", [None, 42, ["cats"], b"cats"])
 def test_non_str_query(shared, query):
-    refused(lambda r: r.search(query), shared, words=["query must be str"])
+    refused(lambda r: r.search(query), shared, words=["query must be a str"])
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
@@ -91,10 +91,25 @@ def test_unknown_mode(shared, mode):
 @pytest.mark.parametrize("where", [
     {"year": {"$bogus": 1}}, {"$and": [{"topic": "food"}]}, {"topic": None},
     {"topic": [1, 2]}, {"$or": "food"}, {"year": {"$in": []}},
+    # Chroma's own check lets these through; its Rust core then fails ("Invalid where clause")
+    {"$in": [1]}, {"year": math.nan}, {"year": {"$in": [math.inf]}}, {"topic": "caf\udce9"},
+    {"$nin": ["a"]}, {"year": {"$eq": 2 ** 64}}, {"year": {"$gt": True}},
+    {"topic": "food", "lang": "en"}, {1: "x"},
 ])
 def test_invalid_where(shared, where, mode):
     refused(lambda r: r.search("cats", where=where, mode=mode), shared,
             words=["where=", "not a valid Chroma filter"])
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "dense"])
+@pytest.mark.parametrize("where, words", [
+    ({"$in": [1]}, ["where key", "'$in'", "operators go inside a field"]),
+    ({"year": math.nan}, ["where['year']", "finite number"]),
+    ({"topic": "caf\udce9"}, ["where['topic']", "lone surrogate"]),
+])
+def test_filter_that_chroma_would_fail_on_is_named(shared, where, mode, words):
+    refused(lambda r: r.search("cats", where=where, mode=mode), shared, words=words)
+    refused(lambda r: r.document_ids(where=where), shared, words=words)
 
 
 @pytest.mark.parametrize("where", ["topic=food", [("topic", "food")]])
@@ -122,6 +137,37 @@ def test_empty_batch_is_a_no_op(shared):
 def test_documents_not_a_list(shared, docs):
     refused(lambda r: r.add_documents(docs), shared,
             words=["documents must be a list", "wrap"])
+
+
+@pytest.mark.parametrize("docs", [None, 42, b"bytes", 3.5])
+def test_documents_not_iterable(shared, docs):
+    refused(lambda r: r.add_documents(docs), shared,
+            words=["documents must be a list of Documents", repr(docs)])
+
+
+@pytest.mark.parametrize("ids", [None, "d1", {"cats": 1}, b"cats", 7])
+@pytest.mark.parametrize("call", ["get", "delete", "stored_vectors"])
+def test_ids_not_a_list(shared, ids, call):
+    refused(lambda r: list(getattr(r, call)(ids)), shared,
+            words=["ids must be a list of document ids", "wrap it in a list"])
+
+
+def test_wrong_part_types_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="embedder must be a retrievekit Embedder"):
+        HybridRetriever(path=str(tmp_path / "s"), embedder="x")
+    with pytest.raises(ConfigError, match="reranker must be a Reranker"):
+        HybridRetriever(path=str(tmp_path / "s"), reranker=42)
+    with pytest.raises(ConfigError, match="weights must be a dict"):
+        HybridRetriever({"weights": "abc"}, path=str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()  # refused before anything was created
+
+
+def test_search_arguments_of_the_wrong_type(shared):
+    refused(lambda r: r.search("cats", k=math.nan), shared, words=["k must be an int"])
+    refused(lambda r: r.search("cats", mode=1), shared, words=["mode must be one of"])
+    refused(lambda r: r.search("cats", rerank="yes"), shared,
+            words=["rerank must be True, False or None", "'yes'"])
+    refused(lambda r: r.search("cats", candidates=True), shared, words=["candidates"])
 
 
 GOOD = Document("A perfectly fine new document about kites.", id="kites")
@@ -159,6 +205,19 @@ BAD_DOCS = {
     "chunk-like-id": (Document("t", id="a#chunk1"), ["documents[1].id", "chunk id"]),
     "non-str-key": (Document("t", id="n", metadata={1: "x"}), ["metadata keys"]),
     "metadata-not-dict": (Document("t", id="n", metadata=["a"]), ["metadata must be a dict"]),
+    # nothing a tokenizer reads: every such text would embed alike (only special tokens)
+    "control-only-text": (Document("\x00\x07\x1b", id="c"), ["documents[1].text",
+                                                              "readable text"]),
+    "zero-width-text": (Document("\u200b\ufeff \u2060", id="z"), ["readable text"]),
+    # lone surrogates (a bad decode): Chroma, tantivy and the tokenizer each fail otherwise
+    "surrogate-text": (Document("caf\udce9", id="s"), ["documents[1].text", "lone surrogate"]),
+    "surrogate-id": (Document("t", id="\udce9"), ["documents[1].id", "lone surrogate"]),
+    "surrogate-value": (Document("t", id="n", metadata={"a": "\udce9"}),
+                        ["documents[1].metadata['a']", "lone surrogate"]),
+    "surrogate-in-list": (Document("t", id="n", metadata={"a": ["x", "\udce9"]}),
+                          ["['a'][1]", "lone surrogate"]),
+    "surrogate-key": (Document("t", id="n", metadata={"\udce9": 1}),
+                      ["metadata keys", "lone surrogate"]),
 }
 
 
@@ -178,8 +237,15 @@ def test_duplicate_ids_with_different_content(shared):
             shared, words=["'dup'"])
 
 
+@pytest.mark.parametrize("query", ["\x00", "\u200b\u200b", "caf\udce9"])
+def test_query_without_readable_text(shared, query):
+    refused(lambda r: r.search(query), shared, words=["query must be"])
+
+
 @pytest.mark.parametrize("ids, words", [
     ("cats", ["single str", "wrap it in a list"]),
+    (["\udce9"], ["ids[0]", "lone surrogate"]),
+    ([None], ["ids[0] must be a non-empty str"]),
     ([5], ["ids[0] must be a non-empty str"]),
     (["cats", ""], ["ids[1]"]),
 ])
@@ -290,7 +356,7 @@ def test_truncate_dim_above_model_dim(tmp_path, embedder):
 def test_truncate_dim_not_a_positive_int(value):
     with pytest.raises(ConfigError) as err:
         HybridRetriever(path=":memory:", truncate_dim=value)
-    assert "truncate_dim must be a positive int" in str(err.value)
+    assert "truncate_dim must be an int >= 1" in str(err.value)
 
 
 def test_unknown_model_offline(tmp_path, embedder):

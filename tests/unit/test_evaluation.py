@@ -375,7 +375,7 @@ def test_evaluate_accepts_hit_objects_and_default_ks() -> None:
 
 def test_evaluate_rejects_bad_arguments() -> None:
     ds = _tiny_dataset()
-    with pytest.raises(InvalidInputError, match="k=0"):
+    with pytest.raises(InvalidInputError, match="k must be an int >= 1, got 0"):
         evaluate(lambda q, k: [], ds, k=0)
     with pytest.raises(InvalidInputError, match="above k=5"):
         evaluate(lambda q, k: [], ds, k=5, ks=(10,))

@@ -1,0 +1,205 @@
+"""Damaged truth is reported, Chroma's failures are StoreErrors, and a failed open does not
+poison the next one.
+
+- chroma.sqlite3 deleted: the store no longer opens as an empty one beside a full BM25 index;
+- Chroma's HNSW folder deleted (a store past ~1,000 records, where Chroma has persisted it):
+  open fails instead of dense search quietly finding almost nothing;
+- records removed from Chroma behind retrievekit's back: open says Chroma lost records;
+- chroma.sqlite3 and its HNSW folder restored from a backup on purpose: the derived
+  indexes, ahead of it, are rebuilt from it (Chroma is the truth);
+- a full disk, and a server that went away, are StoreErrors that say so, with the original
+  error as `__cause__`;
+- `StoreConfig(private=True)` makes the store directory 0o700.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from retrievekit.errors import StoreError, StoreFullError
+from retrievekit.pipeline import HybridRetriever
+from retrievekit.types import Document
+
+N = 1500  # past Chroma's sync threshold (1,000): it writes the HNSW folder to disk
+
+
+def _docs(n: int, start: int = 0) -> list[Document]:
+    return [Document(f"record {i} about topic {i % 17} and item {i * 7 % 101}", id=f"d{i}")
+            for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_embedder):
+    """A closed store of N records (tiny model); each test works on its own copy."""
+    path = tmp_path_factory.mktemp("built") / "store"
+    with HybridRetriever(path=str(path), embedder=tiny_embedder) as r:
+        r.add_documents(_docs(N), progress=False)
+    assert [p for p in path.iterdir() if p.is_dir() and p.name.count("-") == 4]
+    return path
+
+
+@pytest.fixture
+def store(built, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def _hnsw_dirs(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir() and p.name.count("-") == 4]
+
+
+def test_intact_copy_opens(store, tiny_embedder):
+    with HybridRetriever(path=str(store), embedder=tiny_embedder) as r:
+        assert r.count() == N and r.search("record 12", k=3, mode="dense")
+
+
+def test_lost_chroma_database_is_reported(store, tiny_embedder):
+    (store / "chroma.sqlite3").unlink()
+    for attempt in range(2):
+        with pytest.raises(StoreError) as err:
+            HybridRetriever(path=str(store), embedder=tiny_embedder)
+        assert "chroma.sqlite3 is missing" in str(err.value)
+        assert "backup" in str(err.value)
+    assert not (store / "chroma.sqlite3").exists()  # nothing was made in its place
+    with pytest.raises(StoreError, match="chroma.sqlite3 is missing"):
+        HybridRetriever.open(str(store))
+
+
+def test_lost_vector_index_is_reported(store, tiny_embedder):
+    for d in _hnsw_dirs(store):
+        shutil.rmtree(d)
+    with pytest.raises(StoreError) as err:
+        HybridRetriever(path=str(store), embedder=tiny_embedder)
+    msg = str(err.value)
+    assert "vector index of collection 'retrievekit' is damaged or missing" in msg, msg
+    assert "backup" in msg and err.value.__cause__ is not None
+
+
+def test_records_lost_from_chroma_are_reported(store, tiny_embedder):
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(path=str(store),
+                                       settings=Settings(anonymized_telemetry=False))
+    client.get_collection("retrievekit").delete(ids=[f"d{i}" for i in range(10)])
+    client.close()
+    with pytest.raises(StoreError) as err:
+        HybridRetriever(path=str(store), embedder=tiny_embedder)
+    assert f"Chroma holds {N - 10} records" in str(err.value)
+    assert f"holds {N}" in str(err.value) and "backup" in str(err.value)
+
+
+def test_chroma_restored_from_a_backup_rebuilds_the_derived_indexes(store, tiny_embedder,
+                                                                   tmp_path, caplog):
+    backup = tmp_path / "backup"
+    shutil.copytree(store, backup)
+    with HybridRetriever(path=str(store), embedder=tiny_embedder) as r:
+        r.add_documents(_docs(5, start=N), progress=False)
+        r.delete(["d0"])
+    # restore Chroma's files only: the BM25 index is now ahead of the truth
+    for d in _hnsw_dirs(store):
+        shutil.rmtree(d)
+    shutil.copy2(backup / "chroma.sqlite3", store / "chroma.sqlite3")
+    for d in _hnsw_dirs(backup):
+        shutil.copytree(d, store / d.name)
+    with HybridRetriever(path=str(store), embedder=tiny_embedder) as r:
+        assert r.count() == N and r.verify()["ok"]
+        assert r.get(["d0"]) and not r.get([f"d{N}"])
+    assert "restored from a backup" in caplog.text
+
+
+def test_failed_open_does_not_poison_a_retry(tmp_path, tiny_embedder):
+    """Chroma caches a System per directory before starting it: after one failed open the
+    next raised AttributeError ('RustBindingsAPI' object has no attribute 'bindings')."""
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "chroma.sqlite3").write_bytes(b"not a database" * 100)
+    for attempt in range(2):
+        with pytest.raises(StoreError) as err:
+            HybridRetriever(path=str(path), embedder=tiny_embedder)
+        assert "could not open its database" in str(err.value)
+        assert "not a database" in str(err.value)
+    (path / "chroma.sqlite3").unlink()
+    with HybridRetriever(path=str(path), embedder=tiny_embedder) as r:
+        r.add_documents([Document("fine now", id="f")])
+        assert r.count() == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs (needs the right to mount, else skipped); unmounted after."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)],
+                         capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_store_error(small_disk, tiny_embedder):
+    with HybridRetriever(path=str(small_disk / "store"), embedder=tiny_embedder) as r:
+        with pytest.raises(StoreFullError) as err:
+            for start in range(0, 200_000, 2000):
+                r.add_documents([Document("x" * 3000 + str(i), id=f"big{i}")
+                                 for i in range(start, start + 2000)], progress=False)
+    msg = str(err.value)
+    assert "the disk is full" in msg and "free some space" in msg, msg
+    assert err.value.__cause__ is not None
+
+
+def test_server_that_went_away_is_a_store_error(tmp_path, embedder):
+    from chroma_server import ChromaServer, chroma_binary
+
+    binary = chroma_binary()
+    if binary is None:
+        pytest.skip("the `chroma` CLI of chromadb is not installed")
+    server = ChromaServer(tmp_path / "data", binary).start()
+    try:
+        r = HybridRetriever(host=server.host, port=server.port, collection="gone",
+                            embedder=embedder)
+        r.add_documents([Document("cats purr", id="c")])
+        server.stop()
+        for call in (lambda: r.search("cats"), lambda: r.add_documents(["dogs"]),
+                     lambda: r.get(["c"]), lambda: r.count()):
+            with pytest.raises(StoreError) as err:
+                call()
+            assert "lost the connection to the Chroma server" in str(err.value)
+            assert err.value.__cause__ is not None
+        r.close()
+        server.start()  # back (on a new port): a new client works, the data is there
+        with HybridRetriever(host=server.host, port=server.port, collection="gone",
+                             embedder=embedder) as again:
+            assert [d.id for d in again.get(["c"])] == ["c"]
+    finally:
+        server.stop()
+
+
+def test_private_store_directory(tmp_path, embedder):
+    old = os.umask(0o022)
+    try:
+        with HybridRetriever({"store": {"private": True}}, path=str(tmp_path / "p"),
+                             embedder=embedder) as r:
+            r.add_documents([Document("secret text", id="s")])
+        with HybridRetriever(path=str(tmp_path / "o"), embedder=embedder) as r:
+            r.add_documents([Document("open text", id="o")])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o700
+    # without the option, files follow the umask: the texts are world-readable under 022
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "o" / "chroma.sqlite3").stat().st_mode & 0o004
+    # a store made public before is made private on the next open with the option
+    with HybridRetriever({"store": {"private": True}}, path=str(tmp_path / "o"),
+                         embedder=embedder):
+        pass
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o700
