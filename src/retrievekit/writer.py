@@ -136,6 +136,7 @@ class Writer:
         `BATCH_RECORDS`) is tokenized, compared with what is stored, encoded, written and
         caught up before the next is read from `docs`, so memory follows the batch, not
         `docs`. `total`: how many documents `docs` holds, when known (the progress bar).
+        The lock is taken per batch: another thread's write may land between two batches.
 
         Raises:
             InvalidInputError: a document found invalid while reading; when earlier
@@ -156,15 +157,16 @@ class Writer:
                         f"{exc}. The input was streamed: documents[0:{done}] (the batches "
                         f"before this one) were written, each whole; documents[{done}:] were "
                         "not. Fix it and add again: unchanged documents are skipped") from exc
+                except BaseException as exc:  # e.g. the caller's generator failed
+                    _note_written(exc, done, "were not")
+                    raise
                 if item is None:
                     break
                 read, new = item
                 try:
                     stats = self._add_batch(new)
                 except BaseException as exc:
-                    if done and hasattr(exc, "add_note"):  # Python 3.11+
-                        exc.add_note(f"documents[0:{done}] of this add were written before "
-                                     "it, each whole; later ones may be old or new")
+                    _note_written(exc, done, "may be old or new")
                     raise
                 written += stats.written
                 unchanged += stats.unchanged
@@ -317,6 +319,13 @@ class Writer:
                   for m in change.dead.values()]
         texts = [r.text for r in change.records] + [""] * len(change.dead)
         return ids, np.concatenate([vecs, filler]), texts, metas
+
+
+def _note_written(exc: BaseException, done: int, later: str) -> None:
+    """Say on an error that ends a streamed add what it had written (Python 3.11+ notes)."""
+    if done and hasattr(exc, "add_note"):
+        exc.add_note(f"add_documents: documents[0:{done}] were written before this error, "
+                     f"each whole; later ones {later}")
 
 
 class _Progress:

@@ -201,3 +201,18 @@ def test_bad_batch_records(tmp_path, tiny_embedder, value):
         with pytest.raises(InvalidInputError, match="batch_records must be an int >= 1"):
             r.add_documents(["a text"], batch_records=value)
         assert r.store.count() == 0
+
+
+def test_a_failing_generator_says_what_was_written(tmp_path, tiny_embedder):
+    def stream():
+        for i in range(7):
+            yield _doc(i)
+        raise OSError("the source went away")
+
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        with pytest.raises(OSError, match="went away") as err:
+            r.add_documents(stream(), batch_records=3)
+        notes = " ".join(getattr(err.value, "__notes__", []))
+        # [0:3] written; [3:6] waited for the next group, which the error ended
+        assert "documents[0:3] were written" in notes
+        assert _parents_of(r) == {"d000", "d001", "d002"} and r.verify()["ok"]
