@@ -185,9 +185,11 @@ class HybridRetriever:
         a crash.
 
         The add is streamed: documents are chunked, encoded and written in batches of at
-        most `batch_records` records (default 2,048, `writer.BATCH_RECORDS`; all records of a
-        batch's documents, a document never split), each batch before the next is read. So
-        memory follows the batch, not the input, and `documents` may be any iterable.
+        most `batch_records` records (default: one Chroma batch, `get_max_batch_size()`,
+        5,461 with chromadb 1.x embedded, capped at `writer.BATCH_RECORDS`; all records of
+        a batch's documents count, a document is never split), each batch before the next
+        is read. So memory follows the batch, not the input, and `documents` may be any
+        iterable.
 
         - A list (any sequence) is validated whole first, without encoding (types, ids,
           metadata, repeated ids and, with chunking disabled, lengths): a bad document

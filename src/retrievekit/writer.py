@@ -3,7 +3,7 @@ around each batch, derived indexes caught up after.
 
 An add is streamed: documents are read, tokenized (once per text: the length check and the
 chunk split share it), compared with what is stored, encoded and written in batches of at
-most `BATCH_RECORDS` records, so what it holds at once follows the batch, not the input.
+most one Chroma batch of records, so what it holds at once follows the batch, not the input.
 
 For each Chroma batch of documents (at most one Chroma batch of records, a document never
 split):
@@ -41,12 +41,14 @@ from .types import Document
 logger = logging.getLogger(__name__)
 
 
-#: Records per streamed batch of `Writer.add` (every record of the batch's documents,
-#: unchanged ones included; a document is never split, so one longer document is a batch of
-#: its own). What an add holds at once: ~2k record texts and their vectors (3 MB at 384-d),
-#: a few seconds of GPU encoding (64 passes at batch_size 32), below one Chroma batch
-#: (5,461 records with chromadb 1.x). benchmarks/build.py measures the choice.
-BATCH_RECORDS = 2048
+#: Records per streamed batch of `Writer.add` by default: one Chroma batch
+#: (`get_max_batch_size()`, 5,461 with chromadb 1.x embedded), at most this many. Every record
+#: of the batch's documents counts, unchanged ones included; a document is never split, so
+#: one longer document is a batch of its own. What an add holds at once: that many record
+#: texts and vectors (8 MB at 384-d), ~170 passes of GPU encoding at batch_size 32, and as
+#: many Chroma calls as an add that is not streamed (smaller batches cost time at 100k;
+#: benchmarks/build.py, docs/benchmarks.md).
+BATCH_RECORDS = 8192
 #: Documents tokenized per call of the (fast, batched) tokenizer.
 _TOKENIZE_GROUP = 256
 #: A bar is shown by default only for adds of more documents than this.
@@ -132,8 +134,8 @@ class Writer:
     def add(self, docs: Iterable[Document], progress: bool | None = None, *,
             batch_records: int | None = None, total: int | None = None) -> WriteStats:
         """Insert or replace whole documents (validated; a repeated id carries the same
-        content), streamed: each batch of at most `batch_records` records (default
-        `BATCH_RECORDS`) is tokenized, compared with what is stored, encoded, written and
+        content), streamed: each batch of at most `batch_records` records (default one
+        Chroma batch, at most `BATCH_RECORDS`) is tokenized, compared with what is stored, encoded, written and
         caught up before the next is read from `docs`, so memory follows the batch, not
         `docs`. `total`: how many documents `docs` holds, when known (the progress bar).
         The lock is taken per batch: another thread's write may land between two batches.
@@ -142,7 +144,8 @@ class Writer:
             InvalidInputError: a document found invalid while reading; when earlier
                 batches were written, the message says how many documents that was.
         """
-        bound = BATCH_RECORDS if batch_records is None else batch_records
+        bound = min(self.store.max_batch, BATCH_RECORDS) if batch_records is None \
+            else batch_records
         written = unchanged = removed = done = 0
         bar = _Progress(progress, total)
         batches = self._read_batches(docs, bound)

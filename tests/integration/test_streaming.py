@@ -74,14 +74,13 @@ def test_a_generator_is_written_batch_by_batch_within_the_bound(tmp_path, tiny_e
         assert {d.id: d.text for d in r.get(ids)} == {d.id: d.text for d in docs}
 
 
-def test_the_default_bound_is_what_a_batch_holds(tmp_path, tiny_embedder):
-    from retrievekit.writer import BATCH_RECORDS
-
-    n = BATCH_RECORDS + 300
-    docs = (Document(f"short text {i} word{i % 17}", id=f"s{i}") for i in range(n))
+def test_the_default_bound_is_one_chroma_batch(tmp_path, tiny_embedder):
     with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        bound = r.store.max_batch  # 5,461 with chromadb 1.x embedded
+        n = bound + 300
+        docs = (Document(f"short text {i} word{i % 17}", id=f"s{i}") for i in range(n))
         assert len(r.add_documents(docs)) == n
-        assert sorted(_batches(r).values()) == [300, BATCH_RECORDS]
+        assert sorted(_batches(r).values()) == [300, bound]
         assert r.last_add_stats == {"written": n, "unchanged": 0, "removed": 0}
 
 
