@@ -91,8 +91,9 @@ def document_records(docs: Sequence[Document], embedder: Embedder, chunking: Chu
             raise InvalidInputError(
                 f"documents[{first + j}] ({doc.id!r}) has {n} tokens, more than the model "
                 f"reads ({window}); enable chunking (chunking.enabled=true) or split it first")
+        # a slow tokenizer has no offsets: split_text refuses it with transformers' error
         spans = split_offsets(doc.text, offs, window, overlap) if offs is not None \
-            else split_text(doc.text, tok, window, overlap)  # raises: slow tokenizers have no offsets
+            else split_text(doc.text, tok, window, overlap)
         out[doc.id] = make_records(doc.id, doc.text, doc.metadata, spans)
     return out
 
@@ -135,9 +136,10 @@ class Writer:
             batch_records: int | None = None, total: int | None = None) -> WriteStats:
         """Insert or replace whole documents (validated; a repeated id carries the same
         content), streamed: each batch of at most `batch_records` records (default one
-        Chroma batch, at most `BATCH_RECORDS`) is tokenized, compared with what is stored, encoded, written and
-        caught up before the next is read from `docs`, so memory follows the batch, not
-        `docs`. `total`: how many documents `docs` holds, when known (the progress bar).
+        Chroma batch, at most `BATCH_RECORDS`) is tokenized, compared with what is stored,
+        encoded, written and caught up before the next is read from `docs`, so memory
+        follows the batch, not `docs`. `total`: how many documents `docs` holds, when known
+        (the progress bar).
         The lock is taken per batch: another thread's write may land between two batches.
 
         Raises:
@@ -198,7 +200,7 @@ class Writer:
         it = iter(docs)
         batch: dict[str, list[Record]] = {}
         read = size = pos = 0
-        # never read ahead of the batch by more than the bound: memory follows it
+        # read ahead of the batch by one group at most, never more than the bound
         while group := list(islice(it, min(_TOKENIZE_GROUP, bound))):
             new = document_records(group, self.embedder, self.chunking, first=pos)
             pos += len(group)

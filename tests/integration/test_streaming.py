@@ -23,8 +23,9 @@ from retrievekit.types import Document, text_id
 CHUNKED = {"chunking": {"max_tokens": 16, "overlap_tokens": 2}}
 
 
-WORDS = ("river stone cloud engine garden signal copper lantern harbor meadow glacier orbit "
-         "violin pepper canyon saddle").split()  # one model token each
+#: one model token each
+WORDS = ("river", "stone", "cloud", "engine", "garden", "signal", "copper", "lantern",
+         "harbor", "meadow", "glacier", "orbit", "violin", "pepper", "canyon", "saddle")
 
 
 def _doc(i: int, chunks: int = 1) -> Document:
