@@ -4,7 +4,7 @@ windows of model tokens, cut at token boundaries of the original text (no re-dec
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from . import validate as v
 from .errors import ConfigError
@@ -49,7 +49,14 @@ def split_text(text: str, tokenizer: Any, max_tokens: int, overlap: int
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                     truncation=False, verbose=False)
-    offsets = [o for o in enc["offset_mapping"] if o[1] > o[0]]
+    return split_offsets(text, enc["offset_mapping"], max_tokens, overlap)
+
+
+def split_offsets(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int,
+                  overlap: int) -> list[tuple[int, int]]:
+    """`split_text` for a text already tokenized: `offsets` is the fast tokenizer's offset
+    mapping of `text` (no special tokens), so a writer tokenizes each text once."""
+    offsets = [o for o in offsets if o[1] > o[0]]
     if len(offsets) <= max_tokens:
         return [(0, len(text))]
     overlap = min(overlap, max_tokens - 1)

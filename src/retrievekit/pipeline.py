@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -223,27 +224,63 @@ class HybridRetriever:
     # -- writes ----------------------------------------------------------------------------
     @_guarded("add documents")
     def add_documents(self, documents: Iterable[Document | str | Mapping[str, Any]], *,
-                      progress: bool | None = None) -> list[str]:
+                      progress: bool | None = None,
+                      batch_records: int | None = None) -> list[str]:
         """Insert or replace documents by id; returns their ids in input order.
 
         Unchanged documents (same text and metadata under the same id) are skipped without
-        re-encoding. The whole batch is validated and embedded before anything is written;
-        each document then lands whole (its old version or its new one, even after a crash).
+        re-encoding; an id given twice in one call must carry the same content (then it is
+        one document). Each document lands whole: its old version or its new one, even after
+        a crash.
+
+        The add is streamed: documents are chunked, encoded and written in batches of at
+        most `batch_records` records (default: one Chroma batch, `get_max_batch_size()`,
+        5,461 with chromadb 1.x embedded, capped at `writer.BATCH_RECORDS`; all records of
+        a batch's documents count, a document is never split), each batch before the next
+        is read. So memory follows the batch, not the input, and `documents` may be any
+        iterable.
+
+        - A list (any sequence) is validated whole first, without encoding (types, ids,
+          metadata, repeated ids and, with chunking disabled, lengths): a bad document
+          refuses the call before anything is written.
+        - Any other iterable (a generator) is read once, batch by batch, and never held
+          whole. A bad document, or an id repeated with other content, is found when it is
+          reached: the batches before it stay written. The error names it
+          (`documents[i]`) and says how many documents were written (`documents[0:n]`,
+          each whole). Adding the whole input again is safe: unchanged documents are
+          skipped. What is kept across batches: the ids returned and, per id, a 16-byte
+          digest of its content for the repeated-id check.
+
+        A failed write (Chroma, disk) likewise leaves the batches before it written.
+
+        Args:
+            progress: a tqdm bar over documents; default: for adds of more than 256
+                documents, when stderr is a terminal.
+            batch_records: records per streamed batch (an int >= 1).
         """
-        docs = _normalize_documents(documents)
-        if not docs:
-            return []
-        unique: dict[str, Document] = {}
-        for d in docs:
-            prev = unique.get(d.id)
-            if prev is not None and (prev.text != d.text or dict(prev.metadata) != dict(d.metadata)):
-                raise InvalidInputError(
-                    f"documents has two different entries with id {d.id!r}; ids must be unique "
-                    "within a batch (drop one, or give them different ids)")
-            unique[d.id] = d
-        stats = self._writer.add(list(unique.values()), progress=progress)
+        if isinstance(documents, (str, Document, Mapping)):
+            raise InvalidInputError("documents must be a list; wrap the single document in a list")
+        if isinstance(documents, bytes) or not isinstance(documents, Iterable):
+            v.fail("documents", "a list (or any iterable) of Documents, str or dicts", documents,
+                   "e.g. [Document('text', id='a')]", error=InvalidInputError)
+        v.integer("batch_records", batch_records, optional=True, error=InvalidInputError,
+                  fix="None: one Chroma batch")
+        ids: list[str] = []
+        if isinstance(documents, Sequence):
+            ids = [d.id for d in _validated(documents)]  # all of it, before any write
+            if not ids:
+                return []
+            if not self.config.chunking.enabled:
+                self._writer.check(_validated(documents, unique=False))
+            source = _validated(documents, unique=False)
+            total: int | None = len(documents)
+        else:
+            source = _validated(documents, ids)
+            total = None
+        stats = self._writer.add(source, progress=progress, batch_records=batch_records,
+                                 total=total)
         self.last_add_stats = stats.to_dict()
-        return [d.id for d in docs]
+        return ids
 
     @_guarded("delete documents")
     def delete(self, ids: Sequence[str]) -> int:
@@ -395,7 +432,9 @@ class HybridRetriever:
 
     async def aadd_documents(self, documents: Iterable[Document | str | Mapping[str, Any]],
                              **kwargs: Any) -> list[str]:
-        docs = list(documents) if isinstance(documents, Iterator) else documents
+        """`add_documents` run in a worker thread (a list is copied first; any other
+        iterable is read in that thread)."""
+        docs = list(documents) if isinstance(documents, Sequence) else documents
         return await asyncio.to_thread(self.add_documents, docs, **kwargs)
 
     async def adelete(self, ids: Sequence[str]) -> int:
@@ -478,31 +517,50 @@ def _as_config(config: RetrieverConfig | Mapping[str, Any] | str | None) -> Retr
                       f"{type(config).__name__}")
 
 
-def _normalize_documents(documents: Any) -> list[Document]:
-    if isinstance(documents, (str, Document, Mapping)):
-        raise InvalidInputError("documents must be a list; wrap the single document in a list")
-    if isinstance(documents, bytes) or not isinstance(documents, Iterable):
-        v.fail("documents", "a list of Documents, str or dicts", documents,
-               "e.g. [Document('text', id='a')]", error=InvalidInputError)
-    out: list[Document] = []
+def _validated(documents: Iterable[Any], ids: list[str] | None = None, *,
+               unique: bool = True) -> Iterator[Document]:
+    """The documents normalized and checked one by one, as they are read.
+
+    `unique`: refuse an id repeated with other content (anywhere in `documents`). `ids`: each
+    document's id is appended to it as the document is read."""
+    seen: dict[str, bytes] = {}
     for i, d in enumerate(documents):
-        if isinstance(d, str):
-            d = Document(text=d)
-        elif isinstance(d, Mapping):
-            unknown = set(d) - {"text", "id", "metadata"}
-            if unknown or "text" not in d:
-                raise InvalidInputError(
-                    f"documents[{i}] must have keys 'text' and optionally 'id', 'metadata'; "
-                    f"got {sorted(d)}")
-            d = Document(text=d["text"], id=d.get("id"), metadata=d.get("metadata") or {})
-        elif not isinstance(d, Document):
+        doc = _normalize_document(d, i)
+        assert doc.id is not None
+        if unique and seen.setdefault(doc.id, key := _content_key(doc)) != key:
             raise InvalidInputError(
-                f"documents[{i}] must be a Document, a str or a dict, got {type(d).__name__}")
-        v.readable(f"documents[{i}].text", d.text, "give the text to index, or drop it")
-        if v.text(f"documents[{i}].id", d.id, optional=True, empty=False,
-                  error=InvalidInputError, fix="None derives one from the text") is not None:
-            check_document_id(d.id, f"documents[{i}].id")
-        meta = clean_metadata(d.metadata, f"documents[{i}]")
-        out.append(Document(text=d.text, id=d.id if d.id is not None else text_id(d.text),
-                            metadata=meta))
-    return out
+                f"documents[{i}] has id {doc.id!r}, like an earlier document but with other "
+                "content; ids must be unique within a batch (one add_documents call): drop "
+                "one, or give them different ids")
+        if ids is not None:
+            ids.append(doc.id)
+        yield doc
+
+
+def _content_key(doc: Document) -> bytes:
+    """A digest of a normalized document's text and metadata (for the repeated-id check)."""
+    h = hashlib.blake2b(doc.text.encode("utf-8"), digest_size=16)
+    h.update(repr(sorted(doc.metadata.items())).encode("utf-8"))
+    return h.digest()
+
+
+def _normalize_document(d: Any, i: int) -> Document:
+    """documents[i] as a Document with an id and clean metadata, or InvalidInputError."""
+    if isinstance(d, str):
+        d = Document(text=d)
+    elif isinstance(d, Mapping):
+        unknown = set(d) - {"text", "id", "metadata"}
+        if unknown or "text" not in d:
+            raise InvalidInputError(
+                f"documents[{i}] must have keys 'text' and optionally 'id', 'metadata'; "
+                f"got {sorted(d)}")
+        d = Document(text=d["text"], id=d.get("id"), metadata=d.get("metadata") or {})
+    elif not isinstance(d, Document):
+        raise InvalidInputError(
+            f"documents[{i}] must be a Document, a str or a dict, got {type(d).__name__}")
+    v.readable(f"documents[{i}].text", d.text, "give the text to index, or drop it")
+    if v.text(f"documents[{i}].id", d.id, optional=True, empty=False,
+              error=InvalidInputError, fix="None derives one from the text") is not None:
+        check_document_id(d.id, f"documents[{i}].id")
+    meta = clean_metadata(d.metadata, f"documents[{i}]")
+    return Document(text=d.text, id=d.id if d.id is not None else text_id(d.text), metadata=meta)

@@ -1,27 +1,35 @@
 """The write protocol: validated documents in, whole documents out to Chroma, log entries
 around each batch, derived indexes caught up after.
 
-For each batch of documents (at most one Chroma batch of records, a document never split):
+An add is streamed: documents are read, tokenized (once per text: the length check and the
+chunk split share it), compared with what is stored, encoded and written in batches of at
+most one Chroma batch of records, so what it holds at once follows the batch, not the input.
+
+For each Chroma batch of documents (at most one Chroma batch of records, a document never
+split):
 1. claim a log entry naming the documents (state pending);
 2. one Chroma upsert with every changed record and, as dead, the old records the new
    versions lack (records.py): each document changes in one call, old or new, never a mix;
 3. delete those dead records;
 4. mark the entry done.
-Then the follower applies the log to the derived indexes. A crash anywhere leaves a pending
-entry; the next open (embedded) or a search after the lease (server) repairs it.
+After each streamed batch the follower applies the log to the derived indexes. A crash
+anywhere leaves a pending entry; the next open (embedded) or a search after the lease
+(server) repairs it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from itertools import islice
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .changelog import ChangeLog
-from .chunking import ChunkConfig, split_text
+from .chunking import ChunkConfig, split_offsets, split_text
 from .embedding import Embedder
 from .errors import InvalidInputError, StoreFullError
 from .funnel import short_vectors
@@ -33,31 +41,60 @@ from .types import Document
 logger = logging.getLogger(__name__)
 
 
-def document_records(docs: Sequence[Document], embedder: Embedder, chunking: ChunkConfig
-                     ) -> dict[str, list[Record]]:
-    """Each document's records, by id: one record, or one per chunk when the document is
-    longer than the model reads (the window: chunking.max_tokens, else the model's length
-    less special tokens and the document prefix)."""
-    tok = embedder.tokenizer
+#: Records per streamed batch of `Writer.add` by default: one Chroma batch
+#: (`get_max_batch_size()`, 5,461 with chromadb 1.x embedded), at most this many. Every record
+#: of the batch's documents counts, unchanged ones included; a document is never split, so
+#: one longer document is a batch of its own. What an add holds at once: that many record
+#: texts and vectors (8 MB at 384-d), ~170 passes of GPU encoding at batch_size 32, and as
+#: many Chroma calls as an add that is not streamed (smaller batches cost time at 100k;
+#: benchmarks/build.py, docs/benchmarks.md).
+BATCH_RECORDS = 8192
+#: Documents tokenized per call of the (fast, batched) tokenizer.
+_TOKENIZE_GROUP = 256
+#: A bar is shown by default only for adds of more documents than this.
+_LONG_ADD = 256
+
+
+def chunk_window(embedder: Embedder, chunking: ChunkConfig) -> tuple[int, int]:
+    """(window, overlap) in model tokens: chunking.max_tokens, else the model's length less
+    special tokens and the document prefix; the overlap at most half the window."""
     window = chunking.max_tokens
     if window is None:
+        tok = embedder.tokenizer
         prefix = len(tok(embedder.prefixes.document, add_special_tokens=False)["input_ids"])
         window = embedder.max_seq_length - 2 - prefix
-    overlap = min(chunking.overlap_tokens, window // 2)
-    lengths = [len(ids) for ids in tok([d.text for d in docs], add_special_tokens=False,
-                                       truncation=False, verbose=False)["input_ids"]]
+    return window, min(chunking.overlap_tokens, window // 2)
+
+
+def document_records(docs: Sequence[Document], embedder: Embedder, chunking: ChunkConfig,
+                     *, first: int = 0) -> dict[str, list[Record]]:
+    """Each document's records, by id: one record, or one per chunk when the document is
+    longer than the model reads (the window, `chunk_window`).
+
+    Each text is tokenized once: the same call gives its length and the offsets its chunks
+    are cut at. `first`: the position of docs[0] in the caller's input (error messages)."""
+    tok = embedder.tokenizer
+    window, overlap = chunk_window(embedder, chunking)
+    fast = bool(getattr(tok, "is_fast", False))  # offsets need a fast tokenizer
+    enc = tok([d.text for d in docs], add_special_tokens=False, truncation=False,
+              verbose=False, return_offsets_mapping=fast, return_attention_mask=False,
+              return_token_type_ids=False)
+    offsets = enc["offset_mapping"] if fast else [None] * len(docs)
     out: dict[str, list[Record]] = {}
-    for doc, n in zip(docs, lengths):
+    for j, (doc, ids, offs) in enumerate(zip(docs, enc["input_ids"], offsets)):
         assert doc.id is not None
+        n = len(ids)
         if n <= window:
             out[doc.id] = make_records(doc.id, doc.text, doc.metadata, None)
             continue
         if not chunking.enabled:
             raise InvalidInputError(
-                f"document {doc.id!r} has {n} tokens, more than the model reads ({window}); "
-                "enable chunking (chunking.enabled=true) or split it first")
-        out[doc.id] = make_records(doc.id, doc.text, doc.metadata,
-                                   split_text(doc.text, tok, window, overlap))
+                f"documents[{first + j}] ({doc.id!r}) has {n} tokens, more than the model "
+                f"reads ({window}); enable chunking (chunking.enabled=true) or split it first")
+        # a slow tokenizer has no offsets: split_text refuses it with transformers' error
+        spans = split_offsets(doc.text, offs, window, overlap) if offs is not None \
+            else split_text(doc.text, tok, window, overlap)
+        out[doc.id] = make_records(doc.id, doc.text, doc.metadata, spans)
     return out
 
 
@@ -95,9 +132,93 @@ class Writer:
         self.lock = threading.RLock()
 
     # -- writes ----------------------------------------------------------------------------
-    def add(self, docs: Sequence[Document], progress: bool | None = None) -> WriteStats:
-        """Insert or replace whole documents (validated, ids unique)."""
-        new = document_records(docs, self.embedder, self.chunking)
+    def add(self, docs: Iterable[Document], progress: bool | None = None, *,
+            batch_records: int | None = None, total: int | None = None) -> WriteStats:
+        """Insert or replace whole documents (validated; a repeated id carries the same
+        content), streamed: each batch of at most `batch_records` records (default one
+        Chroma batch, at most `BATCH_RECORDS`) is tokenized, compared with what is stored,
+        encoded, written and caught up before the next is read from `docs`, so memory
+        follows the batch, not `docs`. `total`: how many documents `docs` holds, when known
+        (the progress bar).
+        The lock is taken per batch: another thread's write may land between two batches.
+
+        Raises:
+            InvalidInputError: a document found invalid while reading; when earlier
+                batches were written, the message says how many documents that was.
+        """
+        bound = min(self.store.max_batch, BATCH_RECORDS) if batch_records is None \
+            else batch_records
+        written = unchanged = removed = done = 0
+        bar = _Progress(progress, total)
+        batches = self._read_batches(docs, bound)
+        try:
+            while True:
+                try:
+                    item = next(batches, None)
+                except InvalidInputError as exc:
+                    if not done:
+                        raise
+                    raise InvalidInputError(
+                        f"{exc}. The input was streamed: documents[0:{done}] (the batches "
+                        f"before this one) were written, each whole; documents[{done}:] were "
+                        "not. Fix it and add again: unchanged documents are skipped") from exc
+                except BaseException as exc:  # e.g. the caller's generator failed
+                    _note_written(exc, done, "were not")
+                    raise
+                if item is None:
+                    break
+                read, new = item
+                try:
+                    stats = self._add_batch(new)
+                except BaseException as exc:
+                    _note_written(exc, done, "may be old or new")
+                    raise
+                written += stats.written
+                unchanged += stats.unchanged
+                removed += stats.removed
+                done += read
+                bar.update(read)
+        finally:
+            bar.close()
+        self.log.trim()
+        return WriteStats(written, unchanged, removed)
+
+    def check(self, docs: Iterable[Document]) -> None:
+        """Refuse what `add` would refuse on tokenizing (a document longer than the model
+        reads while chunking is disabled), before anything is written."""
+        it = iter(docs)
+        pos = 0
+        while group := list(islice(it, _TOKENIZE_GROUP)):
+            document_records(group, self.embedder, self.chunking, first=pos)
+            pos += len(group)
+
+    def _read_batches(self, docs: Iterable[Document], bound: int
+                      ) -> Iterator[tuple[int, dict[str, list[Record]]]]:
+        """(documents read, records by document id) per batch of whole documents, at most
+        `bound` records each (one longer document alone is a batch). A document repeated
+        within a batch is written once."""
+        it = iter(docs)
+        batch: dict[str, list[Record]] = {}
+        read = size = pos = 0
+        # read ahead of the batch by one group at most, never more than the bound
+        while group := list(islice(it, min(_TOKENIZE_GROUP, bound))):
+            new = document_records(group, self.embedder, self.chunking, first=pos)
+            pos += len(group)
+            for doc in group:
+                assert doc.id is not None
+                if doc.id not in batch:
+                    recs = new[doc.id]
+                    if batch and size + len(recs) > bound:
+                        yield read, batch
+                        batch, read, size = {}, 0, 0
+                    batch[doc.id] = recs
+                    size += len(recs)
+                read += 1
+        if read:
+            yield read, batch
+
+    def _add_batch(self, new: Mapping[str, list[Record]]) -> WriteStats:
+        """Write one batch: changed records only, then the derived indexes follow."""
         with self.lock:
             stored = self._stored(list(new))
             changes: list[_Change] = []
@@ -116,12 +237,11 @@ class Writer:
             if not changes:
                 return stats
             texts = [r.text for c in changes for r in c.records]
-            vectors = self.embedder.embed_documents(texts, progress=progress)
+            vectors = self.embedder.embed_documents(texts, progress=False)
             by_id = {r.id: v for r, v in zip((r for c in changes for r in c.records), vectors)}
             for batch in self._batches(changes):
                 self._write_batch(batch, by_id)
             self.follower.catch_up(by_id)  # indexes that keep vectors take them from here
-            self.log.trim()
             return stats
 
     def delete(self, parents: Sequence[str]) -> int:
@@ -208,6 +328,46 @@ class Writer:
                   for m in change.dead.values()]
         texts = [r.text for r in change.records] + [""] * len(change.dead)
         return ids, np.concatenate([vecs, filler]), texts, metas
+
+
+def _note_written(exc: BaseException, done: int, later: str) -> None:
+    """Say on an error that ends a streamed add what it had written (Python 3.11+ notes)."""
+    if done and hasattr(exc, "add_note"):
+        exc.add_note(f"add_documents: documents[0:{done}] were written before this error, "
+                     f"each whole; later ones {later}")
+
+
+class _Progress:
+    """A tqdm bar over the documents of one add: shown when `progress` is True or, when it is
+    None, once the add is longer than `_LONG_ADD` documents and stderr is a terminal."""
+
+    def __init__(self, progress: bool | None, total: int | None) -> None:
+        self.progress = progress
+        self.total = total
+        self.count = 0
+        self.bar: Any = None
+        if progress or (progress is None and (total or 0) > _LONG_ADD):
+            self._start()
+
+    def _start(self) -> None:
+        if self.progress is False or (self.progress is None and not sys.stderr.isatty()):
+            self.progress = False
+            return
+        from tqdm.auto import tqdm  # deferred: only long adds need it
+
+        self.bar = tqdm(total=self.total, initial=self.count, desc="add_documents",
+                        unit="doc")
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.progress is None and self.count > _LONG_ADD:
+            self._start()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _replacing(record: Record, old: Mapping[str, Any]) -> dict[str, Any]:
