@@ -152,10 +152,16 @@ class Embedder(ModelEngines):
 
     @property
     def model_dim(self) -> int:
+        known = getattr(self, "_model_dim", None)  # asked per document by the writer
+        if known is not None:
+            return known
         loaded = self._loaded_torch()
         if loaded is None and self.engine_for(1) == "onnx":
-            return self._onnx_engine().dim  # no torch model needed for the dimension
-        return int(_st_dim(loaded if loaded is not None else self._torch_engine()))
+            dim = self._onnx_engine().dim  # no torch model needed for the dimension
+        else:
+            dim = int(_st_dim(loaded if loaded is not None else self._torch_engine()))
+        self._model_dim = dim
+        return dim
 
     @property
     def dim(self) -> int:

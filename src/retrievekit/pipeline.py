@@ -261,7 +261,8 @@ class HybridRetriever:
         if isinstance(documents, (str, Document, Mapping)):
             raise InvalidInputError("documents must be a list; wrap the single document in a list")
         if isinstance(documents, bytes) or not isinstance(documents, Iterable):
-            v.fail("documents", "a list (or any iterable) of Documents, str or dicts", documents,
+            v.fail("documents", "a list of Documents, str or dicts (or any iterable of them)",
+                   documents,
                    "e.g. [Document('text', id='a')]", error=InvalidInputError)
         v.integer("batch_records", batch_records, optional=True, error=InvalidInputError,
                   fix="None: one Chroma batch")
@@ -524,7 +525,7 @@ def _validated(documents: Iterable[Any], ids: list[str] | None = None, *,
     `unique`: refuse an id repeated with other content (anywhere in `documents`). `ids`: each
     document's id is appended to it as the document is read."""
     seen: dict[str, bytes] = {}
-    for i, d in enumerate(documents):
+    for i, d in enumerate(_callers(documents)):
         doc = _normalize_document(d, i)
         assert doc.id is not None
         if unique and seen.setdefault(doc.id, key := _content_key(doc)) != key:
@@ -535,6 +536,21 @@ def _validated(documents: Iterable[Any], ids: list[str] | None = None, *,
         if ids is not None:
             ids.append(doc.id)
         yield doc
+
+
+def _callers(items: Iterable[Any]) -> Iterator[Any]:
+    """`items`, with an error raised by the caller's own iterable marked as the caller's:
+    it reaches the caller as it was, not as a store failure (store.chroma_errors)."""
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            exc.retrievekit_caller = True  # type: ignore[attr-defined]
+            raise
+        yield item
 
 
 def _content_key(doc: Document) -> bytes:

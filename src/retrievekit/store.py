@@ -258,8 +258,8 @@ def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
     except RetrieveKitError:
         raise
     except Exception as exc:
-        if not _is_chroma_failure(exc):
-            raise
+        if not _is_chroma_failure(exc) or getattr(exc, "retrievekit_caller", False):
+            raise  # our bug, or the caller's own iterable failing
         message = explain_failure(config, what, exc)
         kind = StoreFullError if "the disk is full" in message else StoreError
         raise kind(message) from exc

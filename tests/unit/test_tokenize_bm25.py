@@ -84,6 +84,16 @@ def test_ties_are_broken_by_id():
     assert [d for d, _ in got] == ["t00", "t01", "t02", "t03", "t04"]
 
 
+def test_tie_groups_bigger_than_one_fetch_are_broken_by_id():
+    """300 records tie for the best score among 3,000 others: the top 5 are still the 5
+    smallest ids (tantivy returns tied records in index order, not id order)."""
+    docs = {f"t{i:03d}": "solar wind" for i in reversed(range(300))}
+    docs.update({f"o{i:04d}": "solar " + " ".join(f"w{i % 97}" for _ in range(1 + i % 5))
+                 for i in range(3000)})
+    got = _index(docs).search("solar wind", 5)
+    assert [d for d, _ in got] == ["t000", "t001", "t002", "t003", "t004"]
+
+
 def test_replace_and_delete_follow_documents():
     ix = SparseIndex(SparseConfig(tokenizer=PLAIN))
     ix.replace([], [Record("a", "a", "red apple", {}), Record("b#chunk0", "b", "green pear", {}),
