@@ -169,7 +169,7 @@ class FunnelVectors:
                 rows.update(zip(ids, vectors))
             if len(rows) != m["count"]:
                 raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # any damage (an empty .npy is numpy's EOFError): rebuild
             if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
             return
