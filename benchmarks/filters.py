@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = HybridRetriever({"store": {"path": args.store}, "local_vectors": True},
                             embedder=random_embedder(seed=9))
         out["local_vectors"] = {"open_s": time.perf_counter() - t,
-                                "MiB": r._funnel.nbytes() / 2**20, "filters": {}}
+                                # float32 full vectors, one per record
+                                "MiB": r.count() * r.embedder.dim * 4 / 2**20, "filters": {}}
         p(None)
         base = p(None)[0]
         rows = []

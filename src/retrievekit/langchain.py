@@ -479,8 +479,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         """Dense search with a query vector from this store's `embeddings.embed_query`."""
         if kwargs.get("mode", "dense") != "dense":
             raise InvalidInputError("a search by vector is dense; it has no text for BM25")
-        kwargs = {**kwargs, "mode": "dense"}
-        unknown = sorted(set(kwargs) - set(_VS_SEARCH))
+        unknown = sorted(set(kwargs) - {"filter", "where", "mode"})
         if unknown:
             raise InvalidInputError(f"unknown search arguments {unknown}; valid: filter, where")
         hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False,

@@ -70,11 +70,11 @@ class FusionSettings:
 class LocalEngine:
     """Dense from Chroma (or the funnel), sparse from the local BM25 index, fused by RRF."""
 
-    def __init__(self, store: ChromaStore, sparse: SparseIndex, funnel: FunnelVectors | None,
+    def __init__(self, store: ChromaStore, sparse: SparseIndex, vectors: FunnelVectors | None,
                  settings: FusionSettings) -> None:
         self.store = store
         self.sparse = sparse
-        self.funnel = funnel
+        self.vectors = vectors  # full vectors by record id (funnel or local_vectors), or None
         self.settings = settings
 
     def ranked(self, request: Request) -> tuple[list[Fused], bool]:
@@ -109,18 +109,19 @@ class LocalEngine:
 
     def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
-        if self.funnel is not None and matching is not None:
-            passing = self.sparse.count(matching)
-            if passing < EXACT_SCAN_SHARE * len(self.sparse):
-                return self._exact(vec, n, matching, passing)
+        # how many records the filter passes, counted once in the BM25 index: it plans the query
+        passing = self.sparse.count(matching) if matching is not None else None
+        if self.vectors is not None and passing is not None \
+                and passing < EXACT_SCAN_SHARE * len(self.sparse):
+            return self._exact(vec, n, matching, passing)
         if self.settings.funnel_dim is None:
-            return self._knn(vec, n, where, matching)
+            return self._knn(vec, n, where, matching, passing)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
         first = self._knn(short_vectors(vec, s.funnel_dim)[0],
-                          max(n, s.funnel_candidates or 4 * n), where, matching)
-        sims = self.funnel.similarities([rid for rid, _ in first], vec)
+                          max(n, s.funnel_candidates or 4 * n), where, matching, passing)
+        sims = self.vectors.similarities([rid for rid, _ in first], vec)
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
@@ -132,17 +133,17 @@ class LocalEngine:
         their full vectors (held in this process: funnel or local_vectors)."""
         ids = self.sparse.matching(matching, passing)
         # cosine, as Chroma's space is, also for vectors stored unnormalized
-        sims = self.funnel.similarities(ids, vec, cosine=True) if ids else \
+        sims = self.vectors.similarities(ids, vec, cosine=True) if ids else \
             np.zeros(0, np.float32)
         order = np.argsort(-sims, kind="stable")[:n]
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any
-             ) -> list[tuple[str, float]]:
-        """The `n` nearest records that pass `where`: planned by how many records pass."""
-        if where is not None and matching is not None:
+    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
+             passing: int | None) -> list[tuple[str, float]]:
+        """The `n` nearest records that pass `where`, planned by how many pass (`passing`,
+        counted by the BM25 index; None when it cannot evaluate the filter)."""
+        if where is not None and passing is not None:
             total = len(self.sparse)
-            passing = self.sparse.count(matching)
             if passing == 0:
                 return []
             if passing >= POST_FILTER_SHARE * total:
