@@ -34,6 +34,17 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    # the user's ~/.cache/retrievekit (ONNX exports made by a benchmark, say) must neither
+    # change what the tests see (backend="auto" serves small calls from an export it finds)
+    # nor be written by them; tests that need a cache of their own still set their own
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RETRIEVEKIT_CACHE", str(tmp_path_factory.mktemp("retrievekit-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     # two threads collapse under load on this 2-core machine (15 ms -> 500 ms per query)
     import torch

@@ -499,8 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
-        # the hub's and transformers' bars ("Loading weights") read this once, at import
+        # the hub's and transformers' bars ("Loading weights") read this once, at import;
+        # a transformers imported before main() (a host program, a test) is told directly
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except RetrieveKitError as exc:

@@ -150,7 +150,7 @@ class HybridRetriever:
             by_document=cfg.collapse_chunks, method=cfg.fusion,
             chunk_penalty=cfg.chunk_penalty))
         self._searcher = Searcher(
-            store, engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
+            engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,
             before=self._follower.catch_up if cfg.store.is_server else None)
 

@@ -53,6 +53,9 @@ class Engine(Protocol):
         """Fused candidates, best first, and whether any side returned a full list of
         `request.n` (so that more may exist)."""
 
+    def records(self, ids: list[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+        """Text and metadata of the live records among `ids` (the hits' contents)."""
+
 
 @dataclass(frozen=True)
 class FusionSettings:
@@ -106,6 +109,17 @@ class LocalEngine:
                            {**f.scores, "funnel": stage1[f.id][1]}) if f.id in stage1 else f
                      for f in fused]
         return fused, full
+
+    def records(self, ids: list[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+        """From the BM25 index's stored copy; from Chroma for records it does not hold (a
+        dense candidate written by another client since this one last caught up)."""
+        found: dict[str, tuple[str, Mapping[str, Any]]] = dict(self.sparse.records(ids))
+        missing = [rid for rid in ids if rid not in found]
+        if missing:
+            got = self.store.get(ids=missing, include=["documents", "metadatas"])
+            found.update((rid, (t, m or {})) for rid, t, m in
+                         zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m))
+        return found
 
     def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
@@ -236,10 +250,9 @@ def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
 class Searcher:
     """Search over an engine: widen until enough documents, attach texts, rerank."""
 
-    def __init__(self, store: ChromaStore, engine: Engine, embed_query: Callable[[str], Any],
+    def __init__(self, engine: Engine, embed_query: Callable[[str], Any],
                  reranker: Reranker | None, *, dim: int, collapse: bool,
                  before: Callable[[], Any] | None = None) -> None:
-        self.store = store
         self.engine = engine
         self.embed_query = embed_query
         self.reranker = reranker
@@ -291,18 +304,16 @@ class Searcher:
         return hits[:k]
 
     def _hits(self, fused: list[Fused], limit: int) -> list[Hit]:
-        """Hits for the best `limit` entries; texts are read from Chroma only for entries that
-        can still make the cut, a page at a time (collapsing chunks and skipping dead records
-        can drop entries)."""
+        """Hits for the best `limit` entries; texts are read (`Engine.records`) only for
+        entries that can still make the cut, a page at a time (collapsing chunks and skipping
+        dead records can drop entries)."""
         hits: list[Hit] = []
         seen: set[str] = set()
         pos = 0
         while pos < len(fused) and len(hits) < limit:
             page = fused[pos:pos + max(2 * (limit - len(hits)), 10)]
             pos += len(page)
-            got = self.store.get(ids=[f.id for f in page], include=["documents", "metadatas"])
-            texts = {rid: (t, m or {}) for rid, t, m in
-                     zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m)}
+            texts = self.engine.records([f.id for f in page])
             for f in page:
                 if f.id not in texts:  # deleted, or dead, since the candidates were found
                     continue

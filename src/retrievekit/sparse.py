@@ -7,7 +7,10 @@ rebuild, and opening an index rebuilds nothing. Terms come from the project's ow
 docs/design.md says why tantivy and not a segmented bm25s (measured).
 
 Each indexed record has its id (stored), its parent document id (to replace or delete a
-document by one term) and its terms (frequencies only, no positions). The log watermark the
+document by one term), its terms (frequencies only, no positions) and a stored copy of its
+text and metadata as Chroma holds them: the hits of a search are read from that copy, in
+tantivy's memory-mapped store, instead of a `get` from Chroma (~1.9 ms a query at 100k
+records, docs/benchmarks.md, Scale). The log watermark the
 index has caught up to is written beside it after each commit; a crash between the two only
 makes the next catch-up re-apply entries, which is idempotent.
 """
@@ -32,7 +35,9 @@ from .tokenize import Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: user metadata indexed for filters (filters.py)
+#: 3: user metadata indexed for filters (filters.py); 4: each record's text and metadata
+#: stored, so that hits are read here rather than from Chroma
+FORMAT_VERSION = 4
 _STATE = "state.json"
 _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 
@@ -114,6 +119,7 @@ class SparseIndex:
         sb.add_text_field("parent", stored=False, tokenizer_name="raw", index_option="basic")
         sb.add_text_field("body", stored=False, index_option="freq")
         sb.add_text_field("meta", stored=False, tokenizer_name="raw", index_option="basic")
+        sb.add_bytes_field("record", stored=True, indexed=False, fast=False)
         return sb.build()
 
     def _open(self) -> None:
@@ -159,7 +165,8 @@ class SparseIndex:
         searcher.search(tv.Query.term_query(schema, "parent", "probe"), 1)
         hits = searcher.search(tv.Query.all_query(), 1).hits
         if hits:
-            searcher.doc(hits[0][1])["id"][0]
+            doc = searcher.doc(hits[0][1])
+            doc["id"][0], json.loads(doc["record"][0])
 
     def _read_state(self) -> dict[str, Any] | None:
         assert self.directory is not None
@@ -185,6 +192,8 @@ class SparseIndex:
                 doc.add_pre_tokenized_text("body", self._tokens(r.text))
                 for term in metadata_terms(r.metadata):
                     doc.add_text("meta", term)
+                doc.add_bytes("record", json.dumps([r.text, dict(r.metadata)], ensure_ascii=False,
+                                                   separators=(",", ":")).encode("utf-8"))
                 self._writer.add_document(doc)
 
     def _tokens(self, text: str):
@@ -230,6 +239,22 @@ class SparseIndex:
             return set()
         res = searcher.search(tv.Query.all_query(), limit=n)
         return {searcher.doc(addr)["id"][0] for _, addr in res.hits}
+
+    def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Text and metadata (reserved keys included) of those of `ids` held here, as Chroma
+        held them when they were indexed."""
+        tv = _tantivy()
+        searcher = self._searcher
+        if not ids or searcher.num_docs == 0:
+            return {}
+        hits = searcher.search(tv.Query.term_set_query(self._schema_obj, "id", list(ids)),
+                               limit=len(ids), count=False).hits
+        out = {}
+        for _, addr in hits:
+            doc = searcher.doc(addr)
+            text, meta = json.loads(doc["record"][0])
+            out[doc["id"][0]] = (text, meta)
+        return out
 
     # -- filters (filters.py) ---------------------------------------------------------------
     def compile(self, where: Mapping[str, Any]) -> Any | None:

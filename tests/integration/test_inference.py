@@ -194,6 +194,8 @@ def test_missing_onnxruntime(monkeypatch):
 # -- automatic choices ---------------------------------------------------------------------------
 def test_auto_never_exports_on_first_use(tmp_path, monkeypatch, fp32_embedder, caplog):
     monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path))  # no export cached here
+    # the advice is logged once per process: the session's embedder may have had it already
+    monkeypatch.setattr(onnx_backend, "_warned", set())
     caplog.set_level(logging.INFO, logger="retrievekit.onnx_backend")
     e = Embedder(model=MODEL, dtype="float32")  # "auto" would pick ONNX for every call
     assert e.engine_for(1) == "torch" and e.engine_for(1000) == "torch"
