@@ -10,9 +10,9 @@ Each indexed record has its id (stored), its parent document id (to replace or d
 document by one term), its terms (frequencies only, no positions) and a stored copy of its
 text and metadata as Chroma holds them: the hits of a search are read from that copy, in
 tantivy's memory-mapped store, instead of a `get` from Chroma (~1.9 ms a query at 100k
-records, docs/benchmarks.md, Scale). The log watermark the
-index has caught up to is written beside it after each commit; a crash between the two only
-makes the next catch-up re-apply entries, which is idempotent.
+records, docs/benchmarks.md, Scale). The log watermark the index has caught up to is written
+beside it after each commit; a crash between the two only makes the next catch-up re-apply
+entries, which is idempotent.
 """
 
 from __future__ import annotations
