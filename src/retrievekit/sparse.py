@@ -109,8 +109,11 @@ class SparseIndex:
         return {"engine": "tantivy", **config.to_dict()}
 
     def signature(self) -> dict[str, Any]:
-        """What the index on disk was made with (kept beside it, in `state.json`)."""
-        return {"format": FORMAT_VERSION, **self.describe(self.config)}
+        """What the index on disk was made with (kept beside it, in `state.json`): another
+        format or another stemmer version rebuilds it from Chroma on open (the store itself
+        opens; its tokenizer settings are the same)."""
+        return {"format": FORMAT_VERSION, **self.describe(self.config),
+                "stemmer_version": self.tokenizer.stemmer_version}
 
     def _schema(self):
         tv = _tantivy()

@@ -110,6 +110,17 @@ class Tokenizer:
                 "tokenizer.stemmer needs PyStemmer: pip install PyStemmer") from exc
         return Stemmer.Stemmer(self.config.stemmer).stemWords
 
+    @property
+    def stemmer_version(self) -> str | None:
+        """The version of the stemming library (PyStemmer's Snowball), None without a
+        stemmer. Versions stem some words differently (PyStemmer 2.2 stems "added" to "ad",
+        3.1 to "add"), so an index made with one must not be queried with another."""
+        if self.config.stemmer is None:
+            return None
+        import Stemmer
+
+        return str(Stemmer.version())
+
     def __call__(self, text: str) -> list[str]:
         if self.config.lowercase:
             text = text.lower()
