@@ -64,6 +64,19 @@ def embedder():
 
 
 @pytest.fixture(scope="session")
+def st_oracle():
+    """The bundled model as plain sentence-transformers in float32 on the CPU: the
+    independent oracle of the embedding tests (the `embedder` fixture picks its precision
+    and engine automatically: bfloat16 torch, or an ONNX export when one exists)."""
+    from sentence_transformers import SentenceTransformer
+
+    from retrievekit.models import resolve_model
+
+    return SentenceTransformer(resolve_model(MODEL).load_from, device="cpu",
+                               local_files_only=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_cross_encoder_path(tmp_path_factory):
     """A cross-encoder built from the bundled MiniLM checkpoint with a fresh 1-label head.
 

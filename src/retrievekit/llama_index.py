@@ -127,7 +127,7 @@ class RetrieveKitEmbedding(BaseEmbedding):
     truncate_dim: int | None = Field(default=None, description="Matryoshka truncation.")
     normalize: bool = Field(default=True, description="L2-normalize after truncation.")
     device: str | None = Field(default=None, description="cpu, cuda, ...; None: automatic.")
-    dtype: str = Field(default="float32", description="float32, bfloat16, float16 or auto.")
+    dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16.")
 
     _embedder: Embedder = PrivateAttr()
 

@@ -447,21 +447,27 @@ class HybridRetriever:
         check for tests and operators, not for the query path).
 
         Returns the live record ids in Chroma and in the BM25 index, the number of dead
-        records and of unfinished log entries, and `ok`: whether they all agree."""
+        records and of unfinished log entries, the ids whose text or metadata in the BM25
+        index's stored copy differs from Chroma's (`stale`), and `ok`: whether they all
+        agree."""
         live: set[str] = set()
         dead = 0
-        for batch in self._store.iter_records(include=["metadatas"]):
-            for rid, meta in zip(batch["ids"], batch["metadatas"]):
-                if from_chroma([rid], [None], [meta]):
-                    live.add(rid)
-                else:
-                    dead += 1
+        stale: list[str] = []
+        for batch in self._store.iter_records(include=["documents", "metadatas"]):
+            records = {r.id: r for r in from_chroma(batch["ids"], batch["documents"],
+                                                   batch["metadatas"])}
+            dead += len(batch["ids"]) - len(records)
+            live.update(records)
+            held = self._sparse.records(list(records)) if self._sparse is not None else {}
+            stale += [rid for rid, (text, meta) in held.items()
+                      if (text, meta) != (records[rid].text, records[rid].metadata)]
         sparse = self._sparse.ids() if self._sparse is not None else set()
         funnel = self._funnel.ids() if self._funnel is not None else None
         pending = len(self._follower.log.pending())
         return {"chroma_ids": live, "sparse_ids": sparse, "funnel_ids": funnel, "dead": dead,
-                "pending": pending,
-                "ok": live == sparse and funnel in (None, live) and not dead and not pending}
+                "pending": pending, "stale": sorted(stale),
+                "ok": live == sparse and funnel in (None, live) and not dead and not pending
+                and not stale}
 
     # -- lifecycle -------------------------------------------------------------------------
     @_guarded("describe itself")

@@ -74,3 +74,22 @@ def test_a_record_the_bm25_index_lacks_is_read_from_chroma(store):
                if h.id == "long")
     assert hit.document.text == _chroma(store, hit.chunk_id)[0]
     assert hit.document.metadata == {"kind": "manual", "pages": 120}
+
+
+def test_verify_compares_the_stored_copy_with_chroma(store):
+    from retrievekit.records import Record
+
+    report = store.verify()
+    assert report["ok"] and report["stale"] == []
+    # the BM25 index's copy of one record goes out of step with Chroma
+    text, meta = _chroma(store, "short")
+    sparse = store._sparse
+    sparse.replace(["short"], [Record("short", "short", "an older text", meta)])
+    sparse.commit(sparse.watermark)
+    report = store.verify()
+    assert report["stale"] == ["short"] and not report["ok"]
+    assert report["sparse_ids"] == report["chroma_ids"]  # the ids alone would not show it
+    store._follower.rebuild()  # what an open does when a derived index is damaged
+    assert store.verify()["ok"]
+    assert next(h for h in store.search("rotor icing", 4) if h.id == "short").document.text \
+        == text

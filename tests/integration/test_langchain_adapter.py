@@ -65,10 +65,11 @@ def tiny_reranker(tiny_cross_encoder_path):
 
 
 # -- embeddings ------------------------------------------------------------------------------
-def test_embeddings_prefix_truncate_normalize_against_sentence_transformers(embedder):
+def test_embeddings_prefix_truncate_normalize_against_sentence_transformers(st_oracle):
     emb = RetrieveKitEmbeddings(model=MODEL, query_prefix="query: ",
-                                document_prefix="passage: ", truncate_dim=128)
-    st = embedder.model  # same weights, used as the independent oracle
+                                document_prefix="passage: ", truncate_dim=128,
+                                dtype="float32")
+    st = st_oracle  # same weights, used as the independent oracle
 
     def oracle(text: str) -> np.ndarray:
         v = st.encode([text], convert_to_numpy=True, normalize_embeddings=False)[0][:128]

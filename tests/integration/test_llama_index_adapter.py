@@ -177,12 +177,13 @@ def test_unstorable_metadata_raises_naming_node_and_key():
 
 
 # -- embeddings ----------------------------------------------------------------------------------
-def test_embedding_uses_query_and_document_prefixes_from_the_core(embedder):
-    emb = RetrieveKitEmbedding(MODEL, query_prefix="query: ", document_prefix="passage: ")
+def test_embedding_uses_query_and_document_prefixes_from_the_core(st_oracle):
+    emb = RetrieveKitEmbedding(MODEL, query_prefix="query: ", document_prefix="passage: ",
+                               dtype="float32")
     assert emb.prefixes == Prefixes("query: ", "passage: ", "user", "user")
     assert emb.class_name() == "RetrieveKitEmbedding"
     text = "Dogs are loyal companions"
-    raw = embedder.model.encode(["query: " + text, "passage: " + text], convert_to_numpy=True)
+    raw = st_oracle.encode(["query: " + text, "passage: " + text], convert_to_numpy=True)
     raw = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     q = np.array(emb.get_query_embedding(text))
     (d,) = np.array(emb.get_text_embedding_batch([text]))
