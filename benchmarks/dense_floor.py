@@ -39,15 +39,8 @@ SETTINGS = {"retrievekit defaults (M=32, ef 200/200)": (32, 200, 200),
 USEARCH_SETTING = "Chroma's defaults (M=16, ef 100/100)"
 
 
-def _p50(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> float:
-    for q in queries[:5]:
-        fn(q)
-    times = []
-    for q in queries:
-        t = time.perf_counter()
-        fn(q)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+def _p50_ms(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> float:
+    return C.time_queries(fn, queries)["p50"]  # 5 untimed first, then each query timed
 
 
 def _chroma(vectors: np.ndarray, m: int, efc: int, efs: int) -> tuple[float, Callable]:
@@ -100,15 +93,15 @@ def run(name: str, vectors: np.ndarray, queries: np.ndarray) -> list[dict[str, A
     for label, (m, efc, efs) in SETTINGS.items():
         build, query = _chroma(vectors, m, efc, efs)
         rows.append({"vectors": name, "engine": "Chroma HNSW", "setting": label,
-                     "build_s": build, "p50_ms": _p50(query, queries)})
+                     "build_s": build, "p50_ms": _p50_ms(query, queries)})
         print(rows[-1], flush=True)
         got = _usearch(vectors, m, efc, efs) if label == USEARCH_SETTING else None
         if got is not None:
             rows.append({"vectors": name, "engine": "usearch HNSW (in-process)",
-                         "setting": label, "build_s": got[0], "p50_ms": _p50(got[1], queries)})
+                         "setting": label, "build_s": got[0], "p50_ms": _p50_ms(got[1], queries)})
             print(rows[-1], flush=True)
     rows.append({"vectors": name, "engine": "exact scan (numpy)", "setting": "-",
-                 "build_s": 0.0, "p50_ms": _p50(_exact(vectors), queries)})
+                 "build_s": 0.0, "p50_ms": _p50_ms(_exact(vectors), queries)})
     print(rows[-1], flush=True)
     return rows
 
