@@ -81,7 +81,7 @@ def _exact(vectors: np.ndarray) -> Callable:
 def _real_vectors() -> tuple[np.ndarray, np.ndarray] | None:
     try:
         import hnsw_recall
-        docs, queries = hnsw_recall._vectors()
+        docs, queries = hnsw_recall.real_vectors()
     except Exception as exc:  # no cache yet: `python benchmarks/quality.py index`
         print(f"real vectors skipped: {exc}", file=sys.stderr)
         return None

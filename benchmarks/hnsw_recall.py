@@ -31,7 +31,7 @@ SETTINGS = {"M=16, ef 100/100 (Chroma's defaults)": (16, 100, 100),
             "M=32, ef 200/200 (retrievekit 0.1 defaults)": (32, 200, 200)}
 
 
-def _vectors():
+def real_vectors():
     """All live chunk vectors of the five collections, and all their judged query vectors."""
     from retrievekit.records import is_live
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50)
     args = ap.parse_args(argv)
     C.setup_torch(1)
-    docs, queries = _vectors()
+    docs, queries = real_vectors()
     exact = np.argsort(-(queries @ docs.T), axis=1)[:, :args.k]
     client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
     ids = [str(i) for i in range(len(docs))]
