@@ -18,12 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from . import validate as v
-from .changelog import ChangeLog
+from .changelog import ChangeLog, log_name
 from .config import RetrieverConfig
 from .embedding import Embedder
 from .errors import ConfigError, InvalidInputError, StoreError
 from .filters import validate_where
 from .funnel import FunnelVectors
+from .hnsw_repair import repair_if_damaged
 from .records import PARENT_KEY, check_document_id, from_chroma, reassemble
 from .rerank import RerankConfig, Reranker
 from .searcher import FusionSettings, LocalEngine, Searcher
@@ -32,7 +33,7 @@ from .sparse import SparseIndex
 from .store import ChromaStore, chroma_errors, clean_metadata
 from .sync import Follower
 from .types import Document, Hit, text_id
-from .writer import Writer
+from .writer import Writer, chroma_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ class HybridRetriever:
             import shutil
 
             shutil.rmtree(local, ignore_errors=True)  # format-1 derived files
+        if local is not None:
+            repair_if_damaged(store, local, log_name(cfg.store.collection), functools.partial(
+                chroma_vectors, self.embedder, cfg.funnel_dim))
         log = ChangeLog(store.client, cfg.store.collection)
         self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None)
         indexes: list[Any] = [self._sparse]
@@ -156,8 +160,8 @@ class HybridRetriever:
 
     def _check_truth(self) -> None:
         """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an
-        embedded store has one writer, so after the catch-up both agree), or a vector index
-        that does not find its own vectors."""
+        embedded store has one writer, so after the catch-up both agree), or a server's
+        vector index that does not find its own vectors."""
         if not self.config.store.is_server:
             chroma, bm25 = self._store.count(), len(self._sparse)
             if chroma < bm25:
@@ -172,7 +176,8 @@ class HybridRetriever:
                 logger.warning("the BM25 index holds %d records, Chroma %d; rebuilding it",
                                bm25, chroma)
                 self._follower.rebuild()
-        self._store.check_vectors()
+        else:  # an embedded store's vector index was checked (and repaired) before
+            self._store.check_vectors()
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod

@@ -571,34 +571,67 @@ class ChromaStore:
             yield batch
             offset += len(batch["ids"])
 
-    def check_vectors(self, sample: int = 3) -> None:
-        """Query the oldest few stored vectors for themselves: each must be found (or a copy
-        of it). Chroma serves a collection whose HNSW folder was lost as if it were nearly
-        empty; this notices it at the cost of a few reads.
-
-        Raises:
-            StoreError: a stored vector cannot be read, or a query for it misses it.
+    def vector_problem(self, sample: int = 3) -> str | None:
+        """What is wrong with this collection's vector index, or None. Queries the oldest few
+        stored vectors for themselves: each must be found (or a copy of it). Chroma serves a
+        collection whose HNSW folder was lost as if it were nearly empty; this notices it at
+        the cost of a few reads. Chroma's failures to read the index are reported, not raised.
         """
-        fix = "restore the store directory from a backup, or index the documents again"
-        name = f"the vector index of collection {self.config.collection!r}"
-        with self._guard("read records"):
-            ids = self.collection.get(limit=sample, include=[])["ids"]
-        for rid in ids:
-            try:
-                got = self.collection.get(ids=[rid], include=["embeddings"])
-            except Exception as exc:
-                if not _is_chroma_failure(exc):
-                    raise
-                raise StoreError(f"{name} is damaged or missing: the vector of record {rid!r} "
-                                 f"cannot be read ({type(exc).__name__}: "
-                                 f"{v.shown(str(exc), 200)}); {fix}") from exc
-            # ten, not one: a small ef_search may stop a greedy search just short of it
-            found = self.query(np.asarray(got["embeddings"][0]), 10)
-            if not found or found[0][1] < 0.99:
-                raise StoreError(
-                    f"{name} is damaged or missing: a query for the stored vector of record "
-                    f"{rid!r} does not find it (best: {found[:1]}), so dense search would "
-                    f"silently miss records; {fix}")
+        try:
+            with self._guard("read records"):
+                ids = self.collection.get(limit=sample, include=[])["ids"]
+                for rid in ids:
+                    got = self.collection.get(ids=[rid], include=["embeddings"])
+                    # ten, not one: a small ef_search may stop a greedy search just short of it
+                    found = self.query(np.asarray(got["embeddings"][0]), 10)
+                    if not found or found[0][1] < 0.99:
+                        return (f"a query for the stored vector of record {rid!r} does not "
+                                f"find it (best: {found[:1]}), so dense search would "
+                                "silently miss records")
+        except StoreError as exc:
+            return str(exc.__cause__ or exc)
+        return None
+
+    def check_vectors(self) -> None:
+        """Raise a StoreError when `vector_problem` finds one (a server's index, which this
+        client cannot rebuild: `hnsw_repair` does that for an embedded store)."""
+        problem = self.vector_problem()
+        if problem is not None:
+            raise StoreError(
+                f"the vector index of collection {self.config.collection!r} is damaged or "
+                f"missing: {v.shown(problem, 300)}; restore the store directory from a "
+                "backup, or index the documents again")
+
+    def vector_folder(self, collection_id: str) -> Path | None:
+        """The folder of Chroma's HNSW segment of a collection of this embedded store (named
+        by Chroma's `segments` table, read-only), or None when Chroma has not made one."""
+        import sqlite3
+
+        if self.config.is_server or self.config.is_memory:
+            return None
+        path = Path(self.config.path).expanduser()
+        db = sqlite3.connect(f"file:{path / 'chroma.sqlite3'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT id FROM segments WHERE collection = ? AND scope = "
+                              "'VECTOR'", (collection_id,)).fetchall()
+        finally:
+            db.close()
+        return next((path / r[0] for r in rows if (path / r[0]).is_dir()), None)
+
+    def drop_vector_folders(self, folders: Sequence[Path]) -> None:
+        """Delete HNSW folders of this embedded store with Chroma stopped, then start it again
+        (this store keeps its lock throughout): Chroma then starts those graphs empty and
+        replays its log past the last persisted write. Only `hnsw_repair` calls this."""
+        import chromadb
+
+        self.client.close()
+        self.client = self.collection = None
+        for folder in folders:
+            shutil.rmtree(folder)
+        with self._guard("open its database"):
+            self.client = chromadb.PersistentClient(path=str(Path(self.config.path).expanduser()),
+                                                    settings=self._settings())
+        self.collection = self._open_collection()
 
     def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
               ) -> list[tuple[str, float]]:

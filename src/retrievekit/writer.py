@@ -314,20 +314,40 @@ class Writer:
     def _group(self, change: _Change, seq: int, vectors: Mapping[str, np.ndarray]
                ) -> tuple[list[str], np.ndarray, list[str], list[dict[str, Any]]]:
         """One upsert group: the changed records, then the stale ones overwritten as dead."""
-        dim = self.funnel_dim or self.embedder.dim
         full = np.asarray([vectors[r.id] for r in change.records], dtype=np.float32) \
             .reshape(-1, self.embedder.dim)
-        vecs = short_vectors(full, self.funnel_dim) if self.funnel_dim is not None \
-            and len(full) else full[:, :dim]
-        # a dead record needs some unit vector; it is never returned (readers skip it)
-        filler = np.zeros((len(change.dead), dim), dtype=np.float32)
-        filler[:, 0] = 1.0
         ids = [r.id for r in change.records] + list(change.dead)
         metas = [{**_replacing(r, change.old.get(r.id, {})), SEQ_KEY: seq} for r in change.records]
         metas += [{**dead_metadata(change.parent, m), SEQ_KEY: seq}
                   for m in change.dead.values()]
         texts = [r.text for r in change.records] + [""] * len(change.dead)
-        return ids, np.concatenate([vecs, filler]), texts, metas
+        vecs = stored_form(full, self.funnel_dim, dead=len(change.dead))
+        return ids, vecs, texts, metas
+
+
+def stored_form(full: np.ndarray, funnel_dim: int | None, dead: int = 0) -> np.ndarray:
+    """The vectors Chroma holds for records with these full vectors (the funnel's short ones
+    when it is on), then `dead` unit fillers: a dead record needs some vector, and readers
+    never return it."""
+    dim = funnel_dim or full.shape[1]
+    vecs = short_vectors(full, funnel_dim) if funnel_dim is not None and len(full) \
+        else full[:, :dim]
+    filler = np.zeros((dead, dim), dtype=np.float32)
+    filler[:, 0] = 1.0
+    return np.concatenate([vecs, filler])
+
+
+def chroma_vectors(embedder: Embedder, funnel_dim: int | None, texts: Sequence[str],
+                   metas: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Chroma's vectors for stored records, encoded again from their texts (`hnsw_repair`)."""
+    live = np.asarray([is_live(m) for m in metas], dtype=bool)
+    kept = [t for t, ok in zip(texts, live) if ok]
+    full = np.asarray(embedder.embed_documents(kept, progress=False) if kept else [],
+                      dtype=np.float32).reshape(-1, embedder.dim)
+    out = np.empty((len(texts), funnel_dim or embedder.dim), dtype=np.float32)
+    out[live] = stored_form(full, funnel_dim)
+    out[~live] = stored_form(full[:0], funnel_dim, dead=int((~live).sum()))
+    return out
 
 
 def _note_written(exc: BaseException, done: int, later: str) -> None:

@@ -2,8 +2,7 @@
 poison the next one.
 
 - chroma.sqlite3 deleted: the store no longer opens as an empty one beside a full BM25 index;
-- Chroma's HNSW folder deleted (a store past ~1,000 records, where Chroma has persisted it):
-  open fails instead of dense search quietly finding almost nothing;
+- (Chroma's HNSW folder lost or damaged: rebuilt at open, test_vector_repair.py);
 - records removed from Chroma behind retrievekit's back: open says Chroma lost records;
 - chroma.sqlite3 and its HNSW folder restored from a backup on purpose: the derived
   indexes, ahead of it, are rebuilt from it (Chroma is the truth);
@@ -69,16 +68,6 @@ def test_lost_chroma_database_is_reported(store, tiny_embedder):
     assert not (store / "chroma.sqlite3").exists()  # nothing was made in its place
     with pytest.raises(StoreError, match="chroma.sqlite3 is missing"):
         HybridRetriever.open(str(store))
-
-
-def test_lost_vector_index_is_reported(store, tiny_embedder):
-    for d in _hnsw_dirs(store):
-        shutil.rmtree(d)
-    with pytest.raises(StoreError) as err:
-        HybridRetriever(path=str(store), embedder=tiny_embedder)
-    msg = str(err.value)
-    assert "vector index of collection 'retrievekit' is damaged or missing" in msg, msg
-    assert "backup" in msg and err.value.__cause__ is not None
 
 
 def test_records_lost_from_chroma_are_reported(store, tiny_embedder):
