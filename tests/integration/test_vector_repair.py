@@ -41,9 +41,8 @@ def built(tmp_path_factory, tiny_embedder):
 
 @pytest.fixture
 def store(built, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(built, copy)
-    return copy
+    """Each test damages a copy of its own."""
+    return Path(shutil.copytree(built, tmp_path / "store"))
 
 
 def _folder(path: Path, collection: str = "retrievekit") -> Path:
