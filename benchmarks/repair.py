@@ -37,18 +37,18 @@ def run(n: int, cache: bool, root: Path) -> dict[str, float]:
 
     docs = [{"text": t, "id": i} for i, t in collection_texts(load_collection("nfcorpus"))[:n]]
     path = root / f"store-{'cache' if cache else 'plain'}"
-    options = {"cache_dir": str(root / "cache")} if cache else {}
+    config = {"cache_dir": str(root / "cache")} if cache else None
     with Timer() as build:
-        with HybridRetriever(path=str(path), **options) as r:
+        with HybridRetriever(config, path=str(path)) as r:
             r.add_documents(docs, progress=False)
             records = r.count()
     pickle = _pickle(path)
     pickle.write_bytes(pickle.read_bytes()[:pickle.stat().st_size // 2])
     with Timer() as repair:
-        with HybridRetriever(path=str(path), **options) as r:
+        with HybridRetriever(config, path=str(path)) as r:
             assert r.count() == records and r.verify()["ok"]
     with Timer() as reopen:
-        HybridRetriever(path=str(path), **options).close()
+        HybridRetriever(config, path=str(path)).close()
     return {"records": records, "build_s": round(build.seconds, 1),
             "repair_open_s": round(repair.seconds, 1), "plain_open_s": round(reopen.seconds, 2),
             "repair_records_per_s": round(records / repair.seconds, 1)}
