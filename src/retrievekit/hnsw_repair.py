@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .persist import write_json
-from .store import ChromaStore
+from .store import ChromaStore, damaged_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def _read_problem(collection: Any) -> str | None:
     try:
         collection.get(limit=1, include=[])
     except Exception as exc:
+        if not damaged_vectors(exc):
+            raise  # the open fails with it, as any other read would
         return f"{type(exc).__name__}: {exc}"
     return None
 

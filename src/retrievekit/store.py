@@ -252,6 +252,14 @@ def _forget_failed_system(identifier: str) -> None:
         SharedSystemClient._identifier_to_system.pop(identifier, None)
 
 
+def damaged_vectors(exc: BaseException) -> bool:
+    """Whether Chroma failed because a collection's HNSW graph is unreadable (its id map
+    truncated, its files unloadable, a record missing from it), as opposed to a failure
+    that says nothing about the graph (a locked or full disk)."""
+    text = str(exc).lower()
+    return any(sign in text for sign in ("hnsw", "pickle", "error finding id"))
+
+
 @contextmanager
 def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
     """Turn a failure of Chroma into a StoreError that says what failed (the original is
@@ -589,6 +597,8 @@ class ChromaStore:
                                 f"find it (best: {found[:1]}), so dense search would "
                                 "silently miss records")
         except StoreError as exc:
+            if not damaged_vectors(exc.__cause__ or exc):
+                raise
             return str(exc.__cause__ or exc)
         return None
 

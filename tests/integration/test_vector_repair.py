@@ -179,3 +179,17 @@ def test_repair_killed_at_random_moments_resumes(store, tiny_model, tiny_embedde
     print(f"4 kills, {killed_during} during the repair")
     assert killed_during >= 2  # the kills did land inside the repair
     _check_whole(store, tiny_embedder)
+
+
+def test_only_damage_to_the_graph_starts_a_repair():
+    """A read that fails for another reason (a locked database, a full disk) fails the open
+    as before: a repair would re-encode the whole collection for nothing."""
+    from retrievekit.store import damaged_vectors
+
+    seen = ["Error executing plan: Error sending backfill request to compactor: Error "
+            "constructing hnsw segment reader: Error creating hnsw segment reader: Error "
+            "deserializing pickle file: eval error at offset 24063: EOF while parsing",
+            "Error executing plan: Internal error: Error finding id"]
+    assert all(damaged_vectors(Exception(m)) for m in seen)
+    assert not any(damaged_vectors(Exception(m)) for m in (
+        "database is locked", "No space left on device", "Collection [x] does not exist"))
