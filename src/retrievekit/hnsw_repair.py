@@ -11,8 +11,8 @@ read. And a folder lost otherwise makes dense search quietly miss most records.
 Chroma's log no longer holds the vectors it had persisted, so the graph cannot be replayed.
 The repair, on open of an embedded store:
 1. finds the damage: hnswlib's files checked by their sizes before Chroma reads them (a
-   truncated file would crash it), then one read of each collection (the records' and the
-   change log's), then the oldest vectors queried for themselves (`vector_problem`);
+   truncated file would crash it), then the records' oldest vectors queried for themselves
+   (`vector_problem`) and one read of the change log's collection;
 2. notes the repair in a marker file beside the derived indexes, deletes the damaged folder
    with Chroma stopped, and starts Chroma again: it begins an empty graph and replays its log
    past the last persisted write;
@@ -98,11 +98,12 @@ def repair_if_damaged(store: ChromaStore, local_dir: Path, log_name: str,
     folders = {n: store.vector_folder(str(c.id)) for n, c in collections.items()}
     damaged = {n: p for n in collections if (p := file_problem(folders[n]))}
     for name, col in collections.items():
-        if name not in damaged and (problem := _read_problem(col)):
+        if name in damaged:
+            continue  # not read: a short file can crash Chroma
+        problem = store.vector_problem() if name == store.config.collection \
+            else _read_problem(col)  # the log's vectors are all alike: a read is the check
+        if problem:
             damaged[name] = problem
-    if store.config.collection not in damaged and store.config.collection in collections:
-        if problem := store.vector_problem():
-            damaged[store.config.collection] = problem
     if not damaged and not todo:
         return
     for name, problem in damaged.items():

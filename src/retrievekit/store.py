@@ -366,11 +366,20 @@ class ChromaStore:
                 "choose another path or fix its permissions") from exc
         self._acquire_lock(path)
         try:
-            with self._guard("open its database"):
-                return chromadb.PersistentClient(path=str(path), settings=self._settings())
+            return self._embedded_client()
         except BaseException:
-            _forget_failed_system(str(path))
             self._release_lock()
+            raise
+
+    def _embedded_client(self):
+        import chromadb
+
+        path = str(Path(self.config.path).expanduser())
+        try:
+            with self._guard("open its database"):
+                return chromadb.PersistentClient(path=path, settings=self._settings())
+        except BaseException:
+            _forget_failed_system(path)
             raise
 
     def _refused_status(self) -> int | None:
@@ -583,7 +592,8 @@ class ChromaStore:
         """What is wrong with this collection's vector index, or None. Queries the oldest few
         stored vectors for themselves: each must be found (or a copy of it). Chroma serves a
         collection whose HNSW folder was lost as if it were nearly empty; this notices it at
-        the cost of a few reads. Chroma's failures to read the index are reported, not raised.
+        the cost of a few reads. A Chroma failure that names the graph (`damaged_vectors`)
+        is reported too; any other is raised.
         """
         try:
             with self._guard("read records"):
@@ -632,15 +642,11 @@ class ChromaStore:
         """Delete HNSW folders of this embedded store with Chroma stopped, then start it again
         (this store keeps its lock throughout): Chroma then starts those graphs empty and
         replays its log past the last persisted write. Only `hnsw_repair` calls this."""
-        import chromadb
-
         self.client.close()
         self.client = self.collection = None
         for folder in folders:
             shutil.rmtree(folder)
-        with self._guard("open its database"):
-            self.client = chromadb.PersistentClient(path=str(Path(self.config.path).expanduser()),
-                                                    settings=self._settings())
+        self.client = self._embedded_client()
         self.collection = self._open_collection()
 
     def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
