@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .embedding import truncate_and_normalize
+from .graph import OVERFETCH, GraphSettings, VectorGraph
 from .persist import MANIFEST, load_array, load_json, read_manifest, write_folder, write_manifest
 from .records import Record, parent_of
 
@@ -43,8 +44,15 @@ class FunnelVectors:
     `encode`. Saved as a snapshot under `directory` at each commit (embedded stores)."""
 
     def __init__(self, dim: int, encode: Callable[[list[str]], np.ndarray],
-                 directory: str | os.PathLike | None = None) -> None:
+                 directory: str | os.PathLike | None = None,
+                 graph: GraphSettings | None = None) -> None:
         self.dim = dim
+        #: an HNSW graph over these vectors (local_vectors), or None (the funnel's stage 1
+        #: runs in Chroma)
+        self.graph = VectorGraph(dim, graph) if graph is not None else None
+        #: a new base when the deltas outgrow 1/_base_every of it: with a graph, an open
+        #: replays the deltas into it (~0.1-0.6 ms a vector), so they are kept smaller
+        self._base_every = 10 if graph is not None else 4
         self.encode = encode
         self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
@@ -92,6 +100,10 @@ class FunnelVectors:
                 matrix[row] = vectors[r.id] if r.id in vectors else encoded[r.id]
                 self._changed.add(r.id)
                 self._by_parent.setdefault(r.parent, set()).add(r.id)
+            if self.graph is not None:
+                self.graph.remove([rid for rid in self._rows if rid not in rows])
+                ids = [r.id for r in records]
+                self.graph.upsert(ids, matrix[[rows[i] for i in ids]] if ids else matrix[:0])
             self._matrix, self._rows = matrix, rows
 
     def clear(self) -> None:
@@ -99,6 +111,8 @@ class FunnelVectors:
             self._rows, self._by_parent, self._free = {}, {}, []
             self._matrix = np.zeros((0, self.dim), dtype=np.float32)
             self._base = None  # the next commit writes a new base
+            if self.graph is not None:
+                self.graph.clear()
 
     def similarities(self, ids: Sequence[str], query: np.ndarray, *, cosine: bool = False
                      ) -> np.ndarray:
@@ -116,13 +130,26 @@ class FunnelVectors:
                 out[ok] /= np.maximum(np.linalg.norm(held, axis=1) * np.linalg.norm(q), 1e-12)
         return out
 
+    def nearest(self, query: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The `n` records nearest to `query`, found by the graph and scored exactly
+        (cosine), best first. Only with a graph."""
+        assert self.graph is not None
+        rows = self._rows
+        # asked for about all of them (a small store, a widened filter): scan exactly, as a
+        # graph walk may miss a few and the scan costs no more
+        ids = list(rows) if OVERFETCH * n >= len(rows) else self.graph.nearest(query, n)
+        sims = self.similarities(ids, query, cosine=True)
+        order = np.argsort(-sims, kind="stable")[:n]
+        return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
+
     def nbytes(self) -> int:
         return len(self._rows) * self.dim * 4
 
     # -- persistence: a base snapshot plus small deltas (persist.py) ----------------------
     def commit(self, watermark: int) -> None:
         """Record the changes since the last commit as one delta folder (O(change)); when
-        the deltas outgrow a quarter of the base, write a new base instead (amortized)."""
+        the deltas outgrow a quarter of the base (a tenth with a graph), write a new base
+        instead (amortized)."""
         self.watermark = watermark
         if self.directory is None:
             return
@@ -134,11 +161,14 @@ class FunnelVectors:
             self._changed = set()
             root = self.directory
             delta_rows = self._delta_rows + len(changed) + len(removed)
-            if self._base is None or delta_rows > max(1000, len(self._rows) // 4):
+            if self._base is None or delta_rows > max(1000, len(self._rows) // self._base_every):
                 ids = sorted(self._rows)
                 matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
                     np.zeros((0, self.dim), np.float32)
-                self._base = write_folder(root, "base", {"vectors": matrix, "ids": ids})
+                files: dict[str, object] = {"vectors": matrix, "ids": ids}
+                if self.graph is not None:
+                    files["graph"] = self.graph.to_array()
+                self._base = write_folder(root, "base", files)
                 self._deltas, self._delta_rows = [], 0
             elif changed or removed:
                 self._deltas.append(write_folder(root, "delta", {
@@ -157,6 +187,7 @@ class FunnelVectors:
             if m.get("format") != FORMAT_VERSION or m["dim"] != self.dim:
                 raise ValueError("made with other settings")
             rows: dict[str, np.ndarray] = {}
+            changes: list[tuple[list[str], list[str], np.ndarray]] = []  # the deltas, in order
             for n, name in enumerate([m["base"], *m["deltas"]]):
                 ids = load_json(root / name, "ids")
                 vectors = load_array(root / name, "vectors")
@@ -164,9 +195,11 @@ class FunnelVectors:
                         or not all(isinstance(i, str) for i in ids) \
                         or not np.isfinite(vectors).all():
                     raise ValueError(f"inconsistent arrays in {name}")
-                for rid in (load_json(root / name, "removed") if n else ()):
+                removed = load_json(root / name, "removed") if n else []
+                for rid in removed:
                     rows.pop(rid, None)
                 rows.update(zip(ids, vectors))
+                changes.append((removed, ids, vectors))
             if len(rows) != m["count"]:
                 raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
         except Exception as exc:  # any damage (an empty .npy is numpy's EOFError): rebuild
@@ -183,3 +216,29 @@ class FunnelVectors:
         self._delta_rows = sum(len(load_json(root / d, "ids")) for d in self._deltas)
         self.watermark = int(m["watermark"])
         self.origin = str(m.get("origin", ""))
+        if self.graph is not None:
+            self._load_graph(root / m["base"], changes)
+
+    def _load_graph(self, base: Path, changes: list[tuple[list[str], list[str], np.ndarray]]
+                    ) -> None:
+        """The graph saved with the base, brought up to date with the deltas; built again
+        from the vectors (and saved with a new base) when it is missing or damaged."""
+        assert self.graph is not None
+        try:
+            _, base_ids, _ = changes[0]
+            self.graph = VectorGraph.from_array(load_array(base, "graph"), self.dim,
+                                                self.graph.settings, base_ids)
+            for removed, ids, vectors in changes[1:]:
+                self.graph.remove(removed)
+                self.graph.upsert(ids, vectors)
+            return
+        except Exception as exc:  # a missing file is OSError; damage is ValueError
+            if (base / "graph.npy").exists():
+                logger.warning("the vector graph in %s is unreadable (%s); building it again",
+                               base, exc)
+        ids = list(self._rows)
+        self.graph.clear()
+        self.graph.upsert(ids, self._matrix[[self._rows[i] for i in ids]] if ids else
+                          self._matrix)
+        self._base = None  # saved with the next base, written now
+        self.commit(self.watermark)

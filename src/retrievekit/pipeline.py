@@ -24,6 +24,7 @@ from .embedding import Embedder
 from .errors import ConfigError, InvalidInputError, StoreError
 from .filters import validate_where
 from .funnel import FunnelVectors
+from .graph import GraphSettings
 from .hnsw_repair import repair_if_damaged
 from .records import PARENT_KEY, check_document_id, from_chroma, reassemble
 from .rerank import RerankConfig, Reranker
@@ -139,8 +140,10 @@ class HybridRetriever:
         indexes: list[Any] = [self._sparse]
         self._funnel = None  # full vectors by record id: the funnel's, or local_vectors'
         if cfg.funnel_dim is not None or cfg.local_vectors:
+            graph = GraphSettings(cfg.store.hnsw_m, cfg.store.hnsw_ef_construction,
+                                  cfg.store.hnsw_ef_search) if cfg.funnel_dim is None else None
             self._funnel = FunnelVectors(self.embedder.dim, self.embedder.embed_documents,
-                                         local / "funnel" if local else None)
+                                         local / "funnel" if local else None, graph)
             indexes.append(self._funnel)
         self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server,
                                   vectors_in_store=cfg.local_vectors and cfg.funnel_dim is None)

@@ -1,10 +1,10 @@
 """The query path: candidates from each side, fusion, hits, reranking.
 
 The seam: an `Engine` turns a `Request` into fused candidates (record ids with scores and
-per-stage ranks). `LocalEngine` does it on this client (Chroma's HNSW or the funnel for the
-dense side, the local BM25 index for the sparse side, RRF). A server-side hybrid engine
-(Chroma's Search API with a sparse BM25 index and Rrf, on distributed Chroma or Chroma
-Cloud) can take its place without the rest of this module changing; `LocalEngine` stays
+per-stage ranks). `LocalEngine` does it on this client (the dense side from Chroma's HNSW,
+the funnel, or with local_vectors a graph in this process; the sparse side from the local
+BM25 index; RRF or a score fusion). A server-side hybrid engine (Chroma's Search API with a
+sparse BM25 index and Rrf, on distributed Chroma or Chroma Cloud) can take its place without the rest of this module changing; `LocalEngine` stays
 its oracle. See docs/design.md.
 """
 
@@ -71,7 +71,8 @@ class FusionSettings:
 
 
 class LocalEngine:
-    """Dense from Chroma (or the funnel), sparse from the local BM25 index, fused by RRF."""
+    """Dense from Chroma (or the funnel, or the graph over local vectors), sparse from the
+    local BM25 index, fused."""
 
     def __init__(self, store: ChromaStore, sparse: SparseIndex, vectors: FunnelVectors | None,
                  settings: FusionSettings) -> None:
@@ -161,10 +162,17 @@ class LocalEngine:
             if passing == 0:
                 return []
             if passing >= POST_FILTER_SHARE * total:
-                return _post_filtered(lambda m: self.store.query(vec, m, None),
+                return _post_filtered(lambda m: self._nearest(vec, m),
                                       lambda ids: self.sparse.keep(ids, matching),
                                       n, passing / total, total)
-        return self.store.query(vec, n, where)
+        return self.store.query(vec, n, where) if where is not None else self._nearest(vec, n)
+
+    def _nearest(self, vec: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The `n` nearest records, unfiltered: from the graph in this process when there
+        is one (local_vectors), else from Chroma's."""
+        if self.vectors is not None and self.vectors.graph is not None:
+            return self.vectors.nearest(vec, n)
+        return self.store.query(vec, n, None)
 
 
 def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings

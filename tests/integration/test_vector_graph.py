@@ -1,0 +1,107 @@
+"""local_vectors answers the dense side in this process (graph.py): no Chroma query, the
+exact answer on a small store, writes followed, and a reopen that loads the saved graph and
+replays only the changes since."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrievekit import graph as G
+from retrievekit.pipeline import HybridRetriever
+
+DOCS = [{"text": f"record {i} " + ("river stone" if i % 2 else "cloud engine"), "id": f"d{i}",
+         "metadata": {"bucket": i % 40}} for i in range(300)]
+
+
+def _exact(r, q, k):
+    """The k best cosine similarities over every live record Chroma holds."""
+    sims = []
+    for batch in r.store.iter_records(include=["embeddings", "metadatas"]):
+        sims += [float(np.asarray(v) @ q) for v, m in zip(batch["embeddings"],
+                                                           batch["metadatas"])
+                 if not m.get("_rk_dead")]
+    return sorted(sims, reverse=True)[:k]
+
+
+def _no_chroma_query(r, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the dense side asked Chroma")
+
+    monkeypatch.setattr(r.store, "query", refuse)
+
+
+def test_dense_side_runs_in_process_and_is_exact(tmp_path, tiny_embedder, monkeypatch):
+    cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(DOCS)
+        _no_chroma_query(r, monkeypatch)
+        rng = np.random.default_rng(0)
+        for _ in range(10):
+            q = rng.standard_normal(tiny_embedder.dim).astype(np.float32)
+            q /= np.linalg.norm(q)
+            hits = r.search("x", 10, mode="dense", query_vector=q, candidates=10)
+            np.testing.assert_allclose([h.score for h in hits], _exact(r, q, 10), atol=1e-5)
+            assert r.search("river", 5, query_vector=q)  # hybrid too
+        # a broad filter is post-filtered on the graph's neighbours, still without Chroma
+        hits = r.search("x", 5, mode="dense", where={"bucket": {"$in": list(range(10, 40))}},
+                        query_vector=q)
+        assert len(hits) == 5 and all(h.document.metadata["bucket"] >= 10 for h in hits)
+
+
+def test_graph_follows_writes_and_reopens_from_its_file(tmp_path, tiny_embedder, monkeypatch):
+    cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
+    many = [{"text": f"entry {i} of the archive", "id": f"e{i}"} for i in range(1200)]
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(DOCS + many)  # one commit past 1,000 rows: a base, with the graph
+        r.add_documents([{"text": "a lighthouse keeper's logbook", "id": "d0"}])  # deltas
+        r.delete(["d1"])
+    added: list[int] = []
+    upsert = G.VectorGraph.upsert
+
+    def counting(self, ids, vectors):
+        added.append(len(ids))
+        return upsert(self, ids, vectors)
+
+    monkeypatch.setattr(G.VectorGraph, "upsert", counting)
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        assert sum(added) <= 2  # the saved graph, then d0's new vector: no rebuild of 1,499
+        _no_chroma_query(r, monkeypatch)
+        q = tiny_embedder.embed_query("a lighthouse keeper's logbook")
+        top = r.search("x", 10, mode="dense", query_vector=q, candidates=10)  # the graph
+        assert top[0].id == "d0"  # found by its new vector, replayed from a delta
+        np.testing.assert_allclose([h.score for h in top], _exact(r, q, 10), atol=1e-5)
+        hits = r.search("x", 1500, mode="dense", query_vector=q)  # all: an exact scan
+        assert hits[0].id == "d0" and "d1" not in {h.id for h in hits}
+        assert len(hits) == 1499
+        np.testing.assert_allclose([h.score for h in hits[:10]], _exact(r, q, 10), atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage"])
+def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch, how, caplog):
+    cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
+    q = tiny_embedder.embed_query("river stone")
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(DOCS)
+        expected = [(h.id, round(h.score, 5)) for h in
+                    r.search("x", 10, mode="dense", query_vector=q)]
+    graph, = (tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.npy")
+    if how == "deleted":
+        graph.unlink()
+    elif how == "truncated":
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    else:
+        np.save(graph, np.frombuffer(b"not a usearch index" * 50, np.uint8))
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        _no_chroma_query(r, monkeypatch)
+        assert [(h.id, round(h.score, 5)) for h in
+                r.search("x", 10, mode="dense", query_vector=q)] == expected
+    assert how == "deleted" or "vector graph" in caplog.text
+    saved = list((tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.npy"))
+    assert len(saved) == 1 and saved[0] != graph or how == "deleted" and len(saved) == 1
+    added: list[int] = []
+    upsert = G.VectorGraph.upsert
+    monkeypatch.setattr(G.VectorGraph, "upsert",
+                        lambda self, ids, v: (added.append(len(ids)), upsert(self, ids, v)))
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:  # saved again: not rebuilt
+        assert added == []
