@@ -2,8 +2,13 @@
 real vectors of the five shared collections (all-MiniLM-L6-v2 chunk vectors from the cache
 of `quality.py index`) and their judged queries, for each setting, with its build time.
 
-Usage: python benchmarks/hnsw_recall.py [--k 50]   (after quality.py index)
-Writes benchmarks/results/hnsw-recall.json and prints a markdown table.
+With `--engine graph` the same for retrievekit's in-process graph (`local_vectors`:
+usearch, 8-bit, twice the candidates, scored exactly on the float32 copy), queried through
+`FunnelVectors.nearest`, the code a search runs.
+
+Usage: python benchmarks/hnsw_recall.py [--k 50] [--engine chroma|graph]  (after quality.py index)
+Writes benchmarks/results/hnsw-recall.json (graph: graph-recall.json) and prints a markdown
+table.
 """
 
 from __future__ import annotations
@@ -54,28 +59,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--engine", choices=("chroma", "graph"), default="chroma")
     args = ap.parse_args(argv)
     C.setup_torch(1)
     docs, queries = real_vectors()
     exact = np.argsort(-(queries @ docs.T), axis=1)[:, :args.k]
-    client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
+    client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False)) \
+        if args.engine == "chroma" else None
     ids = [str(i) for i in range(len(docs))]
     rows, out = [], {"machine": C.machine_info(), "vectors": len(docs), "queries": len(queries),
                      "k": args.k, "settings": {}}
     for name, (m, efc, efs) in SETTINGS.items():
-        col = client.create_collection(f"recall-{uuid.uuid4().hex[:8]}", embedding_function=None,
-                                       configuration={"hnsw": {"space": "cosine",
-                                                               "max_neighbors": m,
-                                                               "ef_construction": efc,
-                                                               "ef_search": efs}})
-        t = time.perf_counter()
-        for s in range(0, len(docs), 5000):
-            col.add(ids=ids[s:s + 5000], embeddings=docs[s:s + 5000])
-        build = time.perf_counter() - t
+        if args.engine == "graph":
+            build, search = _graph(docs, ids, m, efc, efs)
+        else:
+            build, search = _chroma(client, docs, ids, m, efc, efs)
         recalls, lat = [], []
         for qi, q in enumerate(queries):
             t = time.perf_counter()
-            got = col.query(query_embeddings=[q], n_results=args.k, include=[])["ids"][0]
+            got = search(q, args.k)
             lat.append(1000 * (time.perf_counter() - t))
             recalls.append(len({int(g) for g in got} & set(exact[qi].tolist())) / args.k)
         r = {"build_s": build, "recall": statistics.mean(recalls),
@@ -83,12 +85,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["settings"][name] = r
         rows.append([name, f"{r['recall']:.4f}", f"{r['recall_min']:.2f}", f"{build:.1f}",
                      f"{r['query_p50_ms']:.2f}"])
-        client.delete_collection(col.name)
-    C.write_results("hnsw-recall", out)
-    print(f"{len(docs)} vectors, {len(queries)} queries, k = {args.k}\n")
+    C.write_results("graph-recall" if args.engine == "graph" else "hnsw-recall", out)
+    print(f"{len(docs)} vectors, {len(queries)} queries, k = {args.k}, {args.engine}\n")
     print(C.md_table(["HNSW", f"recall@{args.k}", "worst query", "build s", "query p50 ms"],
                      rows))
     return 0
+
+
+def _chroma(client, docs, ids, m, efc, efs):
+    """Build a Chroma collection at the setting; (build seconds, search(q, k) -> ids)."""
+    col = client.create_collection(f"recall-{uuid.uuid4().hex[:8]}", embedding_function=None,
+                                   configuration={"hnsw": {"space": "cosine",
+                                                           "max_neighbors": m,
+                                                           "ef_construction": efc,
+                                                           "ef_search": efs}})
+    t = time.perf_counter()
+    for s in range(0, len(docs), 5000):
+        col.add(ids=ids[s:s + 5000], embeddings=docs[s:s + 5000])
+    build = time.perf_counter() - t
+    return build, lambda q, k: col.query(query_embeddings=[q], n_results=k,
+                                         include=[])["ids"][0]
+
+
+def _graph(docs, ids, m, efc, efs):
+    """The in-process graph at the setting, filled as writes fill it (batches of 5,461)."""
+    from retrievekit.funnel import FunnelVectors
+    from retrievekit.graph import GraphSettings
+    from retrievekit.records import Record
+
+    fv = FunnelVectors(docs.shape[1], lambda texts: None, None, GraphSettings(m, efc, efs))
+    t = time.perf_counter()
+    for s in range(0, len(docs), 5461):
+        part = ids[s:s + 5461]
+        fv.replace((), [Record(i, i, "", {}) for i in part], dict(zip(part, docs[s:s + 5461])))
+    build = time.perf_counter() - t
+    return build, lambda q, k: [rid for rid, _ in fv.nearest(q, k)]
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import _common as C  # noqa: E402
 DIM = 384
 _RESULT_FILE: Path | None = None  # set in a child: where it writes (and checkpoints) its result
 FILTER = {"collection": "cacm"}
-SYSTEMS = ("ours", "llamaindex", "langchain", "ours-hnsw16")
+SYSTEMS = ("ours", "llamaindex", "langchain", "ours-hnsw16", "ours-local")
 DEFAULT_SYSTEMS = ("ours", "llamaindex", "langchain")
 #: Chroma's own HNSW defaults (what both peers get), for an apples-to-apples variant of ours
 CHROMA_DEFAULT_HNSW = {"hnsw_m": 16, "hnsw_ef_construction": 100, "hnsw_ef_search": 100}
@@ -115,7 +115,7 @@ def _child(system: str, phase: str, workdir: Path, docs: int, n_queries: int) ->
     out: dict[str, Any] = {"system": system, "phase": phase, "docs": len(items),
                            "queries": len(queries), "base_rss_mb": C.rss_mb(),
                            "setup_s": time.perf_counter() - started}
-    runner = {"ours": _ours, "ours-hnsw16": _ours, "langchain": _langchain,
+    runner = {"ours": _ours, "ours-hnsw16": _ours, "ours-local": _ours, "langchain": _langchain,
               "llamaindex": _llama}[system]
     runner(phase, workdir, items, queries, qvecs, model_holder, out)
     _checkpoint(out)
@@ -140,6 +140,8 @@ def _ours(phase, workdir, items, queries, qvecs, embedder, out) -> None:
     config = RetrieverConfig()
     if system == "ours-hnsw16":
         config = config.replace(store=CHROMA_DEFAULT_HNSW)
+    if system == "ours-local":  # the dense side in this process (graph.py)
+        config = config.replace(local_vectors=True)
     out["hnsw"] = {k: getattr(config.store, k) for k in CHROMA_DEFAULT_HNSW}
     if phase == "build":
         docs = [Document(text=t, id=i, metadata=m) for i, t, m in items]

@@ -45,11 +45,15 @@ class RetrieverConfig:
         funnel_dim: Matryoshka funnel: index only the leading `funnel_dim` dims in Chroma and
             rescore the stage-1 candidates with the full vectors (None: off).
         funnel_candidates: stage-1 candidates to rescore (default: 4 x the dense candidates).
-        local_vectors: keep a copy of every record's full vector in this process (derived
-            from Chroma like the BM25 index; 4 bytes x dimension per record, 1.5 KB at 384),
-            so a filter that few records pass (under 5%) is answered by an exact scan over
-            exactly those records instead of Chroma's filtered HNSW query (20-60x slower than
-            an unfiltered one). With a funnel the copy exists anyway and is used.
+        local_vectors: answer the dense side in this process: a copy of every record's
+            full vector (derived from Chroma like the BM25 index; 4 bytes x dimension per
+            record, 1.5 KB at 384) and, without a funnel, an HNSW graph over it (usearch,
+            8-bit, the store's hnsw_* settings; ~0.7 KB a record at M=32), whose candidates
+            are scored exactly on the copy. Unfiltered and broadly filtered queries walk that
+            graph instead of Chroma's; a filter that few records pass (under 5%) is answered
+            by an exact scan over exactly those records instead of Chroma's filtered HNSW
+            query (20-60x slower than an unfiltered one). With a funnel the copy exists
+            anyway and is used for the scans.
     """
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
