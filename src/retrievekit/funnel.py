@@ -29,6 +29,7 @@ from .records import Record, parent_of
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
+GRAPH_FILE = "graph.usearch"  # in a base folder, with local_vectors
 
 
 def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
@@ -83,16 +84,18 @@ class FunnelVectors:
             if todo else {}
         with self._lock:
             rows = dict(self._rows)
+            dropped: list[str] = []
             for p in parents:
                 for rid in self._by_parent.pop(p, ()):
                     self._free.append(rows.pop(rid))
                     self._changed.add(rid)
+                    dropped.append(rid)
             need = max(0, len(records) - len(self._free))
-            matrix = np.array(self._matrix)  # copy: readers keep the old one
-            if need:
-                start = matrix.shape[0]
-                matrix = np.vstack([matrix, np.zeros((need, self.dim), np.float32)])
-                self._free.extend(range(start, start + need))
+            start = self._matrix.shape[0]
+            # a copy (readers keep the old one), made once, with room for the new rows
+            matrix = np.zeros((start + need, self.dim), np.float32)
+            matrix[:start] = self._matrix
+            self._free.extend(range(start, start + need))
             for r in records:
                 row = rows.get(r.id)
                 if row is None:
@@ -101,7 +104,7 @@ class FunnelVectors:
                 self._changed.add(r.id)
                 self._by_parent.setdefault(r.parent, set()).add(r.id)
             if self.graph is not None:
-                self.graph.remove([rid for rid in self._rows if rid not in rows])
+                self.graph.remove([rid for rid in dropped if rid not in rows])
                 ids = [r.id for r in records]
                 self.graph.upsert(ids, matrix[[rows[i] for i in ids]] if ids else matrix[:0])
             self._matrix, self._rows = matrix, rows
@@ -167,7 +170,7 @@ class FunnelVectors:
                     np.zeros((0, self.dim), np.float32)
                 files: dict[str, object] = {"vectors": matrix, "ids": ids}
                 if self.graph is not None:
-                    files["graph"] = self.graph.to_array()
+                    files[GRAPH_FILE] = self.graph.save
                 self._base = write_folder(root, "base", files)
                 self._deltas, self._delta_rows = [], 0
             elif changed or removed:
@@ -226,14 +229,14 @@ class FunnelVectors:
         assert self.graph is not None
         try:
             _, base_ids, _ = changes[0]
-            self.graph = VectorGraph.from_array(load_array(base, "graph"), self.dim,
-                                                self.graph.settings, base_ids)
+            self.graph = VectorGraph.load(base / GRAPH_FILE, self.dim, self.graph.settings,
+                                          base_ids)
             for removed, ids, vectors in changes[1:]:
                 self.graph.remove(removed)
                 self.graph.upsert(ids, vectors)
             return
         except Exception as exc:  # a missing file is OSError; damage is ValueError
-            if (base / "graph.npy").exists():
+            if (base / GRAPH_FILE).exists():
                 logger.warning("the vector graph in %s is unreadable (%s); building it again",
                                base, exc)
         ids = list(self._rows)

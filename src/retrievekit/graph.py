@@ -5,7 +5,7 @@ Chroma's graph pays for the client, its log and SQLite on every call (1.45 ms ag
 0.29 ms in process for the same graph over the real vectors of the five collections,
 docs/benchmarks.md "The dense floor"). The graph is derived state like the BM25 index: it
 holds the vectors of `FunnelVectors`, follows its changes, and is saved with its base
-snapshot (usearch's own format, as bytes in a `.npy`; never pickle). Candidates it finds
+snapshot (usearch's own file format; never pickle). Candidates it finds
 are scored again exactly on the float32 copy, so the graph may hold its vectors in 8 bits.
 
 Why usearch: a maintained HNSW library with removal, concurrent search and a documented
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -66,6 +67,10 @@ class VectorGraph:
 
     def __len__(self) -> int:
         return len(self._ids) + len(self._outside)
+
+    def ids(self) -> set[str]:
+        """The record ids the graph holds."""
+        return set(self._ids.values()) | self._outside
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Hold `vectors[i]` under `ids[i]`, replacing what an id held."""
@@ -117,22 +122,23 @@ class VectorGraph:
         return out + list(outside)
 
     # -- persistence -----------------------------------------------------------------------
-    def to_array(self) -> np.ndarray:
-        """The graph in usearch's format, as bytes (stored as a `.npy` beside the vectors)."""
-        return np.frombuffer(bytes(self._index.save()), dtype=np.uint8)
+    def save(self, path: Path) -> None:
+        """Write the graph to `path` in usearch's format."""
+        self._index.save(str(path))
 
     @classmethod
-    def from_array(cls, data: np.ndarray, dim: int, settings: GraphSettings,
-                   ids: Iterable[str]) -> "VectorGraph":
-        """A saved graph that holds exactly `ids`; ValueError when it does not (damaged, or
-        saved with other settings): the caller builds it again."""
+    def load(cls, path: Path, dim: int, settings: GraphSettings, ids: Iterable[str]
+             ) -> "VectorGraph":
+        """The graph saved at `path`, which must hold exactly `ids`; ValueError when it does
+        not (damaged, or saved with other settings), OSError when it is missing: the
+        caller builds it again."""
         from usearch.index import Index
 
         graph = cls(dim, settings)
-        if data.dtype != np.uint8 or data.ndim != 1:
-            raise ValueError("the saved graph is not a byte array")
+        if not path.is_file():
+            raise FileNotFoundError(path)
         try:
-            index = Index.restore(data.tobytes())
+            index = Index.restore(str(path))
         except Exception as exc:  # usearch raises RuntimeError or returns None on damage
             raise ValueError(f"the saved graph is unreadable: {exc}") from exc
         if index is None:

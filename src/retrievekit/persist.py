@@ -31,8 +31,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_folder(root: Path, prefix: str, files: Mapping[str, Any]) -> str:
-    """Write `files` (name -> ndarray for `.npy`, anything else as JSON) into a new folder
-    under `root`; returns its name. Nothing refers to it until a manifest does."""
+    """Write `files` (name -> ndarray for `.npy`, a callable that writes the file at the
+    path it is given (a library's own format, under `name` as it is), anything else as
+    JSON) into a new folder under `root`; returns its name. Nothing refers to it until a
+    manifest does."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{prefix}-{uuid.uuid4().hex[:12]}"
     tmp = root / (name + ".tmp")
@@ -40,6 +42,8 @@ def write_folder(root: Path, prefix: str, files: Mapping[str, Any]) -> str:
     for fname, obj in files.items():
         if isinstance(obj, np.ndarray):
             np.save(tmp / f"{fname}.npy", obj, allow_pickle=False)
+        elif callable(obj):
+            obj(tmp / fname)
         else:
             write_json(tmp / f"{fname}.json", obj)
     for f in tmp.iterdir():

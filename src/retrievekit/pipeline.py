@@ -454,7 +454,8 @@ class HybridRetriever:
         """Compare the derived indexes with Chroma, record by record (reads every id: a
         check for tests and operators, not for the query path).
 
-        Returns the live record ids in Chroma and in the BM25 index, the number of dead
+        Returns the live record ids in Chroma, in the BM25 index, in the vector copy and its
+        graph (None without local_vectors or a funnel), the number of dead
         records and of unfinished log entries, the ids whose text or metadata in the BM25
         index's stored copy differs from Chroma's (`stale`), and `ok`: whether they all
         agree."""
@@ -471,11 +472,13 @@ class HybridRetriever:
                       if (text, meta) != (records[rid].text, records[rid].metadata)]
         sparse = self._sparse.ids() if self._sparse is not None else set()
         funnel = self._funnel.ids() if self._funnel is not None else None
+        graph = self._funnel.graph.ids() if self._funnel is not None \
+            and self._funnel.graph is not None else None
         pending = len(self._follower.log.pending())
-        return {"chroma_ids": live, "sparse_ids": sparse, "funnel_ids": funnel, "dead": dead,
-                "pending": pending, "stale": sorted(stale),
-                "ok": live == sparse and funnel in (None, live) and not dead and not pending
-                and not stale}
+        return {"chroma_ids": live, "sparse_ids": sparse, "funnel_ids": funnel,
+                "graph_ids": graph, "dead": dead, "pending": pending, "stale": sorted(stale),
+                "ok": live == sparse and funnel in (None, live) and graph in (None, live)
+                and not dead and not pending and not stale}
 
     # -- lifecycle -------------------------------------------------------------------------
     @_guarded("describe itself")

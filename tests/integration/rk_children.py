@@ -90,7 +90,8 @@ def versioned_text(doc: str, version: int, chunks: int) -> str:
     return f"{doc} version{version} {words}"
 
 
-def crash_loop(path: str, model: str, journal: str, seed: int, started) -> None:
+def crash_loop(path: str, model: str, journal: str, seed: int, started,
+               local_vectors: bool = False) -> None:
     """Random updates (chunk counts change) and deletes over a pool of documents, forever;
     each op is journaled as 'begin' before and 'ack' after, flushed, so the parent knows
     after a SIGKILL which writes were acknowledged."""
@@ -100,7 +101,7 @@ def crash_loop(path: str, model: str, journal: str, seed: int, started) -> None:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     r = HybridRetriever(path=path, model=model,
-                        config={"embedder": {"batch_size": 64},
+                        config={"embedder": {"batch_size": 64}, "local_vectors": local_vectors,
                                 "chunking": {"max_tokens": 16, "overlap_tokens": 2}})
     with open(journal, "a", encoding="utf-8") as fh:
         def note(*entry: Any) -> None:

@@ -117,20 +117,25 @@ def test_chunk_ids_cannot_collide_with_user_ids(tmp_path, tiny_embedder):
         r.add_documents([{"text": "fine", "id": "A#chunk1x"}, {"text": "fine", "id": "A#part1"}])
 
 
-def test_random_kills_over_updates_and_deletes(tmp_path, tiny_model, tiny_embedder):
+@pytest.mark.parametrize("local_vectors", [False, True], ids=["default", "local_vectors"])
+def test_random_kills_over_updates_and_deletes(tmp_path, tiny_model, tiny_embedder,
+                                               local_vectors):
     """Many SIGKILLs at random moments of a writer that keeps updating (chunk counts 1-5)
-    and deleting; after each, the invariants above hold, then the next trial goes on."""
+    and deleting; after each, the invariants above hold, then the next trial goes on. With
+    local_vectors the vector copy and its graph (saved with each new base) are killed too,
+    and must hold exactly Chroma's live records after each reopen (`verify`)."""
     path = str(tmp_path / "store")
     journal = tmp_path / "journal.jsonl"
     rng = random.Random(1234)
     last_ack: dict[str, int | None] = {}   # version acknowledged last (None: deleted)
-    trials = 12
+    trials = 8 if local_vectors else 12
+    config = {**CHUNKED, "local_vectors": local_vectors}
     killed_mid_write = 0
     for trial in range(trials):
         ctx = mp_context()
         started = ctx.Event()
         proc = ctx.Process(target=crash_loop, args=(path, tiny_model, str(journal), trial,
-                                                    started))
+                                                    started, local_vectors))
         proc.start()
         assert started.wait(120)
         time.sleep(rng.uniform(0.05, 2.5))
@@ -150,8 +155,11 @@ def test_random_kills_over_updates_and_deletes(tmp_path, tiny_model, tiny_embedd
                     allowed[i] = allowed[i] | {value}
         if entries and entries[-1][0] == "begin":
             killed_mid_write += 1
-        with HybridRetriever(path=path, embedder=tiny_embedder, config=CHUNKED) as r:
+        with HybridRetriever(path=path, embedder=tiny_embedder, config=config) as r:
             found = _check_store(r, allowed)
+            if local_vectors:
+                state = r.verify()
+                assert state["graph_ids"] == state["chroma_ids"]
         for i, v in found.items():  # what the store now holds is the baseline of the next
             last_ack[i] = v
     print(f"{trials} kills, {killed_mid_write} with a write under way")

@@ -85,19 +85,19 @@ def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch,
         r.add_documents(DOCS)
         expected = [(h.id, round(h.score, 5)) for h in
                     r.search("x", 10, mode="dense", query_vector=q)]
-    graph, = (tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.npy")
+    graph, = (tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.usearch")
     if how == "deleted":
         graph.unlink()
     elif how == "truncated":
         graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
     else:
-        np.save(graph, np.frombuffer(b"not a usearch index" * 50, np.uint8))
+        graph.write_bytes(b"not a usearch index" * 50)
     with HybridRetriever(cfg, embedder=tiny_embedder) as r:
         _no_chroma_query(r, monkeypatch)
         assert [(h.id, round(h.score, 5)) for h in
                 r.search("x", 10, mode="dense", query_vector=q)] == expected
     assert how == "deleted" or "vector graph" in caplog.text
-    saved = list((tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.npy"))
+    saved = list((tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.usearch"))
     assert len(saved) == 1 and saved[0] != graph or how == "deleted" and len(saved) == 1
     added: list[int] = []
     upsert = G.VectorGraph.upsert

@@ -41,28 +41,33 @@ def test_finds_the_exact_neighbours_and_follows_changes():
     assert g.nearest(x[1], 1)[0] == "r1"
 
 
-def test_saved_graph_round_trips_and_refuses_a_mismatch():
+def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
     rng = np.random.default_rng(1)
     ids = [f"r{i}" for i in range(200)]
     x = _unit(rng, 200)
     g = VectorGraph(16, SETTINGS)
     g.upsert(ids, x)
-    data = g.to_array()
-    back = VectorGraph.from_array(data, 16, SETTINGS, ids)
+    path = tmp_path / "graph.usearch"
+    g.save(path)
+    back = VectorGraph.load(path, 16, SETTINGS, ids)
     q = _unit(rng, 1)[0]
     assert back.nearest(q, 10) == g.nearest(q, 10)
     with pytest.raises(ValueError, match="holds 200 vectors, not the 199"):
-        VectorGraph.from_array(data, 16, SETTINGS, ids[:-1])
+        VectorGraph.load(path, 16, SETTINGS, ids[:-1])
     with pytest.raises(ValueError):  # another id set of the same size
-        VectorGraph.from_array(data, 16, SETTINGS, ids[:-1] + ["other"])
+        VectorGraph.load(path, 16, SETTINGS, ids[:-1] + ["other"])
     with pytest.raises(ValueError, match="other settings"):
-        VectorGraph.from_array(data, 16, GraphSettings(32, 200, 400), ids)
-    for damaged in (data[: len(data) // 2], data[:0], np.frombuffer(b"garbage" * 9, np.uint8)):
+        VectorGraph.load(path, 16, GraphSettings(32, 200, 400), ids)
+    with pytest.raises(OSError):
+        VectorGraph.load(tmp_path / "missing", 16, SETTINGS, ids)
+    data = path.read_bytes()
+    for damaged in (data[: len(data) // 2], b"", b"garbage" * 9, data[:64]):
+        path.write_bytes(damaged)
         with pytest.raises(ValueError):
-            VectorGraph.from_array(damaged, 16, SETTINGS, ids)
+            VectorGraph.load(path, 16, SETTINGS, ids)
 
 
-def test_records_whose_keys_collide_are_still_found(monkeypatch):
+def test_records_whose_keys_collide_are_still_found(monkeypatch, tmp_path):
     monkeypatch.setattr(G, "key_of", lambda rid: int(rid[1:]) // 2)  # r0/r1, r2/r3 collide
     rng = np.random.default_rng(2)
     ids = [f"r{i}" for i in range(40)]
@@ -74,5 +79,6 @@ def test_records_whose_keys_collide_are_still_found(monkeypatch):
         assert f"r{i}" in g.nearest(x[i], 1)  # offered beside the graph's answer
     g.remove(["r1"])
     assert "r1" not in g.nearest(x[1], 40) and len(g) == 39
-    back = VectorGraph.from_array(g.to_array(), 16, SETTINGS, [i for i in ids if i != "r1"])
+    g.save(tmp_path / "g")
+    back = VectorGraph.load(tmp_path / "g", 16, SETTINGS, [i for i in ids if i != "r1"])
     assert len(back) == 39 and "r3" in back.nearest(x[3], 1)
