@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 GRAPH_FILE = "graph.usearch"  # in a base folder, with local_vectors
+#: delta rows a graph may have to replay on open after a clean close (`close`)
+GRAPH_REPLAY = 1000
 
 
 def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
@@ -149,6 +151,15 @@ class FunnelVectors:
         return len(self._rows) * self.dim * 4
 
     # -- persistence: a base snapshot plus small deltas (persist.py) ----------------------
+    def close(self) -> None:
+        """With a graph, fold deltas of more than `GRAPH_REPLAY` rows into a new base, so
+        that the next open loads the graph instead of replaying them into it (after a
+        bulk load, seconds at 100k records)."""
+        if self.graph is not None and self.directory is not None \
+                and self._delta_rows > GRAPH_REPLAY:
+            self._base = None
+            self.commit(self.watermark)
+
     def commit(self, watermark: int) -> None:
         """Record the changes since the last commit as one delta folder (O(change)); when
         the deltas outgrow a quarter of the base (a tenth with a graph), write a new base
@@ -189,8 +200,7 @@ class FunnelVectors:
             m = read_manifest(root)
             if m.get("format") != FORMAT_VERSION or m["dim"] != self.dim:
                 raise ValueError("made with other settings")
-            rows: dict[str, np.ndarray] = {}
-            changes: list[tuple[list[str], list[str], np.ndarray]] = []  # the deltas, in order
+            changes: list[tuple[list[str], list[str], np.ndarray]] = []  # base, then deltas
             for n, name in enumerate([m["base"], *m["deltas"]]):
                 ids = load_json(root / name, "ids")
                 vectors = load_array(root / name, "vectors")
@@ -198,25 +208,19 @@ class FunnelVectors:
                         or not all(isinstance(i, str) for i in ids) \
                         or not np.isfinite(vectors).all():
                     raise ValueError(f"inconsistent arrays in {name}")
-                removed = load_json(root / name, "removed") if n else []
-                for rid in removed:
-                    rows.pop(rid, None)
-                rows.update(zip(ids, vectors))
-                changes.append((removed, ids, vectors))
+                changes.append((load_json(root / name, "removed") if n else [], ids, vectors))
+            matrix, rows, free = _apply(changes)
             if len(rows) != m["count"]:
                 raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
         except Exception as exc:  # any damage (an empty .npy is numpy's EOFError): rebuild
             if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
             return
-        ids = list(rows)
-        self._matrix = np.stack([rows[i] for i in ids]) if ids else \
-            np.zeros((0, self.dim), np.float32)
-        self._rows = {rid: i for i, rid in enumerate(ids)}
-        for rid in ids:
+        self._matrix, self._rows, self._free = matrix, rows, free
+        for rid in rows:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
         self._base, self._deltas = m["base"], list(m["deltas"])
-        self._delta_rows = sum(len(load_json(root / d, "ids")) for d in self._deltas)
+        self._delta_rows = sum(len(ids) + len(removed) for removed, ids, _ in changes[1:])
         self.watermark = int(m["watermark"])
         self.origin = str(m.get("origin", ""))
         if self.graph is not None:
@@ -245,3 +249,33 @@ class FunnelVectors:
                           self._matrix)
         self._base = None  # saved with the next base, written now
         self.commit(self.watermark)
+
+
+def _apply(changes: list[tuple[list[str], list[str], np.ndarray]]
+           ) -> tuple[np.ndarray, dict[str, int], list[int]]:
+    """The matrix, id -> row map and free rows that a base and its deltas (in order) make:
+    the base array is used as it was loaded and the deltas written into it (no copy unless
+    they add rows)."""
+    _, base_ids, matrix = changes[0]
+    rows = {rid: i for i, rid in enumerate(base_ids)}
+    free: list[int] = []
+    extra: list[np.ndarray] = []  # rows past the base's
+    for removed, ids, vectors in changes[1:]:
+        for rid in removed:
+            row = rows.pop(rid, None)
+            if row is not None:
+                free.append(row)
+        for rid, vec in zip(ids, vectors):
+            row = rows.get(rid)
+            if row is None:
+                row = rows[rid] = free.pop() if free else len(matrix) + len(extra)
+                if row == len(matrix) + len(extra):
+                    extra.append(vec)
+                    continue
+            if row < len(matrix):
+                matrix[row] = vec
+            else:
+                extra[row - len(matrix)] = vec
+    if extra:
+        matrix = np.concatenate([matrix, np.stack(extra)])
+    return matrix, rows, free

@@ -116,6 +116,7 @@ class HybridRetriever:
             Reranker(cfg.reranker) if cfg.reranker else None
         self._store = ChromaStore(cfg.store)
         self._sparse: SparseIndex | None = None
+        self._funnel: FunnelVectors | None = None
         try:
             with chroma_errors(cfg.store, "open"):
                 self._open_parts()
@@ -494,6 +495,9 @@ class HybridRetriever:
         sparse, self._sparse = self._sparse, None
         if sparse is not None:
             sparse.close()
+        funnel, self._funnel = self._funnel, None
+        if funnel is not None:
+            funnel.close()
         if self._store.client is not None:
             self._store.close()
         cache = self._owned_cache

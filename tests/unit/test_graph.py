@@ -82,3 +82,62 @@ def test_records_whose_keys_collide_are_still_found(monkeypatch, tmp_path):
     g.save(tmp_path / "g")
     back = VectorGraph.load(tmp_path / "g", 16, SETTINGS, [i for i in ids if i != "r1"])
     assert len(back) == 39 and "r3" in back.nearest(x[3], 1)
+
+
+def test_close_folds_the_deltas_so_the_next_open_loads_the_graph(tmp_path, monkeypatch):
+    """FunnelVectors with a graph: deltas past GRAPH_REPLAY rows are folded into a new base
+    at close, so the next open replays nothing into the graph; a commit alone keeps them."""
+    from retrievekit import funnel as F
+    from retrievekit.records import Record
+
+    monkeypatch.setattr(F, "GRAPH_REPLAY", 10)
+    rng = np.random.default_rng(3)
+
+    def write(fv, start, n):
+        ids = [f"r{i}" for i in range(start, start + n)]
+        fv.replace((), [Record(i, i, "", {}) for i in ids], dict(zip(ids, _unit(rng, n))))
+        fv.commit(fv.watermark + 1)
+
+    def opened():
+        added: list[int] = []
+        upsert = G.VectorGraph.upsert
+        monkeypatch.setattr(G.VectorGraph, "upsert",
+                            lambda self, ids, v: (added.append(len(ids)), upsert(self, ids, v)))
+        fv = F.FunnelVectors(16, None, tmp_path, SETTINGS)
+        monkeypatch.setattr(G.VectorGraph, "upsert", upsert)
+        return fv, sum(added)
+
+    fv, _ = opened()
+    write(fv, 0, 50)  # the first commit: a base
+    write(fv, 50, 30)  # a delta of 30 rows
+    fv2, replayed = opened()  # not closed: the delta is replayed into the loaded graph
+    assert replayed == 30 and len(fv2.graph) == 80
+    fv.close()
+    fv3, replayed = opened()
+    assert replayed == 0 and len(fv3.graph) == 80 and fv3.graph.ids() == fv.ids()
+
+
+def test_reopen_rebuilds_the_vectors_of_a_base_and_its_deltas(tmp_path):
+    """Removals, new rows (reusing freed ones, then past the base) and updated vectors in
+    several deltas: the reopened copy holds exactly the ids and vectors it was left with."""
+    from retrievekit.funnel import FunnelVectors
+    from retrievekit.records import Record
+
+    rng = np.random.default_rng(4)
+    fv = FunnelVectors(16, None, tmp_path, SETTINGS)
+
+    def write(parents, ids):
+        fv.replace(parents, [Record(i, i, "", {}) for i in ids],
+                   dict(zip(ids, _unit(rng, len(ids)))))
+        fv.commit(fv.watermark + 1)
+
+    write((), [f"r{i}" for i in range(50)])
+    write([f"r{i}" for i in range(10)], [f"n{i}" for i in range(15)] + ["r3"])
+    write([f"n{i}" for i in range(3)] + ["r20", "n9"], ["r20", "m0", "m1", "n9"])
+    write(["r40"], [])
+    assert fv._deltas  # the changes sit in deltas, not in a new base
+    back = FunnelVectors(16, None, tmp_path, SETTINGS)
+    ids = sorted(fv.ids())
+    assert sorted(back.ids()) == ids and back.graph.ids() == set(ids)
+    q = _unit(rng, 1)[0]
+    np.testing.assert_allclose(back.similarities(ids, q), fv.similarities(ids, q), atol=1e-6)
