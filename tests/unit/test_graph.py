@@ -18,18 +18,23 @@ def _unit(rng, n, dim=16):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _filled(seed, n):
+    """A graph holding n random unit vectors under ids r0..r{n-1}: (ids, vectors, graph)."""
+    ids = [f"r{i}" for i in range(n)]
+    x = _unit(np.random.default_rng(seed), n)
+    g = VectorGraph(16, SETTINGS)
+    g.upsert(ids, x)
+    return ids, x, g
+
+
 def _exact(ids, matrix, q, n):
     return {ids[i] for i in np.argsort(-(matrix @ q))[:n]}
 
 
 def test_finds_the_exact_neighbours_and_follows_changes():
-    rng = np.random.default_rng(0)
-    ids = [f"r{i}" for i in range(300)]
-    x = _unit(rng, 300)
-    g = VectorGraph(16, SETTINGS)
-    g.upsert(ids, x)
+    ids, x, g = _filled(0, 300)
     assert len(g) == 300
-    for q in _unit(rng, 20):  # ef above the count: the exact 10 are among the candidates
+    for q in _unit(np.random.default_rng(10), 20):  # ef above the count: the exact 10 are among the candidates
         assert set(g.nearest(q, 10)) >= _exact(ids, x, q, 10)
     # a new vector for r0 and r1 removed: r0 is found at its new place, r1 never
     g.upsert(["r0"], x[[7]] * -1)
@@ -42,11 +47,8 @@ def test_finds_the_exact_neighbours_and_follows_changes():
 
 
 def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
-    rng = np.random.default_rng(1)
-    ids = [f"r{i}" for i in range(200)]
-    x = _unit(rng, 200)
-    g = VectorGraph(16, SETTINGS)
-    g.upsert(ids, x)
+    ids, x, g = _filled(1, 200)
+    rng = np.random.default_rng(11)
     path = tmp_path / "graph.usearch"
     g.save(path)
     back = VectorGraph.load(path, 16, SETTINGS, ids)
@@ -69,11 +71,7 @@ def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
 
 def test_records_whose_keys_collide_are_still_found(monkeypatch, tmp_path):
     monkeypatch.setattr(G, "key_of", lambda rid: int(rid[1:]) // 2)  # r0/r1, r2/r3 collide
-    rng = np.random.default_rng(2)
-    ids = [f"r{i}" for i in range(40)]
-    x = _unit(rng, 40)
-    g = VectorGraph(16, SETTINGS)
-    g.upsert(ids, x)
+    ids, x, g = _filled(2, 40)
     assert len(g) == 40
     for i in (1, 3, 39):
         assert f"r{i}" in g.nearest(x[i], 1)  # offered beside the graph's answer
