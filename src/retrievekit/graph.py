@@ -24,8 +24,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-#: candidates asked of the graph per neighbour wanted: within ef_search this costs almost
-#: nothing and keeps the 8-bit distances from dropping a neighbour near the cut
+#: candidates asked of the graph per neighbour wanted (up to ef_search): there this costs
+#: almost nothing and keeps the 8-bit distances from dropping a neighbour near the cut
 OVERFETCH = 2
 
 
@@ -107,13 +107,15 @@ class VectorGraph:
         self._index, self._ids, self._outside = self._new(), {}, set()
 
     def nearest(self, query: np.ndarray, n: int) -> list[str]:
-        """Candidates for the `n` records nearest to `query`: the graph's 2n nearest by its
-        8-bit distances (twice as many, so that quantization does not cost the n-th), plus
-        any collided ids; unordered, the caller scores them exactly."""
+        """Candidates for the `n` records nearest to `query`: more than n nearest by the
+        graph's 8-bit distances (so that quantization does not cost the n-th), plus any
+        collided ids; unordered, the caller scores them exactly."""
         index, ids, outside = self._index, self._ids, self._outside  # clear() swaps them
         if n <= 0 or not ids:
             return list(outside)
-        fetch = min(OVERFETCH * n, len(ids))
+        # twice n while that stays within ef_search (free there); past it, a quarter more
+        # (a post-filter's long lists: the cut is what 8-bit rounding can move)
+        fetch = min(len(ids), max(n + n // 4, min(OVERFETCH * n, self.settings.ef_search)))
         with self._lock:  # expansion_search is per index, not per call
             if index.expansion_search < max(fetch, self.settings.ef_search):
                 index.expansion_search = max(fetch, self.settings.ef_search)
