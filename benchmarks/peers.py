@@ -119,14 +119,15 @@ def _check_truncation(embedder, source: C.VectorSource, texts: list[str], n: int
             "max_abs_diff": float(np.abs(whole - given).max())}
 
 
-def _build_ours(items, embedder, cache, root: Path):
+def _build_ours(items, embedder, cache, root: Path, config: dict[str, Any] | None = None,
+                name: str = "ours"):
     from retrievekit.pipeline import HybridRetriever
     from retrievekit.types import Document
 
     docs = [Document(text=t, id=i) for i, t, _ in items]
     for attempt in (1, 2):
-        path = root / f"ours{attempt}"
-        r = HybridRetriever(path=str(path), embedder=embedder)
+        path = root / f"{name}{attempt}"
+        r = HybridRetriever(path=str(path), embedder=embedder, config=config)
         embedder.cache = cache
         before = cache.written
         with C.Timer() as t:
@@ -144,7 +145,7 @@ def _build_ours(items, embedder, cache, root: Path):
 
 
 def run_collection(name: str, embedder, cache, root: Path, limit_docs: int | None,
-                   limit_queries: int | None) -> dict[str, Any]:
+                   limit_queries: int | None, local_vectors: bool = False) -> dict[str, Any]:
     import chromadb
     from chromadb.config import Settings
 
@@ -193,6 +194,18 @@ def run_collection(name: str, embedder, cache, root: Path, limit_docs: int | Non
         return [h.id for h in ours.search(q, k=fetch, query_vector=source.precomputed[q])]
 
     configs = [_Config("ours", f"hybrid defaults, k={k}", k, ours_search) for k in (10, 100)]
+    local = None
+    if local_vectors:  # the dense side in the process (graph.py), a store of its own
+        local, seconds, _ = _build_ours(items, embedder, cache, root, {"local_vectors": True},
+                                        "ours-local")
+        out["index_s"]["ours_local_vectors"] = seconds
+
+        def local_search(q: str, fetch: int) -> list[str]:
+            if source.live:
+                return [h.id for h in local.search(q, k=fetch)]
+            return [h.id for h in local.search(q, k=fetch,
+                                               query_vector=source.precomputed[q])]
+        configs.append(_Config("ours", "hybrid local_vectors, k=10", 10, local_search))
     settings = Settings(anonymized_telemetry=False)
 
     # -- LangChain ----------------------------------------------------------------------
@@ -236,6 +249,8 @@ def run_collection(name: str, embedder, cache, root: Path, limit_docs: int | Non
             print(f"  note: {r['system']} {r['config']}: nDCG@10 live {r['ndcg@10_live']:.4f} "
                   f"vs precomputed {r['ndcg@10']:.4f}", file=sys.stderr)
     ours.close()
+    if local is not None:
+        local.close()
     del lc, li, client, configs
     gc.collect()
     return out
@@ -273,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit-docs", type=int, default=None, help="smoke test: first N docs")
     ap.add_argument("--limit-queries", type=int, default=None, help="smoke test: N queries")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--local-vectors", action="store_true",
+                    help="also run ours with local_vectors=true (k=10)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other collections already in the results file")
     args = ap.parse_args(argv)
@@ -307,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in names:
             results["collections"][name] = run_collection(
-                name, embedder, cache, root / name, args.limit_docs, args.limit_queries)
+                name, embedder, cache, root / name, args.limit_docs, args.limit_queries,
+                args.local_vectors)
             shutil.rmtree(root / name, ignore_errors=True)
             results["runtime_s"] = time.perf_counter() - started
             path = C.write_results(args.out, results)
