@@ -16,7 +16,6 @@ that needs a C++ build.
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -56,7 +55,6 @@ class VectorGraph:
         #: ids whose key another id already holds (a 64-bit hash collision): not in the
         #: graph, offered to every query instead, so they are still found
         self._outside: set[str] = set()
-        self._lock = threading.Lock()
 
     def _new(self):
         from usearch.index import Index
@@ -116,9 +114,8 @@ class VectorGraph:
         # twice n while that stays within ef_search (free there); past it, a quarter more
         # (a post-filter's long lists: the cut is what 8-bit rounding can move)
         fetch = min(len(ids), max(n + n // 4, min(OVERFETCH * n, self.settings.ef_search)))
-        with self._lock:  # expansion_search is per index, not per call
-            if index.expansion_search < max(fetch, self.settings.ef_search):
-                index.expansion_search = max(fetch, self.settings.ef_search)
+        # usearch walks max(ef_search, fetch) wide: a long list needs no wider setting (one
+        # raised for it would stay, and slow every later query)
         found = index.search(np.asarray(query, dtype=np.float32), fetch)
         out = [rid for rid in map(ids.get, found.keys.tolist()) if rid is not None]
         return out + list(outside)

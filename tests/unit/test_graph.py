@@ -139,3 +139,11 @@ def test_reopen_rebuilds_the_vectors_of_a_base_and_its_deltas(tmp_path):
     assert sorted(back.ids()) == ids and back.graph.ids() == set(ids)
     q = _unit(rng, 1)[0]
     np.testing.assert_allclose(back.similarities(ids, q), fv.similarities(ids, q), atol=1e-6)
+
+
+def test_a_long_list_leaves_the_search_width_as_set():
+    """A post-filter's long candidate list must not widen later searches: the width is the
+    index's, so a raise would stay (it once did: later queries walked 3x as far)."""
+    ids, x, g = _filled(5, 600)
+    found = g.nearest(x[0], 500)
+    assert len(set(found)) >= 500 and g._index.expansion_search == SETTINGS.ef_search
