@@ -163,13 +163,17 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
     """Every plan (post-filtering a broad filter's unfiltered neighbours; for a selective
     one Chroma's filtered query, or with local_vectors an exact scan) gives the exact
     filtered top k: no hit outside the filter, k hits whenever k exist. Oracle: exact cosine
-    over the vectors Chroma's `where` selects."""
+    over the vectors Chroma's `where` selects. With local_vectors a broad filter is
+    post-filtered on the 8-bit in-process graph: exact scores, and at most one of the exact
+    top 10 missed at a near tie (these random queries sit near zero similarity, where the
+    8-bit rounding matters most)."""
     import numpy as np
 
     r = filtered_store
     rng = random.Random(13)
     nrng = np.random.default_rng(0)
     plans = {"post": 0, "chroma": 0}
+    graph_misses = 0
     for i in range(60):
         where = _where(rng) if i % 3 else {"bucket": rng.randrange(150)}
         try:
@@ -181,11 +185,18 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
         hits = r.search("record", k=10, mode="dense", where=where, candidates=10,
                         query_vector=qvec)
         assert {h.id for h in hits} <= expected_pool, where
-        # compared by similarity, so that ties (equal texts) may come in either order
-        np.testing.assert_allclose([h.score for h in hits], _exact(r, where, qvec, 10),
-                                   atol=1e-5, err_msg=str(where))
-        assert len(hits) == min(10, len(expected_pool))  # k hits whenever k exist
         share = len(expected_pool) / 600
+        exact = _exact(r, where, qvec, 10)
+        if r.config.local_vectors and share >= EXACT_SCAN_SHARE:
+            # post-filtered on the in-process graph, whose 8-bit distances pick the
+            # candidates: exact scores, the exact top 10 but for at most one near the cut
+            missed = [s for s in exact if not any(abs(h.score - s) < 1e-5 for h in hits)]
+            assert len(missed) <= 1, (where, missed)
+            graph_misses += len(missed)
+        else:  # compared by similarity, so that ties (equal texts) may come in either order
+            np.testing.assert_allclose([h.score for h in hits], exact, atol=1e-5,
+                                       err_msg=str(where))
+        assert len(hits) == min(10, len(expected_pool))  # k hits whenever k exist
         plans["post" if share >= POST_FILTER_SHARE else "chroma"] += 1
         if hits and share < EXACT_SCAN_SHARE and r.config.local_vectors:  # exact scan answered
             assert hits[0].ranks == {"dense": 1} and "funnel" not in hits[0].ranks
@@ -193,6 +204,7 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
         for h in r.search("river stone cloud", k=50, mode="sparse", where=where):
             assert h.id in expected_pool
     assert plans["post"] >= 10 and plans["chroma"] >= 10, plans
+    assert graph_misses <= 6, graph_misses  # recall@10 >= 0.99 over the graph's queries
 
 
 
