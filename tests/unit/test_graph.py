@@ -34,8 +34,14 @@ def _exact(ids, matrix, q, n):
 def test_finds_the_exact_neighbours_and_follows_changes():
     ids, x, g = _filled(0, 300)
     assert len(g) == 300
-    for q in _unit(np.random.default_rng(10), 20):  # ef above the count: the exact 10 are among the candidates
-        assert set(g.nearest(q, 10)) >= _exact(ids, x, q, 10)
+    missed = 0
+    for q in _unit(np.random.default_rng(10), 20):
+        # ef above the count: the exact 10 are among the candidates, but for a near tie
+        # that the 8-bit distances may order wrongly (random 16-d vectors have many)
+        lost = len(_exact(ids, x, q, 10) - set(g.nearest(q, 10)))
+        assert lost <= 1
+        missed += lost
+    assert missed <= 4  # of 200
     # a new vector for r0 and r1 removed: r0 is found at its new place, r1 never
     g.upsert(["r0"], x[[7]] * -1)
     g.remove(["r1", "missing"])
