@@ -32,6 +32,8 @@ FORMAT_VERSION = 3
 GRAPH_FILE = "graph.usearch"  # in a base folder, with local_vectors
 #: delta rows a graph may have to replay on open after a clean close (`close`)
 GRAPH_REPLAY = 1000
+#: rows copied at once when all of them are written out or put in a graph
+_ROWS_AT_ONCE = 8192
 
 
 def short_vectors(vectors: np.ndarray, funnel_dim: int) -> np.ndarray:
@@ -59,9 +61,13 @@ class FunnelVectors:
         self.encode = encode
         self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
+        # rows are written in place; a reader that overlapped a write (the version moved, or
+        # is odd while a write runs) reads again under the lock (`similarities`)
+        self._version = 0
         self._rows: dict[str, int] = {}
         self._by_parent: dict[str, set[str]] = {}
-        self._matrix = np.zeros((0, dim), dtype=np.float32)
+        self._matrix = np.zeros((0, dim), dtype=np.float32)  # capacity rows, _used in use
+        self._used = 0
         self._free: list[int] = []
         self.watermark = -1
         self.origin = ""
@@ -85,36 +91,52 @@ class FunnelVectors:
         encoded = dict(zip([r.id for r in todo], self.encode([r.text for r in todo]))) \
             if todo else {}
         with self._lock:
-            rows = dict(self._rows)
-            dropped: list[str] = []
-            for p in parents:
-                for rid in self._by_parent.pop(p, ()):
-                    self._free.append(rows.pop(rid))
-                    self._changed.add(rid)
-                    dropped.append(rid)
-            need = max(0, len(records) - len(self._free))
-            start = self._matrix.shape[0]
-            # a copy (readers keep the old one), made once, with room for the new rows
-            matrix = np.zeros((start + need, self.dim), np.float32)
-            matrix[:start] = self._matrix
-            self._free.extend(range(start, start + need))
-            for r in records:
-                row = rows.get(r.id)
-                if row is None:
-                    row = rows[r.id] = self._free.pop()
-                matrix[row] = vectors[r.id] if r.id in vectors else encoded[r.id]
-                self._changed.add(r.id)
-                self._by_parent.setdefault(r.parent, set()).add(r.id)
-            if self.graph is not None:
-                self.graph.remove([rid for rid in dropped if rid not in rows])
-                ids = [r.id for r in records]
-                self.graph.upsert(ids, matrix[[rows[i] for i in ids]] if ids else matrix[:0])
-            self._matrix, self._rows = matrix, rows
+            self._version += 1
+            try:
+                self._write(parents, records, vectors, encoded)
+            finally:
+                self._version += 1
+
+    def _write(self, parents: Sequence[str], records: Sequence[Record],
+               vectors: Mapping[str, np.ndarray], encoded: Mapping[str, np.ndarray]) -> None:
+        """`replace` in place, under the lock: O(change), amortized (the matrix doubles
+        when it is full, so the rows are copied a few times over a bulk load, not once per
+        write)."""
+        rows = self._rows
+        dropped: list[str] = []
+        for p in parents:
+            for rid in self._by_parent.pop(p, ()):
+                self._free.append(rows.pop(rid))
+                self._changed.add(rid)
+                dropped.append(rid)
+        need = len(records) - len(self._free)
+        if need > 0:
+            used = self._used
+            if used + need > len(self._matrix):
+                grown = np.zeros((max(2 * len(self._matrix), used + need, 1024), self.dim),
+                                 np.float32)
+                grown[:used] = self._matrix[:used]
+                self._matrix = grown
+            self._free.extend(range(used + need - 1, used - 1, -1))  # popped lowest first
+            self._used = used + need
+        matrix = self._matrix
+        for r in records:
+            row = rows.get(r.id)
+            if row is None:
+                row = rows[r.id] = self._free.pop()
+            matrix[row] = vectors[r.id] if r.id in vectors else encoded[r.id]
+            self._changed.add(r.id)
+            self._by_parent.setdefault(r.parent, set()).add(r.id)
+        if self.graph is not None:
+            self.graph.remove([rid for rid in dropped if rid not in rows])
+            ids = [r.id for r in records]
+            self.graph.upsert(ids, matrix[[rows[i] for i in ids]] if ids else matrix[:0])
 
     def clear(self) -> None:
         with self._lock:
+            self._version += 2  # a reader that overlapped reads again
             self._rows, self._by_parent, self._free = {}, {}, []
-            self._matrix = np.zeros((0, self.dim), dtype=np.float32)
+            self._matrix, self._used = np.zeros((0, self.dim), dtype=np.float32), 0
             self._base = None  # the next commit writes a new base
             if self.graph is not None:
                 self.graph.clear()
@@ -123,7 +145,20 @@ class FunnelVectors:
                      ) -> np.ndarray:
         """Dot product of `query` (full dim) with each id's vector: the cosine similarity
         for normalized vectors, or always with `cosine`; -inf for an id that is not held."""
-        rows, matrix = self._rows, self._matrix  # one consistent snapshot
+        version = self._version
+        if not version & 1:
+            try:
+                out = self._similarities(ids, query, cosine)
+            except IndexError:  # a row past the matrix it read: a write grew it meanwhile
+                out = None
+            if out is not None and self._version == version:  # no write overlapped
+                return out
+        with self._lock:
+            return self._similarities(ids, query, cosine)
+
+    def _similarities(self, ids: Sequence[str], query: np.ndarray, cosine: bool
+                      ) -> np.ndarray:
+        rows, matrix = self._rows, self._matrix
         idx = np.asarray([rows.get(i, -1) for i in ids], dtype=np.int64)
         out = np.full(len(ids), -np.inf, dtype=np.float32)
         ok = idx >= 0
@@ -168,8 +203,9 @@ class FunnelVectors:
         if self.directory is None:
             return
         with self._lock:
-            changed = sorted(self._changed & set(self._rows))
-            removed = sorted(self._changed - set(self._rows))
+            rows = self._rows
+            changed = sorted(i for i in self._changed if i in rows)
+            removed = sorted(i for i in self._changed if i not in rows)
             vectors = self._matrix[[self._rows[i] for i in changed]] if changed else \
                 np.zeros((0, self.dim), np.float32)
             self._changed = set()
@@ -177,9 +213,7 @@ class FunnelVectors:
             delta_rows = self._delta_rows + len(changed) + len(removed)
             if self._base is None or delta_rows > max(1000, len(self._rows) // self._base_every):
                 ids = sorted(self._rows)
-                matrix = self._matrix[[self._rows[i] for i in ids]] if ids else \
-                    np.zeros((0, self.dim), np.float32)
-                files: dict[str, object] = {"vectors": matrix, "ids": ids}
+                files: dict[str, object] = {"vectors.npy": self._rows_writer(ids), "ids": ids}
                 if self.graph is not None:
                     files[GRAPH_FILE] = self.graph.save
                 self._base = write_folder(root, "base", files)
@@ -192,6 +226,19 @@ class FunnelVectors:
                                   "count": len(self._rows), "watermark": watermark,
                                   "origin": self.origin, "base": self._base,
                                   "deltas": self._deltas}, [self._base, *self._deltas])
+
+    def _rows_writer(self, ids: list[str]) -> Callable[[Path], None]:
+        """Writes the vectors of `ids`, in that order, as one `.npy` file, a slice at a
+        time (a gathered copy of them all would double the matrix's memory)."""
+        def write(path: Path) -> None:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                      "fortran_order": False, "shape": (len(ids), self.dim)}
+            with open(path, "wb") as fh:
+                np.lib.format.write_array_header_2_0(fh, header)
+                for start in range(0, len(ids), _ROWS_AT_ONCE):
+                    part = ids[start:start + _ROWS_AT_ONCE]
+                    fh.write(self._matrix[[self._rows[i] for i in part]].tobytes())
+        return write
 
     def _load(self) -> None:
         root = self.directory
@@ -216,7 +263,7 @@ class FunnelVectors:
             if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
             return
-        self._matrix, self._rows, self._free = matrix, rows, free
+        self._matrix, self._rows, self._free, self._used = matrix, rows, free, len(matrix)
         for rid in rows:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
         self._base, self._deltas = m["base"], list(m["deltas"])
@@ -245,8 +292,9 @@ class FunnelVectors:
                                base, exc)
         ids = list(self._rows)
         self.graph.clear()
-        self.graph.upsert(ids, self._matrix[[self._rows[i] for i in ids]] if ids else
-                          self._matrix)
+        for start in range(0, len(ids), _ROWS_AT_ONCE):
+            part = ids[start:start + _ROWS_AT_ONCE]
+            self.graph.upsert(part, self._matrix[[self._rows[i] for i in part]])
         self._base = None  # saved with the next base, written now
         self.commit(self.watermark)
 
