@@ -223,7 +223,7 @@ def child_build(workdir: Path, target: int, mode: str, batch: int, out: dict) ->
                replace_s=round(spent_index, 1), commit_s=round(spent_commit, 1),
                generate_s=round(wall - spent_index - spent_commit, 1),
                build_s=round(spent_index + spent_commit, 1),
-               segments_after_build=int(ix._searcher.num_segments),
+               segments_after_build=int(ix._view.searcher.num_segments),
                rss_after_build_mb=_rss())
     t = time.perf_counter()
     ix.close()
@@ -268,10 +268,10 @@ def child_reopen(workdir: Path, target: int, mode: str, out: dict) -> None:
     ix.search(q0, K)
     out["first_query_ms"] = round(1000 * (time.perf_counter() - t), 1)
     out["records"] = len(ix)
-    out["segments"] = int(ix._searcher.num_segments)
+    out["segments"] = int(ix._view.searcher.num_segments)
     out["rss_open_mb"] = {k: round(after_open[k] - before[k], 1) for k in before}
-    counting = _CountingSearcher(ix._searcher)
-    ix._searcher = counting
+    counting = _CountingSearcher(ix._view.searcher)
+    ix._view.searcher = counting
     compiled = {name: (ix.compile(w) if w else None) for name, w in FILTERS.items()}
     out["filter_share"] = {name: (round(ix.count(q) / len(ix), 4) if q is not None else 1.0)
                            for name, q in compiled.items()}

@@ -105,10 +105,9 @@ class LocalEngine:
         if request.weights is not None:
             settings = replace(settings, weights={**settings.weights, **request.weights})
         fused = fuse(lists, settings)
-        if stage1:
-            fused = [Fused(f.id, f.score, {**f.ranks, "funnel": stage1[f.id][0]},
-                           {**f.scores, "funnel": stage1[f.id][1]}) if f.id in stage1 else f
-                     for f in fused]
+        for f in fused if stage1 else ():
+            if f.id in stage1:
+                f.ranks["funnel"], f.scores["funnel"] = stage1[f.id]
         return fused, full
 
     def records(self, ids: list[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -196,8 +195,11 @@ def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
     fused = reciprocal_rank_fusion(lists, k=settings.rrf_k, weights=weights) \
         if settings.method == "rrf" else \
         score_fusion(lists, method=settings.method, weights=weights)
-    return [Fused(shown(f.id), f.score, {**f.ranks, "fused": r}, {**f.scores, "fused": f.score})
-            for r, f in enumerate(fused, start=1)]
+    for r, f in enumerate(fused, start=1):  # fresh entries: completed in place
+        f.id = shown(f.id)
+        f.ranks["fused"] = r
+        f.scores["fused"] = f.score
+    return fused
 
 
 def _prefer_first_chunks(items: list[tuple[str, float]], penalty: float
@@ -313,13 +315,15 @@ class Searcher:
 
     def _hits(self, fused: list[Fused], limit: int) -> list[Hit]:
         """Hits for the best `limit` entries; texts are read (`Engine.records`) only for
-        entries that can still make the cut, a page at a time (collapsing chunks and skipping
-        dead records can drop entries)."""
+        entries that can still make the cut, a page at a time: first as many as are missing
+        (fused by document, entries are distinct documents), then twice that (collapsing
+        chunks and skipping dead records drop entries)."""
         hits: list[Hit] = []
         seen: set[str] = set()
         pos = 0
         while pos < len(fused) and len(hits) < limit:
-            page = fused[pos:pos + max(2 * (limit - len(hits)), 10)]
+            need = limit - len(hits)
+            page = fused[pos:pos + (need if pos == 0 else max(2 * need, 10))]
             pos += len(page)
             texts = self.engine.records([f.id for f in page])
             for f in page:
