@@ -94,6 +94,21 @@ def test_tie_groups_bigger_than_one_fetch_are_broken_by_id():
     assert [d for d, _ in got] == ["t000", "t001", "t002", "t003", "t004"]
 
 
+def test_ids_read_from_one_snapshot_are_not_reused_by_the_next():
+    """Record ids are remembered by document address within a committed snapshot; after a
+    commit the same addresses hold other records (here: all replaced), never the old ids."""
+    ix = SparseIndex(SparseConfig(tokenizer=PLAIN))
+    ix.replace([], [Record(f"old{i}", f"old{i}", "shared word", {}) for i in range(5)])
+    ix.commit(1)
+    assert {rid for rid, _ in ix.search("shared", 5)} == {f"old{i}" for i in range(5)}
+    ix.clear()
+    ix.replace([], [Record(f"new{i}", f"new{i}", "shared word", {}) for i in range(5)])
+    ix.commit(2)
+    assert {rid for rid, _ in ix.search("shared", 5)} == {f"new{i}" for i in range(5)}
+    assert ix.keep([f"new{i}" for i in range(5)] + ["old0"], ix.compile({"x": {"$ne": 1}})) \
+        == {f"new{i}" for i in range(5)}
+
+
 def test_replace_and_delete_follow_documents():
     ix = SparseIndex(SparseConfig(tokenizer=PLAIN))
     ix.replace([], [Record("a", "a", "red apple", {}), Record("b#chunk0", "b", "green pear", {}),
