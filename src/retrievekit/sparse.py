@@ -43,6 +43,8 @@ _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 #: record ids a snapshot remembers by document address (a few MiB): reading an id otherwise
 #: decompresses the hit's stored block, ~5 us each, 50-100 per query
 _ID_MEMO = 65_536
+#: up to this many ids, `_ids_query` asks for each id by its own term
+_FEW_IDS = 64
 
 
 class _Snapshot:
@@ -274,7 +276,7 @@ class SparseIndex:
         searcher = self._view.searcher
         if not ids or searcher.num_docs == 0:
             return {}
-        hits = searcher.search(tv.Query.term_set_query(self._schema_obj, "id", list(ids)),
+        hits = searcher.search(self._ids_query(ids),
                                limit=len(ids), count=False).hits
         out = {}
         for _, addr in hits:
@@ -282,6 +284,17 @@ class SparseIndex:
             text, meta = json.loads(doc["record"][0])
             out[doc["id"][0]] = (text, meta)
         return out
+
+    def _ids_query(self, ids: Sequence[str]) -> Any:
+        """A query matching the records `ids`: one term query each for a few (0.04 ms for
+        10 ids at 7k records, against 0.2 ms for a term set), a term set for many (it
+        wins past ~100)."""
+        tv = _tantivy()
+        if len(ids) > _FEW_IDS:
+            return tv.Query.term_set_query(self._schema_obj, "id", list(ids))
+        return tv.Query.boolean_query([(tv.Occur.Should,
+                                        tv.Query.term_query(self._schema_obj, "id", rid))
+                                       for rid in ids])
 
     # -- filters (filters.py) ---------------------------------------------------------------
     def compile(self, where: Mapping[str, Any]) -> Any | None:
@@ -308,7 +321,7 @@ class SparseIndex:
             return set()
         view = self._view
         q = tv.Query.boolean_query([
-            (tv.Occur.Must, tv.Query.term_set_query(self._schema_obj, "id", list(ids))),
+            (tv.Occur.Must, self._ids_query(ids)),
             (tv.Occur.Must, matching)])
         hits = view.searcher.search(q, limit=len(ids), count=False).hits
         return {view.id(addr) for _, addr in hits}
@@ -334,7 +347,7 @@ class SparseIndex:
                   for t in terms]
         q = tv.Query.boolean_query(should)
         if allowed is not None:
-            matching = tv.Query.term_set_query(schema, "id", list(allowed))
+            matching = self._ids_query(list(allowed))
         if matching is not None:  # a filter adds nothing to the score
             q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(matching, 0.0)),
                                         (tv.Occur.Must, q)])
