@@ -11,6 +11,14 @@ with their vectors computed beforehand (so query encoding is not in the times), 
 and how many of the default's top 10 the local run returns. The local files are removed
 afterwards, so the cached stores stay as `quality.py` made them.
 Writes benchmarks/results/local-vectors.json and prints a markdown table.
+
+With `--stages`, the local_vectors store is also timed stage by stage: each stage's
+function called on its own for every query (median ms): the graph's candidates, their
+exact rescoring (`FunnelVectors.nearest`), the BM25 search, fusion, `LocalEngine.ranked`
+(both sides and fusion), reading the hits, and the whole `search`
+(`benchmarks/results/local-vectors-stages.json`). To time another checkout the same way,
+put its sources first: `PYTHONPATH=<worktree>/src python benchmarks/local_vectors.py
+--stages --stages-name local-vectors-stages-before`.
 """
 
 from __future__ import annotations
@@ -39,11 +47,41 @@ def _run(r, texts, vectors, qids, qrels) -> dict[str, Any]:
     return {"p50_ms": lat["p50"], "p95_ms": lat["p95"], "ndcg@10": ndcg, "rankings": rankings}
 
 
+def _stages(r, texts, vectors) -> dict[str, float]:
+    """Median ms of each stage of a hybrid search (k=10, the default candidates)."""
+    from retrievekit.searcher import Request, fuse
+
+    engine, searcher = r._searcher.engine, r._searcher  # the parts, timed one at a time
+    n = r.config.candidates
+    qs = list(zip(texts, vectors))
+
+    def med(f) -> float:
+        return C.time_queries(lambda q: f(*q), qs)["p50"]
+
+    lists = {t: {"dense": engine.vectors.nearest(v, n), "sparse": engine.sparse.search(t, n)}
+             for t, v in qs}
+    ranked = {t: engine.ranked(Request(t, v, "hybrid", n, None))[0] for t, v in qs}
+    return {
+        "graph candidates": med(lambda t, v: engine.vectors.graph.nearest(v, n)),
+        "graph candidates + exact rescoring": med(lambda t, v: engine.vectors.nearest(v, n)),
+        "BM25 search": med(lambda t, v: engine.sparse.search(t, n)),
+        "fusion": med(lambda t, v: fuse(lists[t], engine.settings)),
+        "both sides + fusion (ranked)": med(lambda t, v: engine.ranked(
+            Request(t, v, "hybrid", n, None))),
+        "reading the 10 hits": med(lambda t, v: searcher._hits(ranked[t], 10)),
+        "search": med(lambda t, v: r.search(t, 10, query_vector=v)),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--collections", default=",".join(Q.COLLECTIONS))
     ap.add_argument("--data", default=Q.os.environ.get("RETRIEVEKIT_DATA", "/work/shared/data"))
+    ap.add_argument("--stages", action="store_true", help="also time each stage (local_vectors)")
+    ap.add_argument("--stages-name", default="local-vectors-stages",
+                    help="results file of --stages (another checkout's run: another name)")
     args = ap.parse_args(argv)
+    stages: dict[str, Any] = {}
     C.setup_torch(1)
     out: dict[str, Any] = {"machine": C.machine_info(), "k": 10, "collections": {}}
     rows = []
@@ -66,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r = Q._retriever(name, embedder, options={"local_vectors": True})
             with r:
                 local = _run(r, texts, vectors, qids, ds.qrels)
+                if args.stages:
+                    stages[name] = _stages(r, texts, vectors)
+                    print(name, {k: round(v, 3) for k, v in stages[name].items()}, flush=True)
         finally:
             shutil.rmtree(funnel, ignore_errors=True)
         same = statistics.mean(len(set(base["rankings"][q]) & set(local["rankings"][q])) / 10
@@ -80,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{base['ndcg@10']:.4f}", f"{local['ndcg@10']:.4f}", f"{same:.3f}",
                      f"{first.seconds:.1f}", f"{again.seconds:.2f}"])
         print(name, rows[-1], flush=True)
-    C.write_results("local-vectors", out)
+    if stages:
+        C.write_results(args.stages_name, {"machine": out["machine"], "stages_ms": stages})
+    else:
+        C.write_results("local-vectors", out)
     print(C.md_table(["collection", "records", "p50 ms default", "p50 ms local_vectors",
                       "ratio", "nDCG@10 default", "nDCG@10 local", "top-10 overlap",
                       "first open s (build)", "open s"], rows))
