@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class FunnelVectors:
         if self.graph is not None:
             self.graph.remove([rid for rid in dropped if rid not in rows])
             ids = [r.id for r in records]
-            self.graph.upsert(ids, matrix[[rows[i] for i in ids]] if ids else matrix[:0])
+            self.graph.upsert(ids, self._vectors_of(ids))
 
     def clear(self) -> None:
         with self._lock:
@@ -206,8 +206,7 @@ class FunnelVectors:
             rows = self._rows
             changed = sorted(i for i in self._changed if i in rows)
             removed = sorted(i for i in self._changed if i not in rows)
-            vectors = self._matrix[[self._rows[i] for i in changed]] if changed else \
-                np.zeros((0, self.dim), np.float32)
+            vectors = self._vectors_of(changed)
             self._changed = set()
             root = self.directory
             delta_rows = self._delta_rows + len(changed) + len(removed)
@@ -235,10 +234,14 @@ class FunnelVectors:
                       "fortran_order": False, "shape": (len(ids), self.dim)}
             with open(path, "wb") as fh:
                 np.lib.format.write_array_header_2_0(fh, header)
-                for start in range(0, len(ids), _ROWS_AT_ONCE):
-                    part = ids[start:start + _ROWS_AT_ONCE]
-                    fh.write(self._matrix[[self._rows[i] for i in part]].tobytes())
+                for part in _slices(ids):
+                    fh.write(self._vectors_of(part).tobytes())
         return write
+
+    def _vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The vectors of `ids` (all held), in that order, as one new array."""
+        return self._matrix[[self._rows[i] for i in ids]] if len(ids) else \
+            np.zeros((0, self.dim), np.float32)
 
     def _load(self) -> None:
         root = self.directory
@@ -292,11 +295,16 @@ class FunnelVectors:
                                base, exc)
         ids = list(self._rows)
         self.graph.clear()
-        for start in range(0, len(ids), _ROWS_AT_ONCE):
-            part = ids[start:start + _ROWS_AT_ONCE]
-            self.graph.upsert(part, self._matrix[[self._rows[i] for i in part]])
+        for part in _slices(ids):
+            self.graph.upsert(part, self._vectors_of(part))
         self._base = None  # saved with the next base, written now
         self.commit(self.watermark)
+
+
+def _slices(ids: list[str]) -> Iterator[list[str]]:
+    """`ids` in slices of `_ROWS_AT_ONCE` (so that no copy of all their vectors is made)."""
+    for start in range(0, len(ids), _ROWS_AT_ONCE):
+        yield ids[start:start + _ROWS_AT_ONCE]
 
 
 def _apply(changes: list[tuple[list[str], list[str], np.ndarray]]

@@ -105,8 +105,8 @@ class LocalEngine:
         if request.weights is not None:
             settings = replace(settings, weights={**settings.weights, **request.weights})
         fused = fuse(lists, settings)
-        for f in fused if stage1 else ():
-            if f.id in stage1:
+        for f in fused:
+            if f.id in stage1:  # the funnel's first stage (empty otherwise)
                 f.ranks["funnel"], f.scores["funnel"] = stage1[f.id]
         return fused, full
 

@@ -272,12 +272,10 @@ class SparseIndex:
     def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         """Text and metadata (reserved keys included) of those of `ids` held here, as Chroma
         held them when they were indexed."""
-        tv = _tantivy()
         searcher = self._view.searcher
         if not ids or searcher.num_docs == 0:
             return {}
-        hits = searcher.search(self._ids_query(ids),
-                               limit=len(ids), count=False).hits
+        hits = searcher.search(self._ids_query(ids), limit=len(ids), count=False).hits
         out = {}
         for _, addr in hits:
             doc = searcher.doc(addr)
