@@ -9,6 +9,7 @@ Usage (from the repository root; see benchmarks/README.md):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py modes
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py variants
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py fusions --candidates 100,200
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py default   # choose the default fusion
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py gap       # offline fusions
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py dense
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py all
@@ -294,9 +295,11 @@ WEIGHTS = {"1:1 (default)": {"dense": 1.0, "sparse": 1.0},
 
 
 def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]],
-                 phase: str, title: str) -> None:
+                 phase: str, title: str, save: bool = True
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Hybrid nDCG@10 / MRR@10 (k = 10) of each variant (query-time config options) at each
-    of `--candidates` per side, on the nfcorpus dev split first, then the test sets."""
+    of `--candidates` per side, on the nfcorpus dev split first, then the test sets; each
+    cell also keeps its per-query nDCG@10 (``"per_query"``, not printed)."""
     from retrievekit.evaluation import evaluate
     from retrievekit.report import index_dataset
 
@@ -319,7 +322,9 @@ def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, A
                                 lambda q, n, c=cand: r.search(q, k=n, mode="hybrid",
                                                               candidates=c),
                                 ds, k=10, ks=(10,), metrics=("ndcg", "mrr"), progress=False)
-                            results[key][f"{vname}, candidates {cand}"] = dict(res.means)
+                            results[key][f"{vname}, candidates {cand}"] = {
+                                **res.means, "per_query": {q: v["ndcg@10"] for q, v
+                                                           in res.per_query.items()}}
             print(f"{key}: done", flush=True)
 
     print(f"\n### {title} (k=10): nDCG@10 / MRR@10\n")
@@ -329,11 +334,18 @@ def _hybrid_grid(args: argparse.Namespace, variants: Mapping[str, Mapping[str, A
                   for c in results),
              f"{_mean(results[c][n]['ndcg@10'] for c in tests):.4f}") for n in names]
     print(_table(["variant", *results, "mean nDCG@10 (test)"], rows))
-    command = f"benchmarks/quality.py {phase}"
-    if tuple(args.candidates) != CANDIDATES:  # a run beside the documented one
-        phase += "-c" + "-".join(map(str, args.candidates))
-        command += " --candidates " + ",".join(map(str, args.candidates))
-    _save(phase, {"results": results}, command)
+    if save:
+        command = f"benchmarks/quality.py {phase}"
+        if tuple(args.candidates) != CANDIDATES:  # a run beside the documented one
+            phase += "-c" + "-".join(map(str, args.candidates))
+            command += " --candidates " + ",".join(map(str, args.candidates))
+        _save(phase, {"results": _means_only(results)}, command)
+    return results
+
+
+def _means_only(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    return {key: {n: {m: v for m, v in cell.items() if m != "per_query"}
+                  for n, cell in cells.items()} for key, cells in results.items()}
 
 
 def phase_variants(args: argparse.Namespace) -> None:
@@ -348,6 +360,64 @@ def phase_fusions(args: argparse.Namespace) -> None:
     """Hybrid with each fusion method and candidates per side, nfcorpus dev first."""
     _hybrid_grid(args, {f: {"fusion": f} for f in FUSIONS}, "fusions",
                  "Fusion methods (hybrid, equal weights)")
+
+
+#: the library's default before `default` chose it (RRF, 50 candidates per side)
+FORMER_DEFAULT = "rrf, candidates 50"
+
+
+def phase_default(args: argparse.Namespace) -> None:
+    """Choose the default fusion for collections never seen: every fusion method at every
+    `--candidates` (default 50,100,150,200) in the pipeline; then, with each test collection
+    left out in turn, the setting with the best mean nDCG@10 over the other test sets and
+    the nfcorpus dev split (the dev split too is left out with nfcorpus) is scored on the
+    left-out one, against the former default (paired randomization test per collection,
+    and over all test queries pooled)."""
+    if tuple(args.candidates) == CANDIDATES:
+        args.candidates = [50, 100, 150, 200]
+    results = _hybrid_grid(args, {f: {"fusion": f} for f in FUSIONS}, "default",
+                           "Fusion methods (hybrid, equal weights)", save=False)
+    dev = "nfcorpus (dev)"
+    tests = [c for c in results if c != dev]
+    names = list(results[tests[0]])
+    chosen: dict[str, Any] = {}
+    for out in tests:
+        train = [c for c in results if c != out and not (out == "nfcorpus" and c == dev)]
+        score = {n: _mean(results[c][n]["ndcg@10"] for c in train) for n in names}
+        best = max(names, key=lambda n: (score[n], -names.index(n)))
+        a, b = results[out][best]["per_query"], results[out][FORMER_DEFAULT]["per_query"]
+        diff, se, p = _paired(a, b)
+        chosen[out] = {"chosen": best, "chosen_on": train, "train_mean": score[best],
+                       "ndcg@10": results[out][best]["ndcg@10"],
+                       "former_default": results[out][FORMER_DEFAULT]["ndcg@10"],
+                       "diff": diff, "se": se, "p": p}
+    picks = {v["chosen"] for v in chosen.values()}
+    pooled = None
+    if len(picks) == 1:
+        pick = next(iter(picks))
+        a = {f"{c}/{q}": v for c in tests for q, v in results[c][pick]["per_query"].items()}
+        b = {f"{c}/{q}": v for c in tests
+             for q, v in results[c][FORMER_DEFAULT]["per_query"].items()}
+        pooled = dict(zip(("diff", "se", "p"), _paired(a, b)), queries=len(a), setting=pick)
+    print("\n### Left out in turn: the setting chosen on the rest, scored on the left-out set\n")
+    print(_table(["left out", "chosen on the rest", "nDCG@10", f"{FORMER_DEFAULT}",
+                  "difference ± s.e.", "p"],
+                 [(c, v["chosen"], v["ndcg@10"], v["former_default"],
+                   f"{v['diff']:+.4f} ± {v['se']:.4f}", f"{v['p']:.3f}")
+                  for c, v in chosen.items()]))
+    if pooled:
+        print(f"\npooled over {pooled['queries']} test queries: {pooled['setting']} - "
+              f"{FORMER_DEFAULT} = {pooled['diff']:+.4f} ± {pooled['se']:.4f}, "
+              f"p = {pooled['p']:.4f}")
+    print("\n" + _table(["setting", *results], [
+        (n, *(f"{results[c][n]['ndcg@10']:.4f}" for c in results)) for n in names]))
+    _save("default", {"results": _means_only(results), "left_out": chosen,
+                      "pooled": pooled,
+                      "per_query_ndcg@10": {c: {n: {q: round(v, 4) for q, v in
+                                                    results[c][n]["per_query"].items()}
+                                                for n in (FORMER_DEFAULT, *picks)}
+                                            for c in results}},
+          "benchmarks/quality.py default")
 
 
 # --------------------------------------------------------------------------------------
@@ -709,7 +779,8 @@ def phase_dense(args: argparse.Namespace) -> None:
 
 PHASES: dict[str, Callable[[argparse.Namespace], None]] = {
     "index": phase_index, "bm25": phase_bm25, "modes": phase_modes,
-    "variants": phase_variants, "fusions": phase_fusions, "gap": phase_gap,
+    "variants": phase_variants, "fusions": phase_fusions, "default": phase_default,
+    "gap": phase_gap,
     "dense": phase_dense,
 }
 

@@ -8,7 +8,7 @@ not load it). The adapters convert types and call the core; the retrieval itself
 Metadata of retrieved documents (`RetrieveKitRetriever`):
     ``id``: the document id (also ``Document.id``), unless the document's own metadata has an
     ``id`` key, which is kept; the document's own metadata; plus
-    ``score``: the final score the results are ordered by (rerank, else fused RRF, else the
+    ``score``: the final score the results are ordered by (rerank, else fused, else the
     single side's score); ``retrievekit_ranks``: ``{stage: 1-based rank}`` and
     ``retrievekit_scores``: ``{stage: score}`` for the stages the hit went through ("dense",
     "sparse", "fused", "rerank"); ``retrievekit_chunk_id``: the stored chunk that matched (the

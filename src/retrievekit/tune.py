@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .config import RetrieverConfig
 from .errors import InvalidInputError
 from .fusion import METHODS
 
-DEFAULT = {"fusion": "rrf", "candidates": 50, "weights": {"dense": 1.0, "sparse": 1.0}}
+_LIBRARY = RetrieverConfig()
+DEFAULT = {"fusion": _LIBRARY.fusion, "candidates": _LIBRARY.candidates,
+           "weights": dict(_LIBRARY.weights)}
 CANDIDATES = (50, 100, 200)
 WEIGHTS = ({"dense": 1.0, "sparse": 1.0}, {"dense": 1.0, "sparse": 0.5},
            {"dense": 0.5, "sparse": 1.0})

@@ -44,7 +44,7 @@ class Hit:
         document: the document (parent id when chunks are collapsed; text of the best chunk).
         score: the final score the results are ordered by (rerank score when reranked, the
             blend score when the reranker's weight is below 1,
-            else the fused RRF score in hybrid mode, else the single side's score).
+            else the fused score in hybrid mode, else the single side's score).
         ranks: 1-based rank of this document in each stage it appeared in
             (keys from `STAGES`); a stage it did not appear in is absent.
         scores: the score in each stage (dense: cosine similarity, sparse: BM25,

@@ -534,14 +534,17 @@ def test_vector_store_modes_and_scores(embedder, corpus_docs):
     dense = vs.similarity_search_with_score(q, k=3, mode="dense")
     sparse = vs.similarity_search_with_score(q, k=3, mode="sparse")
     assert hybrid[0][0].id == dense[0][0].id == sparse[0][0].id == "xq7"
-    # each mode's own score: RRF in hybrid, cosine in dense, BM25 in sparse
-    assert hybrid[0][1] == pytest.approx(2 / 61)
+    # each mode's own score: the fused one in hybrid (dbsf: 0..1 a side), cosine in dense,
+    # BM25 in sparse
+    assert 1 < hybrid[0][1] <= 2 and hybrid[1][1] < hybrid[0][1]
     assert 0 < dense[0][1] <= 1 and sparse[0][1] > 1
     meta = {d.id: dict(d.metadata) for d in corpus_docs}
     assert [d.metadata for d, _ in hybrid] == [meta[d.id] for d, _ in hybrid]
     assert "retrievekit_ranks" not in hybrid[0][0].metadata  # store metadata only
     rel = vs.similarity_search_with_relevance_scores(q, k=3)
-    assert rel[0][1] == pytest.approx(1.0) and all(0 <= s <= 1 for _, s in rel)
+    # relevance: the fused score over its ceiling (dbsf: 2, one a side)
+    assert [s for _, s in rel] == pytest.approx([s / 2 for _, s in hybrid])
+    assert all(0 <= s <= 1 for _, s in rel)
     assert [s for _, s in rel] == sorted((s for _, s in rel), reverse=True)
     dense_rel = vs.similarity_search_with_relevance_scores(q, k=3, mode="dense")
     assert [s for _, s in dense_rel] == pytest.approx([s for _, s in dense])

@@ -130,13 +130,15 @@ def test_long_document_is_chunked_and_deleted_whole(backend):
 
 
 def test_reopen_keeps_documents_and_settings(backend, filled):
-    before = [(h.id, round(h.score, 5)) for h in filled.search("pets", k=8)]
+    before = filled.search("pets", k=8)
     settings = filled.info()["settings"]
     filled.close()
     r = backend.open()
     assert r.count() == len(CORPUS)
     assert r.info()["settings"] == settings
-    assert [(h.id, round(h.score, 5)) for h in r.search("pets", k=8)] == before
+    after = r.search("pets", k=8)  # the query's engine may differ (~1e-4 in the cosines)
+    assert [h.id for h in after] == [h.id for h in before]
+    assert [h.score for h in after] == pytest.approx([h.score for h in before], abs=1e-3)
     assert r.verify()['sparse_ids'] == set(TEXT)
 
 
