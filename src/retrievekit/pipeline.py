@@ -380,8 +380,8 @@ class HybridRetriever:
         """A hit's score mapped to [0, 1], comparable across queries (for score thresholds):
         the cross-encoder's sigmoid score when reranked; in hybrid mode the fused score over
         the best one possible (1: at or above the mean + 3 sd of both sides under dbsf, the
-        top of both under relative_score, first on both under RRF); in dense mode the cosine similarity
-        (negative ones as 0).
+        top of both under relative_score, first on both under RRF); in dense mode the cosine
+        similarity (negative ones as 0).
 
         Raises:
             InvalidInputError: for a sparse-only hit: BM25 scores have no upper bound, so
