@@ -423,7 +423,9 @@ def _llama_filters(where: dict | None):
         return None
     from llama_index.core.vector_stores import ExactMatchFilter, MetadataFilters
 
-    return MetadataFilters(filters=[ExactMatchFilter(key=k, value=v) for k, v in where.items()])
+    clauses = where["$and"] if set(where) == {"$and"} else [where]  # equalities only
+    return MetadataFilters(filters=[ExactMatchFilter(key=k, value=v)
+                                    for clause in clauses for k, v in clause.items()])
 
 
 def _llama_mask(bm25, filters) -> list[int] | None:

@@ -11,6 +11,11 @@ With --local-vectors the store is opened a second time with `local_vectors=True`
 in-process copy of the vectors: selective filters are answered by an exact scan) and the
 same filters are timed again, in the same run.
 
+A filter used again is timed from its third query on; its first query (nothing remembered)
+and its second (which reads and remembers the records it matches) are reported apart, and
+"a new filter each query" adds a clause that changes the filter's key but not its records
+(`replica != -i`), so that every query takes the path of a filter seen for the first time.
+
 Usage: python benchmarks/filters.py --store DIR [--queries 50] [--local-vectors]
 Writes benchmarks/results/filters.json and prints a markdown table.
 """
@@ -62,18 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = HybridRetriever(path=args.store, embedder=random_embedder(seed=9))
     rows, out = [], {"machine": C.machine_info(), "records": r.count(), "filters": {}}
 
-    def p(where):
+    def p(where, *, each=False, uses=False):
+        """p50 and p95 over the queries; with `each`, a new filter every query (the same
+        records, a different key: nothing remembered helps); with `uses`, also the first
+        and second query's ms (a filter's second use since the last commit reads the
+        records it matches, sparse.py Subset) and p50/p95 from the third query on."""
         lat = []
         for i, v in enumerate(qvecs):
+            w = {"$and": [where, {"replica": {"$ne": -1 - i}}]} if each else where
             t = time.perf_counter()
-            r.search(queries[i % len(queries)], k=10, where=where, query_vector=v)
+            r.search(queries[i % len(queries)], k=10, where=w, query_vector=v)
             lat.append(1000 * (time.perf_counter() - t))
+        if uses:
+            return lat[0], lat[1], statistics.median(lat[2:]), float(np.percentile(lat[2:], 95))
         return statistics.median(lat), float(np.percentile(lat, 95))
 
     p(None)  # warm up
     base = p(None)[0]
     for name, where in FILTERS.items():
-        new = p(where)
+        if where is None:
+            new = p(None)
+            first = second = None
+        else:
+            first, second, *new = p(where, uses=True)
+            cold = p(where, each=True)
         old = p(_old(where)) if where else new
         # overlap of the top 10 (HNSW is approximate, filtered or not)
         same = 1.0 if where is None else statistics.mean(
@@ -82,12 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for q, v in zip(queries, qvecs[:8]))
         out["filters"][name] = {"p50": new[0], "p95": new[1], "old_p50": old[0],
                                 "old_p95": old[1], "top10_overlap": same}
+        if where is not None:
+            out["filters"][name].update(first_ms=first, second_ms=second, new_each_p50=cold[0],
+                                        new_each_p95=cold[1])
         rows.append([name, f"{new[0]:.1f}", f"{new[1]:.1f}", f"{new[0] / base:.1f}x",
+                     "" if first is None else f"{first:.1f} / {second:.1f}",
+                     "" if where is None else f"{cold[0]:.1f} ({cold[0] / base:.1f}x)",
                      f"{old[0]:.1f}", f"{old[1]:.1f}", same])
     r.close()
     C.write_results("filters", out)
-    print(C.md_table(["filter", "p50 ms", "p95 ms", "p50 / unfiltered", "before: p50 ms",
-                      "before: p95 ms", "top-10 overlap"], rows))
+    print(C.md_table(["filter", "p50 ms", "p95 ms", "p50 / unfiltered", "1st / 2nd query ms",
+                      "a new filter each query: p50 ms", "before: p50 ms", "before: p95 ms",
+                      "top-10 overlap"], rows))
     if args.local_vectors:
         t = time.perf_counter()
         r = HybridRetriever({"store": {"path": args.store}, "local_vectors": True},

@@ -10,8 +10,9 @@ its oracle. See docs/design.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
 from .rerank import Reranker
 from .sparse import SparseIndex
+from .subsets import Filter, Subset
 from .store import ChromaStore
 from .types import Document, Hit
 
@@ -86,11 +88,14 @@ class LocalEngine:
         stage1: dict[str, tuple[int, float]] = {}
         where = request.where
         matching = None  # the filter, compiled for the BM25 index when it can evaluate it
+        subset = None  # what it matches, when the index remembers (a filter used again)
         if where is not None:
             matching = self.sparse.compile(where)
+            if matching is not None:
+                subset = self.sparse.subset(matching)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
-            dense = self._dense(request.vector, request.n, where, matching, stage1)
+            dense = self._dense(request.vector, request.n, where, matching, subset, stage1)
             lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
                 if self.settings.by_document else dense
         if request.mode in ("hybrid", "sparse"):
@@ -121,39 +126,64 @@ class LocalEngine:
                          zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m))
         return found
 
-    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
+    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
+               matching: Filter | None, subset: Subset | None,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
-        # how many records the filter passes, counted once in the BM25 index: it plans the query
+        # how many records the filter passes, counted in the BM25 index: it plans the query
         passing = self.sparse.count(matching) if matching is not None else None
-        if self.vectors is not None and passing is not None \
-                and passing < EXACT_SCAN_SHARE * len(self.sparse):
-            return self._exact(vec, n, matching, passing)
+        if passing is not None and (
+                self.vectors is not None and passing < EXACT_SCAN_SHARE * len(self.sparse)
+                or subset is not None and self.vectors is None
+                and self.sparse.can_hold(passing * vec.size * 4)):
+            return self._exact(vec, n, matching, passing, subset)
         if self.settings.funnel_dim is None:
-            return self._knn(vec, n, where, matching, passing)
+            return self._knn(vec, n, where, matching, subset, passing)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
         first = self._knn(short_vectors(vec, s.funnel_dim)[0],
-                          max(n, s.funnel_candidates or 4 * n), where, matching, passing)
+                          max(n, s.funnel_candidates or 4 * n), where, matching, subset, passing)
         sims = self.vectors.similarities([rid for rid, _ in first], vec)
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _exact(self, vec: np.ndarray, n: int, matching: Any, passing: int
-               ) -> list[tuple[str, float]]:
-        """The `n` nearest of the records a selective filter passes, by an exact scan of
-        their full vectors (held in this process: funnel or local_vectors)."""
-        ids = self.sparse.matching(matching, passing)
-        # cosine, as Chroma's space is, also for vectors stored unnormalized
-        sims = self.vectors.similarities(ids, vec, cosine=True) if ids else \
-            np.zeros(0, np.float32)
+    def _exact(self, vec: np.ndarray, n: int, matching: Filter, passing: int,
+               subset: Subset | None) -> list[tuple[str, float]]:
+        """The `n` nearest of the records a filter passes, by an exact scan of their
+        vectors: those held in this process (funnel or local_vectors; a selective filter),
+        else those the filter's subset holds, read from Chroma on its first scan. Cosine,
+        as Chroma's space is, also for vectors stored unnormalized."""
+        if passing == 0:
+            return []
+        if self.vectors is not None:
+            ids = subset.ids if subset is not None else self.sparse.matching(matching, passing)
+            sims = self.vectors.similarities(ids, vec, cosine=True)
+        else:
+            assert subset is not None
+            ids, matrix = self._vectors_of(subset)
+            if not ids:
+                return []
+            sims = matrix @ (vec / max(float(np.linalg.norm(vec)), 1e-12))
         order = np.argsort(-sims, kind="stable")[:n]
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None, matching: Any,
-             passing: int | None) -> list[tuple[str, float]]:
+    def _vectors_of(self, subset: Subset) -> tuple[list[str], np.ndarray]:
+        """A subset's vectors: read from Chroma on its first scan, and for the records
+        written since then on the first scan after."""
+        if subset.vectors is None:
+            self.sparse.hold(subset, self.store.unit_vectors(subset.ids))
+        elif subset.missing:
+            (ids, matrix), (more, rows) = subset.vectors, self.store.unit_vectors(subset.missing)
+            self.sparse.hold(subset, (ids + more, np.concatenate([matrix, rows]) if more
+                                      else matrix))
+        assert subset.vectors is not None
+        return subset.vectors
+
+    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
+             matching: Filter | None, subset: Subset | None, passing: int | None
+             ) -> list[tuple[str, float]]:
         """The `n` nearest records that pass `where`, planned by how many pass (`passing`,
         counted by the BM25 index; None when it cannot evaluate the filter)."""
         if where is not None and passing is not None:
@@ -161,8 +191,9 @@ class LocalEngine:
             if passing == 0:
                 return []
             if passing >= POST_FILTER_SHARE * total:
-                return _post_filtered(lambda m: self._nearest(vec, m),
-                                      lambda ids: self.sparse.keep(ids, matching),
+                keep = (lambda ids: subset.members.intersection(ids)) if subset is not None \
+                    else (lambda ids: self.sparse.keep(ids, matching))
+                return _post_filtered(lambda m: self._nearest(vec, m), keep,
                                       n, passing / total, total)
         return self.store.query(vec, n, where) if where is not None else self._nearest(vec, n)
 
@@ -234,20 +265,23 @@ def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str
 #: filtered query. At 100k records a 1.5% filter took 75 ms this way against 112 ms through
 #: Chroma's filtered query (docs/benchmarks.md, Filters).
 POST_FILTER_SHARE = 0.01
-#: with the vectors in this process (local_vectors, funnel), a filter matching less than this
-#: share is answered by an exact scan of the matching records: reading their ids from the BM25
-#: index and scoring their vectors costs ~3 ms per 1,600 records, below either plan above
+#: with the vectors in this process (local_vectors, funnel), a filter matching less than
+#: this share is answered by an exact scan of the matching records: reading their ids from
+#: the BM25 index and scoring their vectors costs ~3 ms per 1,600 records, below either plan
+#: above. A filter used again is scanned at any share when its subset's vectors fit in
+#: `subsets.SUBSET_VECTOR_BYTES`: read from Chroma once (~20 us a vector), then ~0.5 ms a
+#: scan of 16k vectors against ~11 ms for HNSW's 879 neighbours at 100k records.
 EXACT_SCAN_SHARE = 0.05
 
 
 def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
-                   keep: Callable[[list[str]], set[str]], n: int, share: float, total: int
-                   ) -> list[tuple[str, float]]:
+                   keep: Callable[[list[str]], Collection[str]], n: int, share: float,
+                   total: int) -> list[tuple[str, float]]:
     """The best `n` records that pass the filter, from unfiltered nearest-neighbour lists:
-    ask for enough that ~n pass at the filter's share, and double until n pass or the whole
-    collection was asked for. Exact with respect to the index: a passing record nearer than
-    the n-th one returned would have been in the list."""
-    fetch = min(total, int(n / share * 1.5) + n)
+    ask for enough that n pass at the filter's share (`overfetch`), and double until n pass
+    or the whole collection was asked for. Exact with respect to the index: a passing
+    record nearer than the n-th one returned would have been in the list."""
+    fetch = overfetch(n, share, total)
     while True:
         found = query(fetch)
         passed = keep([rid for rid, _ in found])
@@ -255,6 +289,17 @@ def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
         if len(out) >= n or fetch >= total:
             return out[:n]
         fetch = min(total, 2 * fetch)
+
+
+def overfetch(n: int, share: float, total: int) -> int:
+    """How many unfiltered neighbours to ask for so that `n` of them pass a filter that
+    passes `share` of the records, when the passing records are spread among the neighbours
+    as among all records: the fewest f whose Binomial(f, share) count of passing records is
+    n or more at 3 standard deviations below its mean, f*p - 3*sqrt(f*p*(1-p)) >= n (fails
+    about 1 time in 700; then `_post_filtered` widens). At p = 0.15, n = 100: 879."""
+    sd = math.sqrt(share * (1.0 - share))
+    root = (3.0 * sd + math.sqrt(9.0 * sd * sd + 4.0 * share * n)) / (2.0 * share)
+    return min(total, max(n, math.ceil(root * root)))
 
 
 class Searcher:

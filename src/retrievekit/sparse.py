@@ -31,6 +31,7 @@ from .errors import ConfigError, MissingDependencyError
 from .filters import compile_where, metadata_terms
 from .persist import write_json
 from .records import Record
+from .subsets import Filter, Subset, Subsets
 from .tokenize import Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,19 @@ _ID_MEMO = 65_536
 _FEW_IDS = 64
 
 
-class _Snapshot:
-    """One committed state of the index: its tantivy searcher and the record ids read from
-    it so far. A document address names one record only within its searcher, so the memo
-    lives and goes with it (a commit makes a new snapshot)."""
 
-    __slots__ = ("searcher", "_ids")
+class _Snapshot:
+    """One committed state of the index: its tantivy searcher, the record ids read from it
+    so far, and what filters used in it matched (subsets.py). A document address names one
+    record only within its searcher, so the id memo lives and goes with it (a commit makes a
+    new snapshot, and carries the filter memo over, patched)."""
+
+    __slots__ = ("searcher", "_ids", "filters")
 
     def __init__(self, searcher: Any) -> None:
         self.searcher = searcher
         self._ids: dict[int, str] = {}
+        self.filters = Subsets(self._count, self._matching, int(searcher.num_docs))
 
     def id(self, addr: Any) -> str:
         key = addr.segment_ord << 32 | addr.doc
@@ -66,6 +70,15 @@ class _Snapshot:
                 self._ids.clear()
             rid = self._ids[key] = self.searcher.doc(addr)["id"][0]
         return rid
+
+    def _count(self, query: Any) -> int:
+        return int(self.searcher.search(query, limit=1, count=True).count)
+
+    def _matching(self, query: Any, limit: int) -> list[str]:
+        if limit < 1:
+            return []
+        return [self.id(addr) for _, addr in
+                self.searcher.search(query, limit=limit, count=False).hits]
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class SparseIndex:
         #: the change-log seq this index has caught up to; -1: nothing known, rebuild
         self.watermark = -1
         self.origin = ""
+        self._unstage()
         self._open()
 
     # -- opening ---------------------------------------------------------------------------
@@ -214,7 +228,9 @@ class SparseIndex:
         with self._lock:
             for p in parents:
                 self._writer.delete_documents_by_term("parent", p)
+                self._staged_parents.add(p)
             for r in records:
+                self._staged_ids.append(r.id)
                 doc = tv.Document()
                 doc.add_text("id", r.id)
                 doc.add_text("parent", r.parent)
@@ -225,6 +241,12 @@ class SparseIndex:
                                                    separators=(",", ":")).encode("utf-8"))
                 self._writer.add_document(doc)
 
+    def _unstage(self) -> None:
+        """Forget what was staged since the last commit (the filter memo's patch)."""
+        self._staged_parents: set[str] = set()
+        self._staged_ids: list[str] = []
+        self._cleared = False
+
     def _tokens(self, text: str):
         tv = _tantivy()
         terms = self.tokenizer(text)
@@ -234,13 +256,28 @@ class SparseIndex:
     def clear(self) -> None:
         with self._lock:
             self._writer.delete_all_documents()
+            self._cleared = True
 
     def commit(self, watermark: int) -> None:
-        """Make the staged changes durable and visible; record `watermark` with them."""
+        """Make the staged changes durable and visible; record `watermark` with them. The
+        filter memo moves to the new snapshot, patched by the staged changes (subsets.py)."""
         with self._lock:
+            old = self._view
+            carry = bool(old.filters) and not self._cleared
+            removed: set[str] = set()
+            if carry and self._staged_parents:  # the records the staged writes replace
+                tv = _tantivy()
+                removed = set(old._matching(tv.Query.term_set_query(
+                    self._schema_obj, "parent", list(self._staged_parents)),
+                    old.searcher.num_docs))
             self._writer.commit()
             self._index.reload()
-            self._view = _Snapshot(self._index.searcher())
+            view = _Snapshot(self._index.searcher())
+            if carry:
+                old.filters.carried(view.filters, removed, self._staged_ids,
+                                    lambda ids, f: self._keep(view, ids, f))
+            self._view = view
+            self._unstage()
             self.watermark = watermark
             if self.directory is not None:
                 write_json(self.directory / _STATE,
@@ -251,6 +288,7 @@ class SparseIndex:
     def close(self) -> None:
         with self._lock:
             writer, self._writer = self._writer, None
+            self._unstage()
             if writer is not None:
                 writer.rollback()  # nothing staged survives a close; releases the lock
                 del writer
@@ -295,37 +333,52 @@ class SparseIndex:
                                        for rid in ids])
 
     # -- filters (filters.py) ---------------------------------------------------------------
-    def compile(self, where: Mapping[str, Any]) -> Any | None:
+    def compile(self, where: Mapping[str, Any]) -> Filter | None:
         """`where` as a query over the indexed metadata, or None when it is outside the
         subset the index evaluates exactly (then ask Chroma)."""
-        return compile_where(where, _tantivy(), self._schema_obj)
+        query = compile_where(where, _tantivy(), self._schema_obj)
+        if query is None:
+            return None
+        return Filter(json.dumps(where, sort_keys=True, separators=(",", ":")), query)
 
-    def count(self, matching: Any) -> int:
-        """How many records a compiled filter matches."""
-        return int(self._view.searcher.search(matching, limit=1, count=True).count)
+    def count(self, matching: Filter) -> int:
+        """How many records a compiled filter matches (counted once per snapshot)."""
+        return self._view.filters.count(matching)
 
-    def matching(self, matching: Any, limit: int) -> list[str]:
+    def subset(self, matching: Filter) -> Subset | None:
+        """The records a compiled filter matches, when this snapshot remembers them: from
+        the second call for the filter on (one a query: the query path asks once), within
+        a memory budget (subsets.py)."""
+        return self._view.filters.subset(matching)
+
+    def can_hold(self, nbytes: int) -> bool:
+        """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
+        return self._view.filters.can_hold(nbytes)
+
+    def hold(self, subset: Subset, vectors: tuple[list[str], Any]) -> None:
+        """Keep the vectors of a subset this index remembers (see `Subsets.hold`)."""
+        self._view.filters.hold(subset, vectors)
+
+    def matching(self, matching: Filter, limit: int) -> list[str]:
         """Ids of up to `limit` records a compiled filter matches."""
-        if limit < 1:
-            return []
-        view = self._view
-        hits = view.searcher.search(matching, limit=limit, count=False).hits
-        return [view.id(addr) for _, addr in hits]
+        return self._view._matching(matching.query, limit)
 
-    def keep(self, ids: Sequence[str], matching: Any) -> set[str]:
+    def keep(self, ids: Sequence[str], matching: Filter) -> set[str]:
         """The ids among `ids` that a compiled filter matches."""
+        return self._keep(self._view, ids, matching)
+
+    def _keep(self, view: _Snapshot, ids: Sequence[str], matching: Filter) -> set[str]:
         tv = _tantivy()
         if not ids:
             return set()
-        view = self._view
         q = tv.Query.boolean_query([
             (tv.Occur.Must, self._ids_query(ids)),
-            (tv.Occur.Must, matching)])
+            (tv.Occur.Must, matching.query)])
         hits = view.searcher.search(q, limit=len(ids), count=False).hits
         return {view.id(addr) for _, addr in hits}
 
     def search(self, query: str, k: int, *, allowed: Collection[str] | None = None,
-               matching: Any = None) -> list[tuple[str, float]]:
+               matching: Filter | None = None) -> list[tuple[str, float]]:
         """Top `k` (record id, score) by BM25, best first; scores <= 0 dropped; ties by id.
 
         Args:
@@ -344,10 +397,10 @@ class SparseIndex:
         should = [(tv.Occur.Should, tv.Query.term_query(schema, "body", t, index_option="freq"))
                   for t in terms]
         q = tv.Query.boolean_query(should)
-        if allowed is not None:
-            matching = self._ids_query(list(allowed))
-        if matching is not None:  # a filter adds nothing to the score
-            q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(matching, 0.0)),
+        only = self._ids_query(list(allowed)) if allowed is not None else \
+            matching.query if matching is not None else None
+        if only is not None:  # a filter adds nothing to the score
+            q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(only, 0.0)),
                                         (tv.Occur.Must, q)])
         # a few extra hits so that ties with the k-th score are broken by id exactly; while
         # the k-th score is still tied at the end of what was fetched, fetch twice as many

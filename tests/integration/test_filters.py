@@ -85,7 +85,8 @@ def test_random_filters_match_chroma_exactly(both):
 
     col, index, ids = both
     rng = random.Random(11)
-    checked = unsupported = 0
+    checked = unsupported = remembered = 0
+    seen = set()
     for _ in range(400):
         where = _where(rng)
         try:
@@ -100,7 +101,16 @@ def test_random_filters_match_chroma_exactly(both):
         assert index.keep(ids, matching) == expected, where
         assert index.count(matching) == len(expected), where
         checked += 1
-    assert checked >= 300 and unsupported == 0
+        # remembered from the second ask on (within the budget: half the records)
+        assert index.subset(matching) is None or matching.key in seen, where
+        seen.add(matching.key)
+        subset = index.subset(matching)
+        if len(expected) <= 150:
+            assert subset.members == expected and sorted(subset.ids) == sorted(expected), where
+            remembered += 1
+        else:
+            assert subset is None, where
+    assert checked >= 300 and unsupported == 0 and remembered >= 150
 
 
 def test_ranges_and_unknown_operators_fall_back_to_chroma(both):
@@ -208,6 +218,159 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
 
 
 
+def test_a_filter_used_again_is_answered_exactly_from_its_subset(filtered_store, tiny_embedder):
+    """From its second use on, a filter's matching ids are remembered (sparse.py, Subset)
+    and it is answered by an exact scan of their vectors (read from Chroma once; with
+    local_vectors, those held in the process for a selective filter). Each filter is asked
+    three times; every answer is the exact filtered top 10, and the third ask runs no
+    Chroma query at all (with local_vectors: for a selective filter)."""
+    import numpy as np
+
+    r = filtered_store
+    rng = random.Random(29)
+    nrng = np.random.default_rng(3)
+    queries = {"n": 0}
+    real_query = r.store.collection.query
+
+    def counting(*a, **k):
+        queries["n"] += 1
+        return real_query(*a, **k)
+
+    wheres = [{"bucket": b} for b in rng.sample(range(150), 4)] + \
+        [{"lang": "en"}, {"flag": True}, {"$or": [{"lang": "fr"}, {"bucket": 3}]},
+         {"tags": {"$contains": "a"}}]
+    r.store.collection.query = counting
+    try:
+        for where in wheres:
+            pool = set(r.store.get(where=where, include=[])["ids"])
+            share = len(pool) / 600
+            for use in range(3):
+                qvec = nrng.standard_normal(tiny_embedder.dim).astype(np.float32)
+                qvec /= np.linalg.norm(qvec)
+                before = queries["n"]
+                hits = r.search("record", k=10, mode="dense", where=where, candidates=10,
+                                query_vector=qvec)
+                assert {h.id for h in hits} <= pool and len(hits) == min(10, len(pool))
+                exact = _exact(r, where, qvec, 10)
+                if r.config.local_vectors and share >= EXACT_SCAN_SHARE:
+                    missed = [x for x in exact if not any(abs(h.score - x) < 1e-5 for h in hits)]
+                    assert len(missed) <= 1, (where, missed)  # the 8-bit graph, as above
+                else:
+                    np.testing.assert_allclose([h.score for h in hits], exact, atol=1e-5,
+                                               err_msg=f"{where} use {use}")
+                # each hit's score is its own record's similarity
+                got = r.store.get(ids=[h.id for h in hits], include=["embeddings"])
+                own = {i: float(np.asarray(e) @ qvec) for i, e in zip(got["ids"],
+                                                                     got["embeddings"])}
+                for h in hits:
+                    assert h.score == pytest.approx(own[h.id], abs=1e-5), (where, h.id)
+                if use == 2 and (share < EXACT_SCAN_SHARE or not r.config.local_vectors):
+                    assert queries["n"] == before, where  # the exact scan answered
+    finally:
+        r.store.collection.query = real_query
+
+
+def test_subset_vectors_stay_within_their_budget(tmp_path, tiny_embedder, monkeypatch):
+    """The subsets' vectors together stay within `subsets.SUBSET_VECTOR_BYTES`: holding one
+    more drops the least recently used; a subset whose vectors alone exceed it is
+    post-filtered by its ids instead, with the same exact answer."""
+    import numpy as np
+
+    from retrievekit import subsets
+    from retrievekit.pipeline import HybridRetriever
+
+    docs = [{"text": f"record {i}", "id": f"d{i}", "metadata": {"bucket": i % 8}}
+            for i in range(400)]
+    dim = tiny_embedder.dim
+    monkeypatch.setattr(subsets, "SUBSET_VECTOR_BYTES", 120 * dim * 4)  # 120 vectors
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                         embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        nrng = np.random.default_rng(1)
+        index = r._searcher.engine.sparse  # the snapshot's subsets, read for this check only
+
+        def held():
+            return {k: s.vectors is not None for k, s in index._view.filters._subsets.items()}
+
+        def ask(where):
+            q = nrng.standard_normal(dim).astype(np.float32)
+            hits = r.search("x", k=10, mode="dense", where=where, query_vector=q)
+            np.testing.assert_allclose([h.score for h in hits],
+                                       _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
+
+        for where in ({"bucket": 0}, {"bucket": 1}):  # 50 records each: both fit
+            for _ in range(3):
+                ask(where)
+        assert list(held().values()) == [True, True]
+        for _ in range(3):
+            ask({"bucket": 2})  # a third: the least recently used (bucket 0) is dropped
+        assert list(held().values()) == [False, True, True]
+        broad = {"bucket": {"$in": [4, 5, 6]}}  # 150 records: more than the budget
+        for _ in range(3):
+            ask(broad)
+        assert held()[index.compile(broad).key] is False
+
+
+@pytest.mark.parametrize("vectors", [True, False], ids=["scanned", "post-filtered"])
+def test_a_remembered_filter_follows_writes(tmp_path, tiny_embedder, monkeypatch, vectors):
+    """A commit carries the subsets to the new snapshot, patched by what it changed: after
+    an update that moves a record out of the filter, a new record in it and a delete, the
+    filter (remembered) answers exactly from the new state at once: scanned from its held
+    vectors, with no Chroma query and only the written records' vectors read; or, with no
+    room for vectors, post-filtered by its remembered ids."""
+    import numpy as np
+
+    from retrievekit import subsets
+    from retrievekit.pipeline import HybridRetriever
+
+    if not vectors:
+        monkeypatch.setattr(subsets, "SUBSET_VECTOR_BYTES", 0)
+
+    docs = [{"text": f"record {i} " + WORDS[i % len(WORDS)], "id": f"d{i}",
+             "metadata": {"bucket": i % 50}} for i in range(300)]
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                         embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        where = {"bucket": 7}  # d7, d57, ..., d257: six records, 2%
+        q = tiny_embedder.embed_query("a text about a lantern by the harbor")
+        for _ in range(3):
+            first = r.search("x", k=10, mode="dense", where=where, query_vector=q)
+        assert {h.id for h in first} == {f"d{i}" for i in range(7, 300, 50)}
+        r.add_documents([{"text": "a text about a lantern by the harbor", "id": "new",
+                          "metadata": {"bucket": 7}},
+                         {"text": "moved away", "id": "d7", "metadata": {"bucket": 8}},
+                         {"text": "d107 again, same bucket", "id": "d107",
+                          "metadata": {"bucket": 7}}])
+        r.delete(["d57"])
+        calls = {"query": 0, "get": []}
+        real_query, real_get = r.store.collection.query, r.store.collection.get
+
+        def query(*a, **k):
+            calls["query"] += 1
+            return real_query(*a, **k)
+
+        def get(*a, **k):
+            if k.get("ids") is not None:  # (the change log is read by `where`)
+                calls["get"].append(k["ids"])
+            return real_get(*a, **k)
+
+        r.store.collection.query, r.store.collection.get = query, get
+        try:
+            for use in range(3):
+                hits = r.search("x", k=10, mode="dense", where=where, query_vector=q)
+                assert hits[0].id == "new"
+                assert {h.id for h in hits} == {"new"} | {f"d{i}" for i in range(107, 300, 50)}
+                np.testing.assert_allclose([h.score for h in hits], _exact(r, where, q, 10),
+                                           atol=1e-5)
+        finally:
+            r.store.collection.query, r.store.collection.get = real_query, real_get
+        if vectors:
+            assert calls["query"] == 0
+            assert sorted(calls["get"][0]) == ["d107", "new"] and len(calls["get"]) == 1, calls
+        else:
+            assert calls["query"] == 3 and calls["get"] == []
+
+
 def test_local_vectors_follow_writes_and_reopen_without_encoding(tmp_path, tiny_embedder):
     """The local copy is a derived index: it follows updates and deletes, survives a reopen,
     and is rebuilt from the vectors Chroma holds (no text encoded again) when lost."""
@@ -250,20 +413,115 @@ def test_local_vectors_follow_writes_and_reopen_without_encoding(tmp_path, tiny_
 
 
 def test_post_filtering_widens_until_k_pass():
-    """The passing records sit past the first over-fetch (ranks 91-100 of 100, a share of
-    0.1): the first list of 5 / 0.1 * 1.5 + 5 = 80 holds none, so it must widen."""
+    """The passing records sit past the first over-fetch (ranks 901-1000 of 1000, a share
+    of 0.1): the first list of overfetch(5, 0.1) = 166 holds none, so it must widen."""
     from retrievekit.searcher import _post_filtered
 
-    ranked = [(f"r{i}", 1.0 - i / 100) for i in range(100)]
+    ranked = [(f"r{i}", 1.0 - i / 1000) for i in range(1000)]
     asked = []
 
     def query(m):
         asked.append(m)
         return ranked[:m]
 
-    out = _post_filtered(query, lambda ids: {i for i in ids if int(i[1:]) >= 90}, 5, 0.1, 100)
-    assert [rid for rid, _ in out] == ["r90", "r91", "r92", "r93", "r94"]
-    assert asked == [80, 100]
+    out = _post_filtered(query, lambda ids: {i for i in ids if int(i[1:]) >= 900}, 5, 0.1,
+                         1000)
+    assert [rid for rid, _ in out] == ["r900", "r901", "r902", "r903", "r904"]
+    assert asked == [166, 332, 664, 1000]
     # fewer than n pass in the whole collection: all of them, after asking for everything
-    out = _post_filtered(query, lambda ids: {"r99"}, 5, 0.01, 100)
-    assert out == [("r99", ranked[99][1])] and asked[-1] == 100
+    out = _post_filtered(query, lambda ids: {"r999"}, 5, 0.001, 1000)
+    assert out == [("r999", ranked[999][1])] and asked[-1] == 1000
+
+
+@pytest.mark.parametrize("share,n", [(0.15, 100), (0.01, 100), (0.5, 100), (0.1, 5),
+                                     (1.0, 100), (0.03, 37)])
+def test_overfetch_is_the_fewest_that_pass_n_at_three_sd(share, n):
+    """The first over-fetch: the fewest f with f*p - 3*sqrt(f*p*(1-p)) >= n, so that n pass
+    unless the passing records are rarer among the neighbours than 3 sd of a binomial.
+    Checked by the inequality itself, by hand at p = 0.15, n = 100 (879, against 1,100 for
+    the former n / p * 1.5 + n), and by simulation."""
+    import math
+
+    import numpy as np
+
+    from retrievekit.searcher import overfetch
+
+    f = overfetch(n, share, 10**9)
+    lower = lambda m: m * share - 3 * math.sqrt(m * share * (1 - share))  # noqa: E731
+    assert lower(f) >= n and (f == n or lower(f - 1) < n)
+    assert overfetch(n, share, 50) == min(50, f)  # never more than the collection
+    if (share, n) == (0.15, 100):
+        assert f == 879
+    passed = np.random.default_rng(0).binomial(f, share, size=20_000)
+    assert (passed < n).mean() < 0.005
+
+
+def test_remembered_filters_under_concurrent_writes(tmp_path, tiny_embedder):
+    """Six threads search with repeated filters (remembered, scanned, post-filtered) while
+    another thread moves records between filter values, adds and deletes: no search fails,
+    every hit matched its filter in the version found or the one written just before (a
+    search reads committed state: a hit's metadata is read after its candidates were found,
+    so a write in between may show), and once the writes are done every filter answers
+    exactly (a subset left stale by a commit would fail here)."""
+    import threading
+
+    import numpy as np
+
+    from retrievekit.pipeline import HybridRetriever
+
+    def doc(i, round_=0):
+        return {"text": f"record {i} " + WORDS[(i + round_) % len(WORDS)], "id": f"d{i}",
+                "metadata": {"wide": (i + round_) % 5, "narrow": (i + round_) % 50}}
+
+    def matches(where, m):
+        return m["wide"] == 1 if where == wheres[0] else m["narrow"] == 3 \
+            if where == wheres[1] else m["narrow"] == 4 or m["wide"] == 2
+
+    wheres = [{"wide": 1}, {"narrow": 3}, {"$or": [{"narrow": 4}, {"wide": 2}]}]
+    written: dict[str, list[dict]] = {}  # id -> the metadata of each version written
+
+    def add(docs):
+        for d in docs:  # noted before the write: a search may see it as soon as it lands
+            written.setdefault(d["id"], []).append(d["metadata"])
+        r.add_documents(docs)
+
+    errors, outside, done = [], [], threading.Event()
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                         embedder=tiny_embedder) as r:
+        add([doc(i) for i in range(400)])
+
+        def search(n):
+            rng = np.random.default_rng(n)
+            try:
+                while not done.is_set():
+                    where = wheres[int(rng.integers(len(wheres)))]
+                    q = rng.standard_normal(tiny_embedder.dim).astype(np.float32)
+                    for h in r.search("record river", k=10, mode=("dense", "hybrid")[n % 2],
+                                      where=where, query_vector=q):
+                        versions = written[h.id][-2:]
+                        if not any(matches(where, m) for m in versions):
+                            outside.append((where, h.id, versions))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=search, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            for round_ in range(1, 16):
+                add([doc(i, round_) for i in range(round_, 400, 37)])
+                add([doc(1000 + round_)])
+                r.delete([f"d{round_ * 7}"])
+        finally:
+            done.set()
+            for t in threads:
+                t.join(120)
+        assert errors == [] and outside == []
+        rng = np.random.default_rng(99)
+        for where in wheres:
+            for _ in range(3):
+                q = rng.standard_normal(tiny_embedder.dim).astype(np.float32)
+                q /= np.linalg.norm(q)
+                hits = r.search("x", k=10, mode="dense", where=where, query_vector=q)
+                np.testing.assert_allclose([h.score for h in hits], _exact(r, where, q, 10),
+                                           atol=1e-5, err_msg=str(where))
