@@ -3,9 +3,11 @@
 The seam: an `Engine` turns a `Request` into fused candidates (record ids with scores and
 per-stage ranks). `LocalEngine` does it on this client (the dense side from Chroma's HNSW,
 the funnel, or with local_vectors a graph in this process; the sparse side from the local
-BM25 index; RRF or a score fusion). A server-side hybrid engine (Chroma's Search API with a
-sparse BM25 index and Rrf, on distributed Chroma or Chroma Cloud) can take its place without the rest of this module changing; `LocalEngine` stays
-its oracle. See docs/design.md.
+BM25 index; RRF or a score fusion; a filter planned by its share, or answered from what
+the BM25 index remembers of it, subsets.py). A server-side hybrid engine (Chroma's Search
+API with a sparse BM25 index and Rrf, on distributed Chroma or Chroma Cloud) can take its
+place without the rest of this module changing; `LocalEngine` stays its oracle. See
+docs/design.md.
 """
 
 from __future__ import annotations
@@ -131,6 +133,10 @@ class LocalEngine:
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
         # how many records the filter passes, counted in the BM25 index: it plans the query
         passing = self.sparse.count(matching) if matching is not None else None
+        if passing is not None and subset is None and self.vectors is None \
+                and passing * passing <= READ_SCAN * n * len(self.sparse) \
+                and self.sparse.can_hold(passing * vec.size * 4):
+            subset = self.sparse.remember(matching)  # read in whole: cheaper than a query
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(self.sparse)
                 or subset is not None and self.vectors is None
@@ -272,6 +278,11 @@ POST_FILTER_SHARE = 0.01
 #: `subsets.SUBSET_VECTOR_BYTES`: read from Chroma once (~20 us a vector), then ~0.5 ms a
 #: scan of 16k vectors against ~11 ms for HNSW's 879 neighbours at 100k records.
 EXACT_SCAN_SHARE = 0.05
+#: a filter seen for the first time is scanned too when reading its records' vectors from
+#: Chroma (~20 us each) costs less than the plans above: the post-filter fetches ~n / share
+#: neighbours at ~10 us each, so reading wins while passing^2 <= n * total / 2 (2,450
+#: records for 100 candidates at 120k); Chroma's filtered query costs ~90 ms there anyway
+READ_SCAN = 0.5
 
 
 def _post_filtered(query: Callable[[int], list[tuple[str, float]]],

@@ -351,6 +351,10 @@ class SparseIndex:
         a memory budget (subsets.py)."""
         return self._view.filters.subset(matching)
 
+    def remember(self, matching: Filter) -> Subset | None:
+        """The records a compiled filter matches, read and remembered now."""
+        return self._view.filters.remember(matching)
+
     def can_hold(self, nbytes: int) -> bool:
         """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
         return self._view.filters.can_hold(nbytes)

@@ -104,6 +104,11 @@ class Subsets:
                     self._asked.clear()
                 self._asked.add(f.key)
                 return None
+        return self.remember(f)
+
+    def remember(self, f: Filter) -> Subset | None:
+        """What `f` matches, remembered now (None past the budget): for a filter the query
+        path reads in whole anyway, on its first use."""
         n = self.count(f)
         if n > SUBSET_SHARE * self.size:
             return None

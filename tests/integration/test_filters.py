@@ -15,7 +15,7 @@ import pytest
 from chromadb.config import Settings
 
 from retrievekit.records import Record
-from retrievekit.searcher import EXACT_SCAN_SHARE, POST_FILTER_SHARE
+from retrievekit.searcher import EXACT_SCAN_SHARE, POST_FILTER_SHARE, READ_SCAN
 from retrievekit.sparse import SparseIndex
 
 KEYS = ["lang", "year", "score", "flag", "tags"]
@@ -169,9 +169,12 @@ def _exact(r, where, qvec, k):
     return sims[:k]
 
 
-def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, tiny_embedder):
+@pytest.mark.parametrize("read_scan", [True, False], ids=["read-scan", "no-read-scan"])
+def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, tiny_embedder,
+                                                              monkeypatch, read_scan):
     """Every plan (post-filtering a broad filter's unfiltered neighbours; for a selective
-    one Chroma's filtered query, or with local_vectors an exact scan) gives the exact
+    one an exact scan of its vectors read from Chroma, or without that Chroma's filtered
+    query, or with local_vectors an exact scan of those held) gives the exact
     filtered top k: no hit outside the filter, k hits whenever k exist. Oracle: exact cosine
     over the vectors Chroma's `where` selects. With local_vectors a broad filter is
     post-filtered on the 8-bit in-process graph: exact scores, and at most one of the exact
@@ -179,10 +182,14 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
     8-bit rounding matters most)."""
     import numpy as np
 
+    from retrievekit import searcher
+
+    if not read_scan:
+        monkeypatch.setattr(searcher, "READ_SCAN", 0.0)
     r = filtered_store
     rng = random.Random(13)
     nrng = np.random.default_rng(0)
-    plans = {"post": 0, "chroma": 0}
+    plans = {"post": 0, "chroma": 0, "read": 0}
     graph_misses = 0
     for i in range(60):
         where = _where(rng) if i % 3 else {"bucket": rng.randrange(150)}
@@ -207,13 +214,19 @@ def test_filtered_dense_search_is_exactly_the_filtered_answer(filtered_store, ti
             np.testing.assert_allclose([h.score for h in hits], exact, atol=1e-5,
                                        err_msg=str(where))
         assert len(hits) == min(10, len(expected_pool))  # k hits whenever k exist
-        plans["post" if share >= POST_FILTER_SHARE else "chroma"] += 1
+        passing = len(expected_pool)
+        plans["read" if read_scan and not r.config.local_vectors
+              and passing ** 2 <= searcher.READ_SCAN * 10 * 600 else
+              "post" if share >= POST_FILTER_SHARE else "chroma"] += 1
         if hits and share < EXACT_SCAN_SHARE and r.config.local_vectors:  # exact scan answered
             assert hits[0].ranks == {"dense": 1} and "funnel" not in hits[0].ranks
         # the sparse side filters inside the BM25 index: same pool
         for h in r.search("river stone cloud", k=50, mode="sparse", where=where):
             assert h.id in expected_pool
-    assert plans["post"] >= 10 and plans["chroma"] >= 10, plans
+    if read_scan and not r.config.local_vectors:
+        assert plans["read"] >= 10 and plans["post"] >= 10, plans
+    else:
+        assert plans["post"] >= 10 and plans["chroma"] >= 10, plans
     assert graph_misses <= 6, graph_misses  # recall@10 >= 0.99 over the graph's queries
 
 
@@ -266,6 +279,10 @@ def test_a_filter_used_again_is_answered_exactly_from_its_subset(filtered_store,
                     assert h.score == pytest.approx(own[h.id], abs=1e-5), (where, h.id)
                 if use == 2 and (share < EXACT_SCAN_SHARE or not r.config.local_vectors):
                     assert queries["n"] == before, where  # the exact scan answered
+                if not r.config.local_vectors and len(pool) ** 2 <= READ_SCAN * 10 * 600:
+                    # selective enough that reading its vectors beats a query: from the
+                    # first use on
+                    assert queries["n"] == before, (where, use)
     finally:
         r.store.collection.query = real_query
 
