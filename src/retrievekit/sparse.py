@@ -266,10 +266,9 @@ class SparseIndex:
             carry = bool(old.filters) and not self._cleared
             removed: set[str] = set()
             if carry and self._staged_parents:  # the records the staged writes replace
-                tv = _tantivy()
-                removed = set(old._matching(tv.Query.term_set_query(
-                    self._schema_obj, "parent", list(self._staged_parents)),
-                    old.searcher.num_docs))
+                replaced = _tantivy().Query.term_set_query(self._schema_obj, "parent",
+                                                           list(self._staged_parents))
+                removed = set(old._matching(replaced, old._count(replaced)))
             self._writer.commit()
             self._index.reload()
             view = _Snapshot(self._index.searcher())
