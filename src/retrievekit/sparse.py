@@ -263,16 +263,15 @@ class SparseIndex:
         filter memo moves to the new snapshot, patched by the staged changes (subsets.py)."""
         with self._lock:
             old = self._view
-            carry = bool(old.filters) and not self._cleared
             removed: set[str] = set()
-            if carry and self._staged_parents:  # the records the staged writes replace
+            if old.filters and self._staged_parents and not self._cleared:  # what they replace
                 replaced = _tantivy().Query.term_set_query(self._schema_obj, "parent",
                                                            list(self._staged_parents))
                 removed = set(old._matching(replaced, old._count(replaced)))
             self._writer.commit()
             self._index.reload()
             view = _Snapshot(self._index.searcher())
-            if carry:
+            if not self._cleared:
                 old.filters.carried(view.filters, removed, self._staged_ids,
                                     lambda ids, f: self._keep(view, ids, f))
             self._view = view

@@ -146,13 +146,19 @@ class Subsets:
                 keep: Callable[[Sequence[str], Filter], Collection[str]]) -> "Subsets":
         """These subsets, moved to the next snapshot `to`: without the `removed` records
         (those of replaced or deleted documents), with those of the `added` ones that
-        `keep` (evaluated in `to`) says match. A subset whose size then disagrees with its
-        filter's count in `to` is dropped (rebuilt on its next use), never served."""
+        `keep` (evaluated in `to`) says match; one the commit did not touch is shared. A
+        subset whose size then disagrees with its filter's count in `to` is dropped
+        (rebuilt on its next use), never served. The filters asked for once are noted in
+        `to` too, so that a filter used between every two commits is remembered."""
         with self._lock:
             to._asked = set(self._asked)
             olds = list(self._subsets.values())
         for old in olds:
             joined = keep(added, old.filter) if added else ()
+            if not joined and old.members.isdisjoint(removed):  # untouched: shared
+                if len(old.ids) == to.count(old.filter):
+                    to._add(old)
+                continue
             ids = [rid for rid in old.ids if rid not in removed] + \
                 [rid for rid in added if rid in joined]
             if len(ids) != to.count(old.filter):

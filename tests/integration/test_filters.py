@@ -542,3 +542,41 @@ def test_remembered_filters_under_concurrent_writes(tmp_path, tiny_embedder):
                 hits = r.search("x", k=10, mode="dense", where=where, query_vector=q)
                 np.testing.assert_allclose([h.score for h in hits], _exact(r, where, q, 10),
                                            atol=1e-5, err_msg=str(where))
+
+
+def test_a_filter_used_once_before_a_commit_is_remembered_on_its_next_use(tmp_path,
+                                                                          tiny_embedder):
+    """A commit keeps the note that a filter was used: in a store written between every
+    two queries, a filter's second use still remembers it (and scans its vectors instead
+    of querying HNSW)."""
+    import numpy as np
+
+    from retrievekit.pipeline import HybridRetriever
+
+    docs = [{"text": f"record {i}", "id": f"d{i}", "metadata": {"bucket": i % 5}}
+            for i in range(300)]
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                         embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        where = {"bucket": {"$in": [0, 1]}}  # 120 records: too many to read on first use
+        q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
+        calls = {"n": 0}
+        real = r.store.collection.query
+
+        def query(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        r.store.collection.query = query
+        try:
+            r.search("x", k=10, mode="dense", where=where, candidates=10,
+                            query_vector=q)
+            assert calls["n"] == 1  # the first use: post-filtered HNSW neighbours
+            r.add_documents([{"text": "one more", "id": "more", "metadata": {"bucket": 2}}])
+            hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
+                            query_vector=q)
+            assert calls["n"] == 1  # remembered on the second use: scanned
+        finally:
+            r.store.collection.query = real
+        np.testing.assert_allclose([h.score for h in hits],
+                                   _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
