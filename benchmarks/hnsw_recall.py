@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--engine", choices=("chroma", "graph"), default="chroma")
+    ap.add_argument("--out", help="results file name under benchmarks/results (default: "
+                                  "hnsw-recall, or graph-recall with --engine graph)")
     args = ap.parse_args(argv)
     C.setup_torch(1)
     docs, queries = real_vectors()
@@ -85,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["settings"][name] = r
         rows.append([name, f"{r['recall']:.4f}", f"{r['recall_min']:.2f}", f"{build:.1f}",
                      f"{r['query_p50_ms']:.2f}"])
-    C.write_results("graph-recall" if args.engine == "graph" else "hnsw-recall", out)
+    C.write_results(args.out or ("graph-recall" if args.engine == "graph" else "hnsw-recall"),
+                    out)
     print(f"{len(docs)} vectors, {len(queries)} queries, k = {args.k}, {args.engine}\n")
     print(C.md_table(["HNSW", f"recall@{args.k}", "worst query", "build s", "query p50 ms"],
                      rows))
