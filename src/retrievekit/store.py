@@ -65,9 +65,9 @@ class StoreConfig:
     ssl: bool = False
     auth_token: str | None = None
     collection: str = "retrievekit"
-    hnsw_m: int = 32
+    hnsw_m: int = 16
     hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 200
+    hnsw_ef_search: int = 300
     replica_dir: str | None = None
     private: bool = False
 
