@@ -16,6 +16,7 @@ its Rust core as "Invalid where clause").
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Iterable, Mapping
 
@@ -118,7 +119,7 @@ def _value(value: Any) -> str | None:
     if isinstance(value, int):
         return f"n:{float(value)!r}" if abs(value) <= _EXACT_INT else None
     if isinstance(value, float):
-        return f"n:{value!r}"
+        return f"n:{value + 0.0!r}"  # + 0.0: -0.0 is 0.0, as Chroma compares them
     if isinstance(value, str):
         return "s:" + value
     return None
@@ -131,12 +132,18 @@ def metadata_terms(metadata: Mapping[str, Any]) -> list[str]:
         if key.startswith("_rk_"):
             continue
         if isinstance(value, list):
-            out.extend(f"{key}[]={t}" for t in map(_value, value) if t is not None)
+            out.extend(_term(key, t, element=True) for t in map(_value, value) if t is not None)
         else:
             t = _value(value)
             if t is not None:
-                out.append(f"{key}={t}")
+                out.append(_term(key, t))
     return out
+
+
+def _term(key: str, value: str, *, element: bool = False) -> str:
+    """One indexed term: the key as a JSON string (so no key or value can read as another
+    key's: {"a=s:b": "c"} is not {"a": "b=s:c"}), `[]` for a list element, then the value."""
+    return f"{json.dumps(key, ensure_ascii=False)}{'[]' if element else ''}={value}"
 
 
 class Unsupported(Exception):
@@ -154,8 +161,8 @@ def compile_where(where: Mapping[str, Any], tv: Any, schema: Any) -> Any | None:
 def _query_value(value: Any) -> str | None:
     """A filter operand's term text. Chroma matches a fractional float operand against int
     metadata after dropping its fraction ({"n": 0.5} finds n=0): such operands go to Chroma."""
-    if isinstance(value, float) and not value.is_integer():
-        return None
+    if isinstance(value, float) and (not value.is_integer() or abs(value) > _EXACT_INT):
+        return None  # past 2**53 an int metadata value has no term (`_value`): Chroma says
     return _value(value)
 
 
@@ -163,8 +170,8 @@ def _terms(key: str, values: Iterable[Any], tv: Any, schema: Any, *, element: bo
     texts = [_query_value(x) for x in values]
     if any(t is None for t in texts) or not texts:
         raise Unsupported
-    name = f"{key}[]" if element else key
-    return tv.Query.term_set_query(schema, "meta", [f"{name}={t}" for t in texts])
+    return tv.Query.term_set_query(schema, "meta", [_term(key, t, element=element)
+                                                    for t in texts])
 
 
 def _everything_but(query: Any, tv: Any) -> Any:
@@ -183,7 +190,7 @@ def _clause(where: Any, tv: Any, schema: Any) -> Any:
             subs = [_clause(c, tv, schema) for c in cond]
             occur = tv.Occur.Must if key == "$and" else tv.Occur.Should
             parts.append(tv.Query.boolean_query([(occur, q) for q in subs]))
-        elif key.startswith("$"):
+        elif key.startswith(("$", "_rk_")):  # reserved keys are not indexed: Chroma says
             raise Unsupported
         elif isinstance(cond, Mapping):
             if len(cond) != 1:

@@ -178,14 +178,15 @@ class LocalEngine:
     def _vectors_of(self, subset: Subset) -> tuple[list[str], np.ndarray]:
         """A subset's vectors: read from Chroma on its first scan, and for the records
         written since then on the first scan after."""
-        if subset.vectors is None:
-            self.sparse.hold(subset, self.store.unit_vectors(subset.ids))
-        elif subset.missing:
-            (ids, matrix), (more, rows) = subset.vectors, self.store.unit_vectors(subset.missing)
-            self.sparse.hold(subset, (ids + more, np.concatenate([matrix, rows]) if more
-                                      else matrix))
-        assert subset.vectors is not None
-        return subset.vectors
+        held, missing = subset.held  # one read: another search may drop or replace them
+        if held is None:
+            return self.sparse.hold(subset, self.store.unit_vectors(subset.ids))
+        if not missing:
+            return held
+        (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing)
+        if more:
+            ids, matrix = ids + more, np.concatenate([matrix, rows]) if ids else rows
+        return self.sparse.hold(subset, (ids, matrix))
 
     def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
              matching: Filter | None, subset: Subset | None, passing: int | None

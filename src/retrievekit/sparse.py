@@ -37,8 +37,9 @@ from .tokenize import Tokenizer, TokenizerConfig
 logger = logging.getLogger(__name__)
 
 #: 3: user metadata indexed for filters (filters.py); 4: each record's text and metadata
-#: stored, so that hits are read here rather than from Chroma
-FORMAT_VERSION = 4
+#: stored, so that hits are read here rather than from Chroma; 5: metadata keys quoted in
+#: their terms, -0.0 indexed as 0.0
+FORMAT_VERSION = 5
 _STATE = "state.json"
 _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 #: record ids a snapshot remembers by document address (a few MiB): reading an id otherwise
@@ -357,9 +358,9 @@ class SparseIndex:
         """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
         return self._view.filters.can_hold(nbytes)
 
-    def hold(self, subset: Subset, vectors: tuple[list[str], Any]) -> None:
+    def hold(self, subset: Subset, vectors: tuple[list[str], Any]) -> tuple[list[str], Any]:
         """Keep the vectors of a subset this index remembers (see `Subsets.hold`)."""
-        self._view.filters.hold(subset, vectors)
+        return self._view.filters.hold(subset, vectors)
 
     def matching(self, matching: Filter, limit: int) -> list[str]:
         """Ids of up to `limit` records a compiled filter matches."""

@@ -571,9 +571,9 @@ class ChromaStore:
         rows: list[np.ndarray] = []
         for s in range(0, len(ids), 250):
             got = self.get(ids=ids[s:s + 250], include=["embeddings"])
-            found.extend(got["ids"])
-            rows.append(np.asarray(got["embeddings"], dtype=np.float32).reshape(
-                len(got["ids"]), -1))
+            if got["ids"]:  # none when all were deleted since the caller read them
+                found.extend(got["ids"])
+                rows.append(np.asarray(got["embeddings"], dtype=np.float32))
         matrix = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         return found, matrix / np.maximum(norms, 1e-12)

@@ -39,25 +39,32 @@ class Filter:
     query: Any
 
 
+Vectors = tuple[list[str], np.ndarray]  # ids found in Chroma, one unit row each
+
+
 class Subset:
     """The records a filter matches in one snapshot (`ids`, `members`), and their vectors
-    while it holds them for the query path: `vectors` pairs the ids found in Chroma with a
-    matrix of one unit row each; `missing` are ids whose vectors are not read yet (records
-    written since)."""
+    while it holds them for the query path: `held` is one pair, replaced whole (searches
+    and commits read it without a lock, and a subset a commit did not touch is shared by
+    two snapshots): the `Vectors` read so far, or None, and the ids whose vectors are not
+    read yet (records written since)."""
 
-    __slots__ = ("filter", "ids", "members", "vectors", "missing")
+    __slots__ = ("filter", "ids", "members", "held")
 
-    def __init__(self, f: Filter, ids: list[str],
-                 vectors: tuple[list[str], np.ndarray] | None = None,
+    def __init__(self, f: Filter, ids: list[str], vectors: Vectors | None = None,
                  missing: Sequence[str] = ()) -> None:
         self.filter = f
         self.ids = ids
         self.members = frozenset(ids)
-        self.vectors = vectors
-        self.missing = list(missing)
+        self.held: tuple[Vectors | None, tuple[str, ...]] = (vectors, tuple(missing))
+
+    @property
+    def vectors(self) -> Vectors | None:
+        return self.held[0]
 
     def nbytes(self) -> int:
-        return 0 if self.vectors is None else int(self.vectors[1].nbytes)
+        vectors = self.held[0]
+        return 0 if vectors is None else int(vectors[1].nbytes)
 
 
 class Subsets:
@@ -127,10 +134,11 @@ class Subsets:
     def can_hold(nbytes: int) -> bool:
         return nbytes <= SUBSET_VECTOR_BYTES
 
-    def hold(self, subset: Subset, vectors: tuple[list[str], np.ndarray]) -> None:
+    def hold(self, subset: Subset, vectors: Vectors) -> Vectors:
         """Keep `vectors` on `subset` (all of its records now), dropping those of the least
         recently used subsets until all held fit in `SUBSET_VECTOR_BYTES` (the caller
-        checks with `can_hold` that these fit)."""
+        checks with `can_hold` that these fit). Returns `vectors`: another search may drop
+        them from the subset again at once."""
         need = int(vectors[1].nbytes)
         with self._lock:
             held = sum(s.nbytes() for s in self._subsets.values() if s is not subset)
@@ -139,8 +147,9 @@ class Subsets:
                     break
                 if other is not subset:
                     held -= other.nbytes()
-                    other.vectors, other.missing = None, []
-            subset.vectors, subset.missing = vectors, []
+                    other.held = (None, ())
+            subset.held = (vectors, ())
+        return vectors
 
     def carried(self, to: "Subsets", removed: Collection[str], added: Sequence[str],
                 keep: Callable[[Sequence[str], Filter], Collection[str]]) -> "Subsets":
@@ -164,11 +173,12 @@ class Subsets:
             if len(ids) != to.count(old.filter):
                 continue
             vectors, missing = None, []
-            if old.vectors is not None:
-                found, matrix = old.vectors
+            held, pending = old.held  # one read: a search may hold new vectors meanwhile
+            if held is not None:
+                found, matrix = held
                 rows = [i for i, rid in enumerate(found) if rid not in removed]
                 vectors = ([found[i] for i in rows], matrix[rows])
-                missing = [rid for rid in old.missing if rid not in removed] + \
+                missing = [rid for rid in pending if rid not in removed] + \
                     [rid for rid in added if rid in joined]
             to._add(Subset(old.filter, ids, vectors, missing))
         return to

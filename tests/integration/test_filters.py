@@ -113,6 +113,37 @@ def test_random_filters_match_chroma_exactly(both):
     assert checked >= 300 and unsupported == 0 and remembered >= 150
 
 
+#: metadata whose keys or values read like another key's term, signed zeros, and numbers
+#: past 2**53 (where an int and a float of "the same" value no longer compare as one)
+TRICKY = [{"a": "b=s:c"}, {"a=s:b": "c"}, {"t": ["x"]}, {"t[]": "x"}, {"a": "z=n:1.0"},
+          {"a=s:z": 1}, {"x": 0}, {"x": 0.0}, {"x": -0.0}, {"x": 2 ** 60},
+          {"x": float(2 ** 60)}, {"x": 2 ** 53 + 2}, {"\"q\"": "v"}, {"x": 1}]
+TRICKY_WHERE = [{"a": "b=s:c"}, {"a=s:b": "c"}, {"t": {"$contains": "x"}}, {"t[]": "x"},
+                {"a": "z=n:1.0"}, {"a=s:z": 1}, {"x": -0.0}, {"x": 0}, {"x": {"$ne": -0.0}},
+                {"x": {"$nin": [-0.0, 1.0]}}, {"x": float(2 ** 60)}, {"x": 2 ** 60},
+                {"x": {"$ne": float(2 ** 60)}}, {"x": {"$in": [float(2 ** 53 + 2)]}},
+                {"\"q\"": "v"}, {"a": {"$ne": "b=s:c"}}]
+
+
+def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
+    ids = [f"r{i}" for i in range(len(TRICKY))]
+    client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
+    col = client.get_or_create_collection(f"tricky-{uuid.uuid4().hex[:8]}",
+                                          embedding_function=None)
+    col.add(ids=ids, embeddings=[[1.0, 0.0]] * len(ids), metadatas=TRICKY)
+    index = SparseIndex()
+    index.replace([], [Record(i, i, "text", m) for i, m in zip(ids, TRICKY)])
+    index.commit(1)
+    evaluated = 0
+    for where in TRICKY_WHERE:
+        expected = set(col.get(where=where, include=[])["ids"])
+        matching = index.compile(where)
+        if matching is not None:  # None: Chroma evaluates it (numbers past 2**53)
+            assert index.keep(ids, matching) == expected, where
+            evaluated += 1
+    assert evaluated >= 11
+
+
 def test_ranges_and_unknown_operators_fall_back_to_chroma(both):
     _, index, _ = both
     for where in [{"year": {"$gt": 2020}}, {"year": {"$lte": 2021}},
@@ -285,6 +316,88 @@ def test_a_filter_used_again_is_answered_exactly_from_its_subset(filtered_store,
                     assert queries["n"] == before, (where, use)
     finally:
         r.store.collection.query = real_query
+
+
+def _exact_docs(r, where, qvec, k):
+    """The oracle: the k documents nearest `qvec` among those Chroma's `where` passes."""
+    import numpy as np
+
+    got = r.store.get(where=where, include=["embeddings", "metadatas"])
+    sims = [(float(np.asarray(e) @ qvec / np.linalg.norm(e)), m["_rk_parent"])
+            for e, m in zip(got["embeddings"], got["metadatas"])]
+    return [doc for _, doc in sorted(sims, reverse=True)[:k]]
+
+
+def test_subset_vectors_dropped_by_another_search_are_still_used(tmp_path, tiny_embedder,
+                                                                monkeypatch):
+    """Another search may drop a subset's vectors (its budget) right after this one held
+    them, or hold them while a commit carries the subset: a search uses the vectors it read
+    itself, and a commit the one pair (vectors, records still to read) it read, so no record
+    goes missing from later scans."""
+    import threading
+
+    import numpy as np
+
+    from retrievekit.pipeline import HybridRetriever
+
+    docs = [{"id": f"d{i}", "text": f"record {i} river", "metadata": {"b": i % 4}}
+            for i in range(100)]
+    where = {"b": 0}
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                         embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        index = r._searcher.engine.sparse  # reached into for this check only
+        q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
+        real_hold = index.hold
+
+        def hold_then_dropped(subset, vectors):  # another search's budget, at once after
+            out = real_hold(subset, vectors)
+            subset.held = (None, ())
+            return out
+
+        monkeypatch.setattr(index, "hold", hold_then_dropped)
+        for _ in range(3):
+            hits = r.search("x", k=5, mode="dense", where=where, query_vector=q)
+            assert [h.id for h in hits] == _exact_docs(r, where, q, 5)
+        monkeypatch.setattr(index, "hold", real_hold)
+        r.search("x", k=5, mode="dense", where=where, query_vector=q)  # held again
+        r.add_documents([{"id": "new1", "text": "a lantern", "metadata": {"b": 0}}])
+        subset = index._view.filters._subsets[index.compile(where).key]
+        assert subset.held[1] == ("new1",)  # to be read on the next scan
+        fired = []
+
+        class SearchInside(list):  # runs one search while the next commit carries the pair
+            def __iter__(self):
+                if not fired:
+                    fired.append(1)
+                    t = threading.Thread(target=r.search, args=("x",), kwargs=dict(
+                        k=5, mode="dense", where=where, query_vector=q))
+                    t.start()
+                    t.join()
+                return super().__iter__()
+
+        (found, matrix), pending = subset.held
+        subset.held = ((SearchInside(found), matrix), pending)
+        r.add_documents([{"id": "new2", "text": "something else", "metadata": {"b": 0}}])
+        assert fired
+        new1 = np.asarray(r.store.get(ids=["new1"], include=["embeddings"])["embeddings"][0],
+                          dtype=np.float32)
+        hits = r.search("x", k=3, mode="dense", where=where, query_vector=new1)
+        assert hits[0].id == "new1"
+        assert [h.id for h in hits] == _exact_docs(r, where, new1, 3)
+
+
+def test_vectors_of_records_deleted_meanwhile_are_skipped(tmp_path, tiny_embedder):
+    """A search between Chroma's delete and the BM25 index's catch-up asks for vectors
+    Chroma no longer holds: they are left out, not an error."""
+    from retrievekit.pipeline import HybridRetriever
+
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}}, embedder=tiny_embedder) as r:
+        r.add_documents([{"id": "d0", "text": "kept"}])
+        ids, matrix = r.store.unit_vectors(["gone", "d0"] + [f"x{i}" for i in range(300)])
+        assert ids == ["d0"] and matrix.shape == (1, tiny_embedder.dim)
+        ids, matrix = r.store.unit_vectors([f"x{i}" for i in range(300)])
+        assert ids == [] and len(matrix) == 0
 
 
 def test_subset_vectors_stay_within_their_budget(tmp_path, tiny_embedder, monkeypatch):
