@@ -17,7 +17,8 @@ corpus), then a second subprocess reopens the persisted index and runs the first
 Every subprocess loads the embedding model first, as a deployment that encodes queries
 would; "peak - base" is the peak RSS minus the RSS after imports, model and corpus load.
 
-Usage: ``python benchmarks/scale.py [--docs 100000] [--systems ours,llamaindex,langchain]``
+Usage: ``python benchmarks/scale.py [--docs 100000] [--systems ours,llamaindex,langchain]
+[--keep DIR]``
 Writes benchmarks/results/scale.json and prints a markdown table.
 """
 
@@ -382,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated, from {', '.join(SYSTEMS)}")
     ap.add_argument("--out", default="scale", help="results file name under benchmarks/results")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="build the stores in DIR and keep them (default: a temporary folder)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other systems already in the results file")
     ap.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -411,7 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["systems"] = old.get("systems", {})
         results["earlier_runs"] = old.get("earlier_runs", []) + [
             {k: old.get(k) for k in ("command", "machine", "runtime_s")}]
-    workdir = Path(tempfile.mkdtemp(prefix="rk-scale-"))
+    workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="rk-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.keep and any(workdir.iterdir()):
+        ap.error(f"--keep {args.keep}: the folder must be empty (a build would reopen old stores)")
     try:
         for system in args.systems.split(","):
             runs = results["systems"][system] = {}
@@ -424,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["runtime_s"] = time.perf_counter() - started
             path = C.write_results(args.out, results)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(table(results))
     print(f"\nwrote {path} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     return 0
