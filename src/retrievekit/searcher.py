@@ -168,25 +168,23 @@ class LocalEngine:
             sims = self.vectors.similarities(ids, vec, cosine=True)
         else:
             assert subset is not None
-            ids, matrix = self._vectors_of(subset)
+            ids, matrix = self._vectors_of(subset, vec.size)
             if not ids:
                 return []
             sims = matrix @ (vec / max(float(np.linalg.norm(vec)), 1e-12))
         order = np.argsort(-sims, kind="stable")[:n]
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _vectors_of(self, subset: Subset) -> tuple[list[str], np.ndarray]:
+    def _vectors_of(self, subset: Subset, dim: int) -> tuple[list[str], np.ndarray]:
         """A subset's vectors: read from Chroma on its first scan, and for the records
         written since then on the first scan after."""
         held, missing = subset.held  # one read: another search may drop or replace them
         if held is None:
-            return self.sparse.hold(subset, self.store.unit_vectors(subset.ids))
+            return self.sparse.hold(subset, self.store.unit_vectors(subset.ids, dim))
         if not missing:
             return held
-        (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing)
-        if more:
-            ids, matrix = ids + more, np.concatenate([matrix, rows]) if ids else rows
-        return self.sparse.hold(subset, (ids, matrix))
+        (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing, dim)
+        return self.sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
 
     def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
              matching: Filter | None, subset: Subset | None, passing: int | None

@@ -562,19 +562,19 @@ class ChromaStore:
                                        where=dict(where) if where else None,
                                        include=list(include))
 
-    def unit_vectors(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    def unit_vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], np.ndarray]:
         """The vectors of those of `ids` that Chroma holds, L2-normalized (cosine by dot
-        product): their ids and a float32 matrix, one row each. Read 250 at a time: a get
+        product): their ids and a float32 matrix of `dim` columns, one row each (none for
+        ids deleted since the caller read them). Read 250 at a time: a get
         by ids costs ~20 us a vector in pages of 100-500, 130 us in pages of 5,000 (at 120k
         records)."""
         found: list[str] = []
         rows: list[np.ndarray] = []
         for s in range(0, len(ids), 250):
             got = self.get(ids=ids[s:s + 250], include=["embeddings"])
-            if got["ids"]:  # none when all were deleted since the caller read them
-                found.extend(got["ids"])
-                rows.append(np.asarray(got["embeddings"], dtype=np.float32))
-        matrix = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+            found.extend(got["ids"])
+            rows.append(np.asarray(got["embeddings"], dtype=np.float32).reshape(-1, dim))
+        matrix = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         return found, matrix / np.maximum(norms, 1e-12)
 

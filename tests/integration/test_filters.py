@@ -394,9 +394,10 @@ def test_vectors_of_records_deleted_meanwhile_are_skipped(tmp_path, tiny_embedde
 
     with HybridRetriever({"store": {"path": str(tmp_path / "s")}}, embedder=tiny_embedder) as r:
         r.add_documents([{"id": "d0", "text": "kept"}])
-        ids, matrix = r.store.unit_vectors(["gone", "d0"] + [f"x{i}" for i in range(300)])
+        ids, matrix = r.store.unit_vectors(["gone", "d0"] + [f"x{i}" for i in range(300)],
+                                            tiny_embedder.dim)
         assert ids == ["d0"] and matrix.shape == (1, tiny_embedder.dim)
-        ids, matrix = r.store.unit_vectors([f"x{i}" for i in range(300)])
+        ids, matrix = r.store.unit_vectors([f"x{i}" for i in range(300)], tiny_embedder.dim)
         assert ids == [] and len(matrix) == 0
 
 
