@@ -29,7 +29,9 @@ from .records import Record, parent_of
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
-GRAPH_FILE = "graph.usearch"  # in a base folder, with local_vectors
+#: in a base folder, with local_vectors. "-2": built with one thread; a graph.usearch of
+#: before may hold records no search reaches (graph.py), so its base builds the graph again
+GRAPH_FILE = "graph-2.usearch"
 #: delta rows a graph may have to replay on open after a clean close (`close`)
 GRAPH_REPLAY = 1000
 #: rows copied at once when all of them are written out or put in a graph

@@ -84,9 +84,9 @@ class VectorGraph:
             self._ids[key] = rid
             keys.append(key)
             rows.append(row)
-        if keys:
-            self._index.add(np.asarray(keys, dtype=np.uint64),
-                            np.ascontiguousarray(vectors[rows], dtype=np.float32))
+        if keys:  # one thread: usearch's concurrent add strands nodes no search reaches
+            self._index.add(np.asarray(keys, dtype=np.uint64),  # (unum-cloud/USearch#735)
+                            np.ascontiguousarray(vectors[rows], dtype=np.float32), threads=1)
 
     def remove(self, ids: Iterable[str]) -> None:
         gone = []

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from retrievekit import graph as G
+from retrievekit.funnel import GRAPH_FILE
 from retrievekit.pipeline import HybridRetriever
 
 DOCS = [{"text": f"record {i} " + ("river stone" if i % 2 else "cloud engine"), "id": f"d{i}",
@@ -99,7 +100,7 @@ def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch,
         r.add_documents(DOCS)
         expected = [(h.id, round(h.score, 5)) for h in
                     r.search("x", 10, mode="dense", query_vector=q)]
-    graph, = (tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.usearch")
+    graph, = (tmp_path / "s").glob(f"retrievekit/*/funnel/base-*/{GRAPH_FILE}")
     if how == "deleted":
         graph.unlink()
     elif how == "truncated":
@@ -111,7 +112,7 @@ def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch,
         assert [(h.id, round(h.score, 5)) for h in
                 r.search("x", 10, mode="dense", query_vector=q)] == expected
     assert how == "deleted" or "vector graph" in caplog.text
-    saved = list((tmp_path / "s").glob("retrievekit/*/funnel/base-*/graph.usearch"))
+    saved = list((tmp_path / "s").glob(f"retrievekit/*/funnel/base-*/{GRAPH_FILE}"))
     assert len(saved) == 1 and saved[0] != graph or how == "deleted" and len(saved) == 1
     added: list[int] = []
     upsert = G.VectorGraph.upsert

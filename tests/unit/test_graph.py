@@ -37,11 +37,11 @@ def test_finds_the_exact_neighbours_and_follows_changes():
     missed = 0
     for q in _unit(np.random.default_rng(10), 20):
         # ef above the count: the exact 10 are among the candidates, but for a near tie
-        # that the 8-bit distances may order wrongly (random 16-d vectors have many)
+        # that another CPU's 8-bit kernel may order wrongly (none on this one)
         lost = len(_exact(ids, x, q, 10) - set(g.nearest(q, 10)))
         assert lost <= 1
         missed += lost
-    assert missed <= 4  # of 200
+    assert missed <= 2  # of 200
     # a new vector for r0 and r1 removed: r0 is found at its new place, r1 never
     g.upsert(["r0"], x[[7]] * -1)
     g.remove(["r1", "missing"])
@@ -50,6 +50,15 @@ def test_finds_the_exact_neighbours_and_follows_changes():
     assert "r1" not in g.nearest(x[1], 299)
     g.upsert(["r1"], x[[1]])  # a removed id can come back
     assert g.nearest(x[1], 1)[0] == "r1"
+
+
+def test_every_record_of_a_bulk_add_is_reachable():
+    """usearch's concurrent add leaves some nodes no search reaches (unum-cloud/USearch#735;
+    1-9 of 10,000 random 16-d vectors in each of ten builds here): each record must be found
+    as its own nearest neighbour."""
+    ids, x, g = _filled(3, 10_000)
+    unreachable = [rid for rid, v in zip(ids, x) if rid not in g.nearest(v, 1)]
+    assert unreachable == []
 
 
 def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
