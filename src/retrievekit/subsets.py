@@ -122,8 +122,14 @@ class Subsets:
         return self._add(Subset(f, self._matching(f.query, n) if n else []))
 
     def _add(self, subset: Subset) -> Subset:
-        """Remember `subset`, dropping the least recently used ones over the budget."""
+        """Remember `subset`, dropping the least recently used ones over the budget; the
+        one remembered already when another search remembered the filter meanwhile (one
+        subset per filter: vectors held on a second would not count against the budget)."""
         with self._lock:
+            got = self._subsets.get(subset.filter.key)
+            if got is not None:
+                self._subsets.move_to_end(subset.filter.key)
+                return got
             held = sum(len(s.ids) for s in self._subsets.values())
             while self._subsets and held + len(subset.ids) > SUBSET_SHARE * self.size:
                 held -= len(self._subsets.popitem(last=False)[1].ids)
