@@ -26,7 +26,7 @@ from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
 from .rerank import Reranker
-from .sparse import SparseIndex
+from .sparse import Snapshot, SparseIndex
 from .subsets import Filter, Subset
 from .store import ChromaStore
 from .types import Document, Hit
@@ -89,23 +89,25 @@ class LocalEngine:
         lists: dict[str, list[tuple[str, float]]] = {}
         stage1: dict[str, tuple[int, float]] = {}
         where = request.where
+        sparse = self.sparse.reader()  # one state of the BM25 index for the whole search
         matching = None  # the filter, compiled for the BM25 index when it can evaluate it
         subset = None  # what it matches, when the index remembers (a filter used again)
         if where is not None:
             matching = self.sparse.compile(where)
             if matching is not None:
-                subset = self.sparse.subset(matching)
+                subset = sparse.subset(matching)
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
-            dense = self._dense(request.vector, request.n, where, matching, subset, stage1)
+            dense = self._dense(sparse, request.vector, request.n, where, matching, subset,
+                                stage1)
             lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
                 if self.settings.by_document else dense
         if request.mode in ("hybrid", "sparse"):
             allowed = None
             if where is not None and matching is None:  # outside the subset: Chroma says
                 allowed = self.store.get(where=where, include=[])["ids"]
-            lists["sparse"] = self.sparse.search(request.query, request.n_sparse or request.n,
-                                                 allowed=allowed, matching=matching)
+            lists["sparse"] = sparse.search(request.query, request.n_sparse or request.n,
+                                            allowed=allowed, matching=matching)
         full = any(len(items) >= (request.n_sparse or request.n if side == "sparse"
                                   else request.n) for side, items in lists.items())
         settings = self.settings
@@ -128,26 +130,26 @@ class LocalEngine:
                          zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m))
         return found
 
-    def _dense(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
-               matching: Filter | None, subset: Subset | None,
+    def _dense(self, sparse: Snapshot, vec: np.ndarray, n: int,
+               where: Mapping[str, Any] | None, matching: Filter | None, subset: Subset | None,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
         # how many records the filter passes, counted in the BM25 index: it plans the query
-        passing = self.sparse.count(matching) if matching is not None else None
+        passing = sparse.count(matching) if matching is not None else None
         if passing is not None and subset is None and self.vectors is None \
-                and passing * passing <= READ_SCAN * n * len(self.sparse) \
-                and self.sparse.can_hold(passing * vec.size * 4):
-            subset = self.sparse.remember(matching)  # read in whole: cheaper than a query
+                and passing * passing <= READ_SCAN * n * len(sparse) \
+                and sparse.can_hold(passing * vec.size * 4):
+            subset = sparse.remember(matching)  # read in whole: cheaper than a query
         if passing is not None and (
-                self.vectors is not None and passing < EXACT_SCAN_SHARE * len(self.sparse)
+                self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)
                 or subset is not None and self.vectors is None
-                and self.sparse.can_hold(passing * vec.size * 4)):
-            return self._exact(vec, n, matching, passing, subset)
+                and sparse.can_hold(passing * vec.size * 4)):
+            return self._exact(sparse, vec, n, matching, passing, subset)
         if self.settings.funnel_dim is None:
-            return self._knn(vec, n, where, matching, subset, passing)
+            return self._knn(sparse, vec, n, where, matching, subset, passing)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
-        first = self._knn(short_vectors(vec, s.funnel_dim)[0],
+        first = self._knn(sparse, short_vectors(vec, s.funnel_dim)[0],
                           max(n, s.funnel_candidates or 4 * n), where, matching, subset, passing)
         sims = self.vectors.similarities([rid for rid, _ in first], vec)
         for r, (rid, s1) in enumerate(first, start=1):
@@ -155,8 +157,8 @@ class LocalEngine:
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _exact(self, vec: np.ndarray, n: int, matching: Filter, passing: int,
-               subset: Subset | None) -> list[tuple[str, float]]:
+    def _exact(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter,
+               passing: int, subset: Subset | None) -> list[tuple[str, float]]:
         """The `n` nearest of the records a filter passes, by an exact scan of their
         vectors: those held in this process (funnel or local_vectors; a selective filter),
         else those the filter's subset holds, read from Chroma on its first scan. Cosine,
@@ -164,40 +166,41 @@ class LocalEngine:
         if passing == 0:
             return []
         if self.vectors is not None:
-            ids = subset.ids if subset is not None else self.sparse.matching(matching, passing)
+            ids = subset.ids if subset is not None else sparse.matching(matching, passing)
             sims = self.vectors.similarities(ids, vec, cosine=True)
         else:
             assert subset is not None
-            ids, matrix = self._vectors_of(subset, vec.size)
+            ids, matrix = self._vectors_of(sparse, subset, vec.size)
             if not ids:
                 return []
             sims = matrix @ (vec / max(float(np.linalg.norm(vec)), 1e-12))
         order = np.argsort(-sims, kind="stable")[:n]
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _vectors_of(self, subset: Subset, dim: int) -> tuple[list[str], np.ndarray]:
+    def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int
+                    ) -> tuple[list[str], np.ndarray]:
         """A subset's vectors: read from Chroma on its first scan, and for the records
         written since then on the first scan after."""
         held, missing = subset.held  # one read: another search may drop or replace them
         if held is None:
-            return self.sparse.hold(subset, self.store.unit_vectors(subset.ids, dim))
+            return sparse.hold(subset, self.store.unit_vectors(subset.ids, dim))
         if not missing:
             return held
         (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing, dim)
-        return self.sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
+        return sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
 
-    def _knn(self, vec: np.ndarray, n: int, where: Mapping[str, Any] | None,
-             matching: Filter | None, subset: Subset | None, passing: int | None
-             ) -> list[tuple[str, float]]:
+    def _knn(self, sparse: Snapshot, vec: np.ndarray, n: int,
+             where: Mapping[str, Any] | None, matching: Filter | None, subset: Subset | None,
+             passing: int | None) -> list[tuple[str, float]]:
         """The `n` nearest records that pass `where`, planned by how many pass (`passing`,
         counted by the BM25 index; None when it cannot evaluate the filter)."""
         if where is not None and passing is not None:
-            total = len(self.sparse)
+            total = len(sparse)
             if passing == 0:
                 return []
             if passing >= POST_FILTER_SHARE * total:
                 keep = (lambda ids: subset.members.intersection(ids)) if subset is not None \
-                    else (lambda ids: self.sparse.keep(ids, matching))
+                    else (lambda ids: sparse.keep(ids, matching))
                 return _post_filtered(lambda m: self._nearest(vec, m), keep,
                                       n, passing / total, total)
         return self.store.query(vec, n, where) if where is not None else self._nearest(vec, n)

@@ -50,18 +50,25 @@ _FEW_IDS = 64
 
 
 
-class _Snapshot:
-    """One committed state of the index: its tantivy searcher, the record ids read from it
-    so far, and what filters used in it matched (subsets.py). A document address names one
-    record only within its searcher, so the id memo lives and goes with it (a commit makes a
-    new snapshot, and carries the filter memo over, patched)."""
+class Snapshot:
+    """One committed state of the index, and every read of it: its tantivy searcher, the
+    record ids read from it so far, and what filters used in it matched (subsets.py). A
+    search reads one snapshot throughout (`SparseIndex.reader`), so that a commit meanwhile
+    cannot give it a count from one state and the ids from another. A document address
+    names one record only within its searcher, so the id memo lives and goes with it (a
+    commit makes a new snapshot, and carries the filter memo over, patched)."""
 
-    __slots__ = ("searcher", "_ids", "filters")
+    __slots__ = ("searcher", "_schema", "_tokenizer", "_ids", "filters")
 
-    def __init__(self, searcher: Any) -> None:
+    def __init__(self, searcher: Any, schema: Any, tokenizer: Tokenizer) -> None:
         self.searcher = searcher
+        self._schema = schema
+        self._tokenizer = tokenizer
         self._ids: dict[int, str] = {}
         self.filters = Subsets(self._count, self._matching, int(searcher.num_docs))
+
+    def __len__(self) -> int:
+        return int(self.searcher.num_docs)
 
     def id(self, addr: Any) -> str:
         key = addr.segment_ord << 32 | addr.doc
@@ -80,6 +87,109 @@ class _Snapshot:
             return []
         return [self.id(addr) for _, addr in
                 self.searcher.search(query, limit=limit, count=False).hits]
+
+    def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Text and metadata (reserved keys included) of those of `ids` held here, as Chroma
+        held them when they were indexed."""
+        searcher = self.searcher
+        if not ids or searcher.num_docs == 0:
+            return {}
+        hits = searcher.search(self._ids_query(ids), limit=len(ids), count=False).hits
+        out = {}
+        for _, addr in hits:
+            doc = searcher.doc(addr)
+            text, meta = json.loads(doc["record"][0])
+            out[doc["id"][0]] = (text, meta)
+        return out
+
+    def _ids_query(self, ids: Sequence[str]) -> Any:
+        """A query matching the records `ids`: one term query each for a few (0.04 ms for
+        10 ids at 7k records, against 0.2 ms for a term set), a term set for many (it
+        wins past ~100)."""
+        tv = _tantivy()
+        if len(ids) > _FEW_IDS:
+            return tv.Query.term_set_query(self._schema, "id", list(ids))
+        return tv.Query.boolean_query([(tv.Occur.Should,
+                                        tv.Query.term_query(self._schema, "id", rid))
+                                       for rid in ids])
+
+    # -- filters (filters.py, subsets.py) ----------------------------------------------------
+    def count(self, matching: Filter) -> int:
+        """How many records a compiled filter matches (counted once per snapshot)."""
+        return self.filters.count(matching)
+
+    def subset(self, matching: Filter) -> Subset | None:
+        """The records a compiled filter matches, when this snapshot remembers them: from
+        the second call for the filter on (one a query: the query path asks once), within
+        a memory budget (subsets.py)."""
+        return self.filters.subset(matching)
+
+    def remember(self, matching: Filter) -> Subset | None:
+        """The records a compiled filter matches, read and remembered now."""
+        return self.filters.remember(matching)
+
+    def can_hold(self, nbytes: int) -> bool:
+        """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
+        return self.filters.can_hold(nbytes)
+
+    def hold(self, subset: Subset, vectors: tuple[list[str], Any]) -> tuple[list[str], Any]:
+        """Keep the vectors of a subset this snapshot remembers (see `Subsets.hold`)."""
+        return self.filters.hold(subset, vectors)
+
+    def matching(self, matching: Filter, limit: int) -> list[str]:
+        """Ids of up to `limit` records a compiled filter matches."""
+        return self._matching(matching.query, limit)
+
+    def keep(self, ids: Sequence[str], matching: Filter) -> set[str]:
+        """The ids among `ids` that a compiled filter matches."""
+        tv = _tantivy()
+        if not ids:
+            return set()
+        q = tv.Query.boolean_query([
+            (tv.Occur.Must, self._ids_query(ids)),
+            (tv.Occur.Must, matching.query)])
+        hits = self.searcher.search(q, limit=len(ids), count=False).hits
+        return {self.id(addr) for _, addr in hits}
+
+    # -- BM25 ----------------------------------------------------------------------------
+    def search(self, query: str, k: int, *, allowed: Collection[str] | None = None,
+               matching: Filter | None = None) -> list[tuple[str, float]]:
+        """Top `k` (record id, score) by BM25, best first; scores <= 0 dropped; ties by id.
+
+        Args:
+            allowed: when given, only these ids may be returned (a `where` filter that
+                Chroma evaluated).
+            matching: a filter compiled by `compile`, evaluated here.
+        """
+        tv = _tantivy()
+        terms = self._tokenizer(query)
+        searcher = self.searcher
+        if not terms or k <= 0 or searcher.num_docs == 0 or (allowed is not None
+                                                            and not allowed):
+            return []
+        schema = self._schema
+        should = [(tv.Occur.Should, tv.Query.term_query(schema, "body", t, index_option="freq"))
+                  for t in terms]
+        q = tv.Query.boolean_query(should)
+        only = self._ids_query(list(allowed)) if allowed is not None else \
+            matching.query if matching is not None else None
+        if only is not None:  # a filter adds nothing to the score
+            q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(only, 0.0)),
+                                        (tv.Occur.Must, q)])
+        # a few extra hits so that ties with the k-th score are broken by id exactly; while
+        # the k-th score is still tied at the end of what was fetched, fetch twice as many
+        # (a one-term query in a large index ties in groups: fetching every match instead
+        # cost 0.3-1.9 s at 1M records, docs/benchmarks.md, Scale)
+        limit = k + 16
+        while True:
+            hits = searcher.search(q, limit=limit, count=False).hits
+            out = sorted(((self.id(a), float(s)) for s, a in hits if s > 0),
+                         key=lambda x: (-x[1], x[0]))
+            if len(hits) < limit or len(out) <= k or out[k - 1][1] != out[-1][1] \
+                    or limit >= searcher.num_docs:
+                break
+            limit = min(2 * limit, searcher.num_docs)
+        return out[:k]
 
 
 @dataclass(frozen=True)
@@ -195,7 +305,7 @@ class SparseIndex:
         self._schema_obj = schema
         self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
         self._index.reload()
-        self._view = _Snapshot(self._index.searcher())
+        self._view = Snapshot(self._index.searcher(), self._schema_obj, self.tokenizer)
 
     def _probe(self, schema: Any, count: int) -> None:
         """Read a little of every part of the index: tantivy checks file footers on open,
@@ -271,10 +381,9 @@ class SparseIndex:
                 removed = set(old._matching(replaced, old._count(replaced)))
             self._writer.commit()
             self._index.reload()
-            view = _Snapshot(self._index.searcher())
+            view = Snapshot(self._index.searcher(), self._schema_obj, self.tokenizer)
             if not self._cleared:
-                old.filters.carried(view.filters, removed, self._staged_ids,
-                                    lambda ids, f: self._keep(view, ids, f))
+                old.filters.carried(view.filters, removed, self._staged_ids, view.keep)
             self._view = view
             self._unstage()
             self.watermark = watermark
@@ -292,9 +401,14 @@ class SparseIndex:
                 writer.rollback()  # nothing staged survives a close; releases the lock
                 del writer
 
-    # -- reads -----------------------------------------------------------------------------
+    # -- reads ---------------------------------------------------------------------------
+    def reader(self) -> Snapshot:
+        """The committed state now, for every read of one search (a commit makes a new
+        snapshot; this one stays as it was)."""
+        return self._view
+
     def __len__(self) -> int:
-        return int(self._view.searcher.num_docs)
+        return len(self._view)
 
     def ids(self) -> set[str]:
         """Every indexed record id (reads them all: for checks, not for the query path)."""
@@ -307,29 +421,12 @@ class SparseIndex:
         return {searcher.doc(addr)["id"][0] for _, addr in res.hits}
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Text and metadata (reserved keys included) of those of `ids` held here, as Chroma
-        held them when they were indexed."""
-        searcher = self._view.searcher
-        if not ids or searcher.num_docs == 0:
-            return {}
-        hits = searcher.search(self._ids_query(ids), limit=len(ids), count=False).hits
-        out = {}
-        for _, addr in hits:
-            doc = searcher.doc(addr)
-            text, meta = json.loads(doc["record"][0])
-            out[doc["id"][0]] = (text, meta)
-        return out
+        """`Snapshot.records` in the committed state now."""
+        return self._view.records(ids)
 
-    def _ids_query(self, ids: Sequence[str]) -> Any:
-        """A query matching the records `ids`: one term query each for a few (0.04 ms for
-        10 ids at 7k records, against 0.2 ms for a term set), a term set for many (it
-        wins past ~100)."""
-        tv = _tantivy()
-        if len(ids) > _FEW_IDS:
-            return tv.Query.term_set_query(self._schema_obj, "id", list(ids))
-        return tv.Query.boolean_query([(tv.Occur.Should,
-                                        tv.Query.term_query(self._schema_obj, "id", rid))
-                                       for rid in ids])
+    def search(self, query: str, k: int, **options: Any) -> list[tuple[str, float]]:
+        """`Snapshot.search` in the committed state now."""
+        return self._view.search(query, k, **options)
 
     # -- filters (filters.py) ---------------------------------------------------------------
     def compile(self, where: Mapping[str, Any]) -> Filter | None:
@@ -339,83 +436,3 @@ class SparseIndex:
         if query is None:
             return None
         return Filter(json.dumps(where, sort_keys=True, separators=(",", ":")), query)
-
-    def count(self, matching: Filter) -> int:
-        """How many records a compiled filter matches (counted once per snapshot)."""
-        return self._view.filters.count(matching)
-
-    def subset(self, matching: Filter) -> Subset | None:
-        """The records a compiled filter matches, when this snapshot remembers them: from
-        the second call for the filter on (one a query: the query path asks once), within
-        a memory budget (subsets.py)."""
-        return self._view.filters.subset(matching)
-
-    def remember(self, matching: Filter) -> Subset | None:
-        """The records a compiled filter matches, read and remembered now."""
-        return self._view.filters.remember(matching)
-
-    def can_hold(self, nbytes: int) -> bool:
-        """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
-        return self._view.filters.can_hold(nbytes)
-
-    def hold(self, subset: Subset, vectors: tuple[list[str], Any]) -> tuple[list[str], Any]:
-        """Keep the vectors of a subset this index remembers (see `Subsets.hold`)."""
-        return self._view.filters.hold(subset, vectors)
-
-    def matching(self, matching: Filter, limit: int) -> list[str]:
-        """Ids of up to `limit` records a compiled filter matches."""
-        return self._view._matching(matching.query, limit)
-
-    def keep(self, ids: Sequence[str], matching: Filter) -> set[str]:
-        """The ids among `ids` that a compiled filter matches."""
-        return self._keep(self._view, ids, matching)
-
-    def _keep(self, view: _Snapshot, ids: Sequence[str], matching: Filter) -> set[str]:
-        tv = _tantivy()
-        if not ids:
-            return set()
-        q = tv.Query.boolean_query([
-            (tv.Occur.Must, self._ids_query(ids)),
-            (tv.Occur.Must, matching.query)])
-        hits = view.searcher.search(q, limit=len(ids), count=False).hits
-        return {view.id(addr) for _, addr in hits}
-
-    def search(self, query: str, k: int, *, allowed: Collection[str] | None = None,
-               matching: Filter | None = None) -> list[tuple[str, float]]:
-        """Top `k` (record id, score) by BM25, best first; scores <= 0 dropped; ties by id.
-
-        Args:
-            allowed: when given, only these ids may be returned (a `where` filter that
-                Chroma evaluated).
-            matching: a filter compiled by `compile`, evaluated here.
-        """
-        tv = _tantivy()
-        terms = self.tokenizer(query)
-        view = self._view
-        searcher = view.searcher
-        if not terms or k <= 0 or searcher.num_docs == 0 or (allowed is not None
-                                                            and not allowed):
-            return []
-        schema = self._schema_obj
-        should = [(tv.Occur.Should, tv.Query.term_query(schema, "body", t, index_option="freq"))
-                  for t in terms]
-        q = tv.Query.boolean_query(should)
-        only = self._ids_query(list(allowed)) if allowed is not None else \
-            matching.query if matching is not None else None
-        if only is not None:  # a filter adds nothing to the score
-            q = tv.Query.boolean_query([(tv.Occur.Must, tv.Query.boost_query(only, 0.0)),
-                                        (tv.Occur.Must, q)])
-        # a few extra hits so that ties with the k-th score are broken by id exactly; while
-        # the k-th score is still tied at the end of what was fetched, fetch twice as many
-        # (a one-term query in a large index ties in groups: fetching every match instead
-        # cost 0.3-1.9 s at 1M records, docs/benchmarks.md, Scale)
-        limit = k + 16
-        while True:
-            hits = searcher.search(q, limit=limit, count=False).hits
-            out = sorted(((view.id(a), float(s)) for s, a in hits if s > 0),
-                         key=lambda x: (-x[1], x[0]))
-            if len(hits) < limit or len(out) <= k or out[k - 1][1] != out[-1][1] \
-                    or limit >= searcher.num_docs:
-                break
-            limit = min(2 * limit, searcher.num_docs)
-        return out[:k]

@@ -16,7 +16,7 @@ from chromadb.config import Settings
 
 from retrievekit.records import Record
 from retrievekit.searcher import EXACT_SCAN_SHARE, POST_FILTER_SHARE, READ_SCAN
-from retrievekit.sparse import SparseIndex
+from retrievekit.sparse import Snapshot, SparseIndex
 
 KEYS = ["lang", "year", "score", "flag", "tags"]
 
@@ -98,13 +98,14 @@ def test_random_filters_match_chroma_exactly(both):
         if matching is None:
             unsupported += 1
             continue
-        assert index.keep(ids, matching) == expected, where
-        assert index.count(matching) == len(expected), where
+        now = index.reader()
+        assert now.keep(ids, matching) == expected, where
+        assert now.count(matching) == len(expected), where
         checked += 1
         # remembered from the second ask on (within the budget: half the records)
-        assert index.subset(matching) is None or matching.key in seen, where
+        assert now.subset(matching) is None or matching.key in seen, where
         seen.add(matching.key)
-        subset = index.subset(matching)
+        subset = now.subset(matching)
         if len(expected) <= 150:
             assert subset.members == expected and sorted(subset.ids) == sorted(expected), where
             remembered += 1
@@ -139,7 +140,7 @@ def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
         expected = set(col.get(where=where, include=[])["ids"])
         matching = index.compile(where)
         if matching is not None:  # None: Chroma evaluates it (numbers past 2**53)
-            assert index.keep(ids, matching) == expected, where
+            assert index.reader().keep(ids, matching) == expected, where
             evaluated += 1
     assert evaluated >= 11
 
@@ -348,21 +349,21 @@ def test_subset_vectors_dropped_by_another_search_are_still_used(tmp_path, tiny_
         r.add_documents(docs)
         index = r._searcher.engine.sparse  # reached into for this check only
         q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
-        real_hold = index.hold
+        real_hold = Snapshot.hold
 
-        def hold_then_dropped(subset, vectors):  # another search's budget, at once after
-            out = real_hold(subset, vectors)
+        def hold_then_dropped(self, subset, vectors):  # another search's budget, at once
+            out = real_hold(self, subset, vectors)
             subset.held = (None, ())
             return out
 
-        monkeypatch.setattr(index, "hold", hold_then_dropped)
+        monkeypatch.setattr(Snapshot, "hold", hold_then_dropped)
         for _ in range(3):
             hits = r.search("x", k=5, mode="dense", where=where, query_vector=q)
             assert [h.id for h in hits] == _exact_docs(r, where, q, 5)
-        monkeypatch.setattr(index, "hold", real_hold)
+        monkeypatch.setattr(Snapshot, "hold", real_hold)
         r.search("x", k=5, mode="dense", where=where, query_vector=q)  # held again
         r.add_documents([{"id": "new1", "text": "a lantern", "metadata": {"b": 0}}])
-        subset = index._view.filters._subsets[index.compile(where).key]
+        subset = index.reader().filters._subsets[index.compile(where).key]
         assert subset.held[1] == ("new1",)  # to be read on the next scan
         fired = []
 
@@ -421,7 +422,7 @@ def test_subset_vectors_stay_within_their_budget(tmp_path, tiny_embedder, monkey
         index = r._searcher.engine.sparse  # the snapshot's subsets, read for this check only
 
         def held():
-            return {k: s.vectors is not None for k, s in index._view.filters._subsets.items()}
+            return {k: s.vectors is not None for k, s in index.reader().filters._subsets.items()}
 
         def ask(where):
             q = nrng.standard_normal(dim).astype(np.float32)
@@ -694,3 +695,40 @@ def test_a_filter_used_once_before_a_commit_is_remembered_on_its_next_use(tmp_pa
             r.store.collection.query = real
         np.testing.assert_allclose([h.score for h in hits],
                                    _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
+
+
+def test_a_commit_during_a_search_does_not_cut_its_filtered_records(tmp_path, tiny_embedder,
+                                                                   monkeypatch):
+    """A search reads one state of the BM25 index throughout (`SparseIndex.reader`): a
+    commit between counting a filter's records and reading their ids once made the ids
+    come from the new state, cut at the old count, so that a record matching in both
+    states (here one replaced after records were added) was left out of the exact
+    scan."""
+    from retrievekit import subsets
+    from retrievekit.pipeline import HybridRetriever
+
+    cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
+    docs = [{"text": f"record {i}", "id": f"d{i}", "metadata": {"bucket": i % 50}}
+            for i in range(200)]  # 4 a bucket: a selective filter, scanned exactly
+    count = subsets.Subsets.count
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        for bucket in range(4):
+            text = f"record {bucket} written again"
+            late = [[{"text": f"late {bucket} {j}", "id": f"late{bucket}-{j}",
+                      "metadata": {"bucket": bucket}} for j in range(8)],
+                    [{"text": text, "id": f"d{bucket}", "metadata": {"bucket": bucket}}]]
+
+            def counting(self, f, late=late):  # writers commit right after the count
+                n = count(self, f)
+                while late:
+                    r.add_documents(late.pop(0))
+                return n
+
+            monkeypatch.setattr(subsets.Subsets, "count", counting)
+            hits = r.search("x", 4, mode="dense", where={"bucket": bucket},
+                            query_vector=tiny_embedder.embed_documents([text])[0])
+            monkeypatch.setattr(subsets.Subsets, "count", count)
+            print(bucket, [(h.id, round(h.score,3)) for h in hits], late)
+            # its new vector is the query: first in either state
+            assert hits[0].id == f"d{bucket}" and hits[0].score > 0.999, (bucket, hits)
