@@ -200,33 +200,36 @@ class FunnelVectors:
     def commit(self, watermark: int) -> None:
         """Record the changes since the last commit as one delta folder (O(change)); when
         the deltas outgrow a quarter of the base (a tenth with a graph), write a new base
-        instead (amortized)."""
-        self.watermark = watermark
+        instead (amortized). Nothing changes here until the manifest is written: a commit
+        that fails (a full disk) leaves the changes to the next one."""
         if self.directory is None:
+            self.watermark = watermark
             return
         with self._lock:
             rows = self._rows
             changed = sorted(i for i in self._changed if i in rows)
             removed = sorted(i for i in self._changed if i not in rows)
-            vectors = self._vectors_of(changed)
-            self._changed = set()
             root = self.directory
+            base, deltas = self._base, self._deltas
             delta_rows = self._delta_rows + len(changed) + len(removed)
-            if self._base is None or delta_rows > max(1000, len(self._rows) // self._base_every):
+            if base is None or delta_rows > max(1000, len(self._rows) // self._base_every):
                 ids = sorted(self._rows)
                 files: dict[str, object] = {"vectors.npy": self._rows_writer(ids), "ids": ids}
                 if self.graph is not None:
                     files[GRAPH_FILE] = self.graph.save
-                self._base = write_folder(root, "base", files)
-                self._deltas, self._delta_rows = [], 0
+                base, deltas, delta_rows = write_folder(root, "base", files), [], 0
             elif changed or removed:
-                self._deltas.append(write_folder(root, "delta", {
-                    "vectors": vectors, "ids": changed, "removed": removed}))
-                self._delta_rows = delta_rows
+                deltas = [*deltas, write_folder(root, "delta", {
+                    "vectors": self._vectors_of(changed), "ids": changed, "removed": removed})]
+            else:
+                delta_rows = self._delta_rows
             write_manifest(root, {"format": FORMAT_VERSION, "dim": self.dim,
                                   "count": len(self._rows), "watermark": watermark,
-                                  "origin": self.origin, "base": self._base,
-                                  "deltas": self._deltas}, [self._base, *self._deltas])
+                                  "origin": self.origin, "base": base,
+                                  "deltas": deltas}, [base, *deltas])
+            self._base, self._deltas, self._delta_rows = base, deltas, delta_rows
+            self._changed = set()
+            self.watermark = watermark
 
     def _rows_writer(self, ids: list[str]) -> Callable[[Path], None]:
         """Writes the vectors of `ids`, in that order, as one `.npy` file, a slice at a
@@ -264,6 +267,7 @@ class FunnelVectors:
             matrix, rows, free = _apply(changes)
             if len(rows) != m["count"]:
                 raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
+            watermark, origin = int(m["watermark"]), str(m.get("origin", ""))
         except Exception as exc:  # any damage (an empty .npy is numpy's EOFError): rebuild
             if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
@@ -273,8 +277,7 @@ class FunnelVectors:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
         self._base, self._deltas = m["base"], list(m["deltas"])
         self._delta_rows = sum(len(ids) + len(removed) for removed, ids, _ in changes[1:])
-        self.watermark = int(m["watermark"])
-        self.origin = str(m.get("origin", ""))
+        self.watermark, self.origin = watermark, origin
         if self.graph is not None:
             self._load_graph(root / m["base"], changes)
 

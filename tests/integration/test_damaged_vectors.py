@@ -46,12 +46,17 @@ def _damage(root, name, how):
         m = json.loads(path.read_text())
         m["count"] += 1
         path.write_text(json.dumps(m))
+    elif how.startswith("watermark "):  # well-formed JSON, the watermark not a number
+        m = json.loads(path.read_text())
+        m["watermark"] = json.loads(how.split(" ", 1)[1])
+        path.write_text(json.dumps(m))
 
 
 CASES = [("vectors.npy", h) for h in ("deleted", "empty", "garbage", "truncated",
                                        "wrong dtype", "wrong shape", "NaN")] + \
         [("ids.json", h) for h in ("deleted", "empty", "garbage", "truncated", "ints as ids")] + \
-        [("manifest", h) for h in ("deleted", "empty", "garbage", "count off")]
+        [("manifest", h) for h in ("deleted", "empty", "garbage", "count off",
+                                   "watermark null", 'watermark "abc"', "watermark [3]")]
 
 
 @pytest.fixture(scope="module")

@@ -120,3 +120,36 @@ def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch,
                         lambda self, ids, v: (added.append(len(ids)), upsert(self, ids, v)))
     with HybridRetriever(cfg, embedder=tiny_embedder) as r:  # saved again: not rebuilt
         assert added == []
+
+
+def test_a_commit_that_fails_on_a_full_disk_keeps_its_change(tmp_path, tiny_embedder,
+                                                             monkeypatch):
+    """The vector copy's commit changes nothing until its manifest is written: a write it
+    could not save (the disk full) goes out with the next commit. It once dropped the
+    change and moved its watermark on, so that after a reopen the copy held a replaced
+    document's old vector for good (and a repeat of the call skipped it as unchanged)."""
+    import errno
+
+    from retrievekit import funnel as F
+    from retrievekit.errors import StoreFullError
+
+    cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
+    docs = [{"text": f"record {i} river stone", "id": f"d{i}"} for i in range(50)]
+    new = {"text": "a lighthouse keeper's logbook", "id": "d0"}
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+    write_folder = F.write_folder
+
+    def full_once(*args, **kwargs):
+        monkeypatch.setattr(F, "write_folder", write_folder)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        monkeypatch.setattr(F, "write_folder", full_once)
+        with pytest.raises(StoreFullError):
+            r.add_documents([new])
+        r.add_documents([{"text": "a later document", "id": "later"}])  # space again
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        q = np.asarray(r.store.get(ids=["d0"], include=["embeddings"])["embeddings"][0])
+        hits = r.search("x", 1, mode="dense", query_vector=q)
+        assert hits[0].id == "d0" and hits[0].score == pytest.approx(1.0, abs=1e-5)
