@@ -304,6 +304,10 @@ class SparseIndex:
                 self.origin = str(state.get("origin", ""))
         self._schema_obj = schema
         self._writer = self._index.writer(heap_size=_HEAP, num_threads=1)
+        if d is not None:
+            # files of a commit a kill cut short (written, never named by meta.json): the
+            # catch-up that repeats it would meet them ("FileAlreadyExists ... .del")
+            self._writer.garbage_collect_files()
         self._index.reload()
         self._view = Snapshot(self._index.searcher(), self._schema_obj, self.tokenizer)
 
