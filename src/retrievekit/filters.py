@@ -2,7 +2,8 @@
 
 Each record's user metadata is indexed as terms of one raw field: `key=s:value` (str),
 `key=b:true` (bool), `key=n:<float>` (int or float: Chroma compares 1 and 1.0 as equal),
-and `key[]=...` for each element of a list (matched by `$contains`). A filter becomes a
+and `key[]=...` for each element of a list (matched by `$contains`, which tells an int
+from a float: `i:1` / `f:1.0`); a term too long for tantivy is indexed as its hash. A filter becomes a
 boolean query over those terms. Chroma semantics kept (checked against Chroma itself by a
 random-filter test): `$ne` and `$nin` also match records that lack the key; equality never
 matches a list; bools are not numbers.
@@ -16,6 +17,7 @@ its Rust core as "Invalid where clause").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any, Iterable, Mapping
@@ -24,6 +26,10 @@ from . import validate as v
 from .errors import InvalidInputError
 
 _EXACT_INT = 2 ** 53
+#: tantivy's longest term is 65,530 bytes; a longer one is indexed as its hash (`_term`)
+_TERM_BYTES = 65_000
+#: how deep `$and` / `$or` may nest (a deeper filter is refused, not a RecursionError)
+_MAX_DEPTH = 64
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 _LOGICAL = ("$and", "$or")
 _COMPARE = ("$gt", "$gte", "$lt", "$lte")
@@ -43,7 +49,7 @@ def validate_where(where: Any) -> None:
             f"{type(where).__name__}")
     if where:
         try:
-            _check_clause(where, "where")
+            _check_clause(where, "where", 0)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{exc} (where={v.shown(dict(where), 200)} is not a valid "
                                     "Chroma filter)") from None
@@ -53,7 +59,10 @@ def _bad(name: str, what: str, value: Any, fix: str = "") -> None:
     v.fail(name, what, value, fix, error=InvalidInputError)
 
 
-def _check_clause(clause: Any, name: str) -> None:
+def _check_clause(clause: Any, name: str, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        _bad("where", f"at most {_MAX_DEPTH} levels of '$and' / '$or'", f"{depth} levels",
+             "flatten the filter: '$and' and '$or' take any number of conditions")
     if not isinstance(clause, Mapping) or len(clause) != 1:
         _bad(name, "a dict with exactly one key (a field, '$and' or '$or')", clause,
              "combine conditions with {'$and': [{...}, {...}]}")
@@ -67,7 +76,7 @@ def _check_clause(clause: Any, name: str) -> None:
             _bad(here, "a list of at least two filters", cond,
                  f"for one condition drop {key!r} and give the filter itself")
         for i, sub in enumerate(cond):
-            _check_clause(sub, f"{here}[{i}]")
+            _check_clause(sub, f"{here}[{i}]", depth + 1)
     elif key.startswith("$"):
         _bad(f"{name} key", "a metadata field, '$and' or '$or'", key,
              f"operators go inside a field: {{'field': {{{key!r}: ...}}}}")
@@ -112,14 +121,19 @@ def _check_scalar(name: str, value: Any) -> None:
         _bad(name, "a str, int, float or bool", value)
 
 
-def _value(value: Any) -> str | None:
-    """The term text of one scalar, or None when the subset cannot express it exactly."""
+def _value(value: Any, *, element: bool = False) -> str | None:
+    """The term text of one scalar, or None when the subset cannot express it exactly. A
+    list element keeps its number type (`i:` / `f:`): Chroma's `$contains` tells 1 from
+    1.0, where its `$eq` does not."""
     if isinstance(value, bool):
         return "b:true" if value else "b:false"
     if isinstance(value, int):
+        if element:
+            return f"i:{int(value)}"
         return f"n:{float(value)!r}" if abs(value) <= _EXACT_INT else None
-    if isinstance(value, float):
-        return f"n:{value + 0.0!r}"  # + 0.0: -0.0 is 0.0, as Chroma compares them
+    if isinstance(value, float):  # float(): a numpy float's repr is not a float's
+        number = repr(float(value) + 0.0)  # + 0.0: -0.0 is 0.0, as Chroma compares them
+        return f"f:{number}" if element else f"n:{number}"
     if isinstance(value, str):
         return "s:" + value
     return None
@@ -132,7 +146,8 @@ def metadata_terms(metadata: Mapping[str, Any]) -> list[str]:
         if key.startswith("_rk_"):
             continue
         if isinstance(value, list):
-            out.extend(_term(key, t, element=True) for t in map(_value, value) if t is not None)
+            out.extend(_term(key, t, element=True) for t in
+                       (_value(x, element=True) for x in value) if t is not None)
         else:
             t = _value(value)
             if t is not None:
@@ -142,8 +157,13 @@ def metadata_terms(metadata: Mapping[str, Any]) -> list[str]:
 
 def _term(key: str, value: str, *, element: bool = False) -> str:
     """One indexed term: the key as a JSON string (so no key or value can read as another
-    key's: {"a=s:b": "c"} is not {"a": "b=s:c"}), `[]` for a list element, then the value."""
-    return f"{json.dumps(key, ensure_ascii=False)}{'[]' if element else ''}={value}"
+    key's: {"a=s:b": "c"} is not {"a": "b=s:c"}), `[]` for a list element, then the value.
+    A term longer than tantivy keeps (65,530 bytes) is its hash (no term starts with `#`)."""
+    term = f"{json.dumps(key, ensure_ascii=False)}{'[]' if element else ''}={value}"
+    data = term.encode("utf-8", "surrogatepass")
+    if len(data) > _TERM_BYTES:
+        return "#" + hashlib.blake2b(data, digest_size=32).hexdigest()
+    return term
 
 
 class Unsupported(Exception):
@@ -158,16 +178,16 @@ def compile_where(where: Mapping[str, Any], tv: Any, schema: Any) -> Any | None:
         return None
 
 
-def _query_value(value: Any) -> str | None:
+def _query_value(value: Any, element: bool) -> str | None:
     """A filter operand's term text. Chroma matches a fractional float operand against int
     metadata after dropping its fraction ({"n": 0.5} finds n=0): such operands go to Chroma."""
     if isinstance(value, float) and (not value.is_integer() or abs(value) > _EXACT_INT):
         return None  # past 2**53 an int metadata value has no term (`_value`): Chroma says
-    return _value(value)
+    return _value(value, element=element)
 
 
 def _terms(key: str, values: Iterable[Any], tv: Any, schema: Any, *, element: bool = False):
-    texts = [_query_value(x) for x in values]
+    texts = [_query_value(x, element) for x in values]
     if any(t is None for t in texts) or not texts:
         raise Unsupported
     return tv.Query.term_set_query(schema, "meta", [_term(key, t, element=element)

@@ -41,10 +41,14 @@ logger = logging.getLogger(__name__)
 
 def _guarded(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Public calls turn a failure of Chroma (its change-log calls included) into a
-    StoreError saying what failed; see `store.chroma_errors`."""
+    StoreError saying what failed (see `store.chroma_errors`), and are refused once the
+    retriever is closed."""
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def guarded(self: "HybridRetriever", *args: Any, **kwargs: Any) -> Any:
+            if self._store.client is None:
+                raise StoreError(f"cannot {what}: this retriever is closed; open a new "
+                                 "HybridRetriever on the store to go on")
             with chroma_errors(self.config.store, what):
                 return method(self, *args, **kwargs)
         return guarded

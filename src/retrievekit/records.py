@@ -47,8 +47,19 @@ def parent_of(record_id: str) -> str:
     return _CHUNK_RE.sub("", record_id)
 
 
+#: the longest document id, in UTF-8 bytes: ids are terms of the BM25 index, and tantivy
+#: drops a term past 65,530 bytes (a record it then could not find to delete)
+MAX_ID_BYTES = 4096
+
+
 def check_document_id(doc_id: str, where: str) -> None:
-    """Refuse a user id that a chunk id could take (`...#chunk<digits>`)."""
+    """Refuse a user id that a chunk id could take (`...#chunk<digits>`), or a longer one
+    than `MAX_ID_BYTES`."""
+    size = len(doc_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        raise InvalidInputError(
+            f"{where} is {size:,} bytes long ({doc_id[:40]!r}...); ids may be at most "
+            f"{MAX_ID_BYTES:,} bytes in UTF-8: use a shorter key, e.g. a hash of this one")
     if _CHUNK_RE.search(doc_id):
         raise InvalidInputError(
             f"{where} {doc_id!r} ends like a chunk id ('#chunk' + digits), which retrievekit "

@@ -151,7 +151,7 @@ class LocalEngine:
         assert s.funnel_dim is not None
         first = self._knn(sparse, short_vectors(vec, s.funnel_dim)[0],
                           max(n, s.funnel_candidates or 4 * n), where, matching, subset, passing)
-        sims = self.vectors.similarities([rid for rid, _ in first], vec)
+        sims = self.vectors.similarities([rid for rid, _ in first], vec, cosine=True)
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
@@ -426,4 +426,10 @@ def _check_query_vector(vector: Any, dim: int) -> np.ndarray:
             "embedder.embed_query(query) of this retriever's model")
     if not np.isfinite(vec).all():
         raise InvalidInputError("query_vector contains NaN or inf; pass a finite vector")
-    return vec
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if norm == 0.0:
+        raise InvalidInputError("query_vector is all zeros, which is no direction to search "
+                                "in; pass embedder.embed_query(query)")
+    # scaled in float64: a norm of 1e20 or 1e-25 over- or underflows in float32 (scores
+    # were all 0, or not cosines); every plan scores by cosine, so the norm carries nothing
+    return (vec.astype(np.float64) / norm).astype(np.float32)

@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: 3: user metadata indexed for filters (filters.py); 4: each record's text and metadata
 #: stored, so that hits are read here rather than from Chroma; 5: metadata keys quoted in
-#: their terms, -0.0 indexed as 0.0
-FORMAT_VERSION = 5
+#: their terms, -0.0 indexed as 0.0; 6: list elements typed (int / float), over-long
+#: metadata terms hashed, numpy floats indexed as floats
+FORMAT_VERSION = 6
 _STATE = "state.json"
 _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 #: record ids a snapshot remembers by document address (a few MiB): reading an id otherwise

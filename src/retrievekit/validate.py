@@ -18,7 +18,10 @@ from .errors import ConfigError, InvalidInputError, RetrieveKitError
 
 def shown(value: Any, limit: int = 80) -> str:
     """`repr(value)`, cut to `limit` characters."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # e.g. a filter nested a thousand levels deep
+        return f"<a {type(value).__name__} nested too deeply to show>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

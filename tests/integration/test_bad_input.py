@@ -112,6 +112,21 @@ def test_filter_that_chroma_would_fail_on_is_named(shared, where, mode, words):
     refused(lambda r: r.document_ids(where=where), shared, words=words)
 
 
+def _nested(levels: int) -> dict:
+    where: dict = {"topic": "food"}
+    for _ in range(levels):
+        where = {"$or": [where, {"topic": "tea"}]}
+    return where
+
+
+@pytest.mark.parametrize("levels", [65, 2000], ids=["65", "2000"])
+def test_a_filter_nested_too_deeply_is_named(shared, levels):
+    """A RecursionError once escaped from 1,000 levels; 64 are allowed."""
+    refused(lambda r: r.search("cats", where=_nested(levels)), shared,
+            words=["at most 64 levels", "flatten the filter", "not a valid Chroma filter"])
+    shared[0].search("cats", where=_nested(64), mode="sparse")
+
+
 @pytest.mark.parametrize("where", ["topic=food", [("topic", "food")]])
 def test_where_not_a_dict(shared, where):
     refused(lambda r: r.search("cats", where=where), shared,
@@ -263,9 +278,24 @@ def test_delete_of_nothing_or_unknown_ids(shared):
     (np.zeros(3), ["query_vector has shape"]),
     (np.full(384, np.nan), ["NaN"]),
     ("abc", ["query_vector"]),
+    (np.zeros(384), ["query_vector is all zeros", "embed_query"]),
 ])
 def test_bad_query_vector(shared, vector, words):
     refused(lambda r: r.search("cats", query_vector=vector), shared, words=words)
+
+
+@pytest.mark.parametrize("where", [None, {"topic": "food"}], ids=["unfiltered", "filtered"])
+def test_a_query_vector_of_any_length_finds_the_same(shared, where):
+    """Every plan scores by cosine, so a query vector's length changes nothing; scaled by
+    1e20 or 1e-25 it once over- or underflowed in float32 (all scores 0, or not cosines)."""
+    r, _ = shared
+    q = r.embedder.embed_query("cats")
+    want = [(h.id, round(h.score, 4)) for h in r.search("cats", 3, mode="dense", where=where,
+                                                        query_vector=q)]
+    for scale in (1e20, 1e-25, 3.0):
+        assert [(h.id, round(h.score, 4)) for h in
+                r.search("cats", 3, mode="dense", where=where,
+                         query_vector=q * scale)] == want, scale
 
 
 def test_allowed_oddities_work(tmp_path, embedder):
@@ -459,3 +489,17 @@ def test_bm25_saved_with_other_settings_is_rebuilt(closed_store, embedder):
     state["signature"]["tokenizer"]["stemmer"] = "porter"
     state_file.write_text(json.dumps(state))
     assert reopened_state(path, embedder) == before
+
+
+def test_calls_after_close_are_refused(tmp_path, tiny_embedder):
+    """They once failed with a TypeError or AttributeError from inside."""
+    r = HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder)
+    r.add_documents([{"text": "a river stone", "id": "a"}])
+    r.close()
+    for call in (lambda: r.search("river"), lambda: r.add_documents(["more"]),
+                 lambda: r.delete(["a"]), lambda: r.verify(), lambda: r.count()):
+        with pytest.raises(StoreError, match="this retriever is closed"):
+            call()
+    r.close()  # closing twice is fine
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as again:
+        assert again.count() == 1

@@ -117,6 +117,25 @@ def test_chunk_ids_cannot_collide_with_user_ids(tmp_path, tiny_embedder):
         r.add_documents([{"text": "fine", "id": "A#chunk1x"}, {"text": "fine", "id": "A#part1"}])
 
 
+def test_ids_too_long_for_the_bm25_index_are_refused(tmp_path, tiny_embedder):
+    """An id past tantivy's term limit (65,530 bytes) was indexed without its id and parent
+    terms: a delete then left its record in the BM25 index, and the store refused to open
+    ("Chroma's database lost records"). Ids are refused past 4 KiB, the store unchanged."""
+    from retrievekit.errors import InvalidInputError
+    from retrievekit.records import MAX_ID_BYTES
+
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        r.add_documents([{"text": "kept", "id": "x"}])
+        for long_id in ("a" * 65_531, "é" * (MAX_ID_BYTES // 2 + 1)):
+            with pytest.raises(InvalidInputError, match="at most 4,096 bytes"):
+                r.add_documents([{"text": "too long", "id": long_id}])
+        r.add_documents([{"text": "fits", "id": "b" * MAX_ID_BYTES}])
+        assert r.delete(["b" * MAX_ID_BYTES]) == 1
+        assert r.verify()["ok"] and r.count() == 1
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        assert r.verify()["ok"] and [d.id for d in r.get(["x"])] == ["x"]
+
+
 @pytest.mark.parametrize("local_vectors", [False, True], ids=["default", "local_vectors"])
 def test_random_kills_over_updates_and_deletes(tmp_path, tiny_model, tiny_embedder,
                                                local_vectors):

@@ -145,3 +145,34 @@ def test_funnel_commits_cost_the_change(tmp_path):
     assert FunnelVectors(8, lambda texts: None, tmp_path / "f").ids() == set(vec) - {"r7"}
     s = short_vectors(np.array([[3, 4, 5, 6]], np.float32), 2)
     np.testing.assert_allclose(s, [[0.6, 0.8]])
+
+
+def test_stage_two_ranks_by_cosine_when_vectors_are_not_unit_length(tmp_path, tiny_model):
+    """Stage 2 once ranked by dot product: with an embedder that does not normalize, the
+    funnel's unfiltered hits (and their scores, ~15) differed from the exact cosine order
+    that a filtered exact scan of the same store returned."""
+    import json
+    import shutil
+
+    from retrievekit.embedding import Embedder
+
+    raw = tmp_path / "raw-model"
+    shutil.copytree(tiny_model, raw)
+    modules = json.loads((raw / "modules.json").read_text())
+    (raw / "modules.json").write_text(json.dumps(
+        [m for m in modules if not m["type"].endswith("Normalize")]))
+    emb = Embedder(model=str(raw), batch_size=256, normalize=False)
+    words = ["river", "stone", "cloud", "engine", "garden", "signal", "copper", "lantern"]
+    docs = [{"text": " ".join(words[(i * 7 + j) % 8] for j in range(1 + i % 9)) + f" {i}",
+             "id": f"d{i}", "metadata": {"all": 1}} for i in range(120)]
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}, "funnel_dim": 16,
+                          "funnel_candidates": 1000, "chunk_penalty": 0.0},
+                         embedder=emb) as r:
+        r.add_documents(docs)
+        full = emb.embed_documents([d["text"] for d in docs])
+        assert np.linalg.norm(full, axis=1).min() > 1.5  # not unit length
+        q = emb.embed_query("river stone")
+        cos = full @ q / np.linalg.norm(full, axis=1) / np.linalg.norm(q)
+        hits = r.search("river stone", k=5, mode="dense")
+        assert [h.id for h in hits] == [docs[i]["id"] for i in np.argsort(-cos)[:5]]
+        np.testing.assert_allclose([h.score for h in hits], np.sort(cos)[::-1][:5], atol=1e-5)
