@@ -75,8 +75,9 @@ class VectorGraph:
         if not len(ids):
             return
         self.remove(ids)
+        last = {rid: row for row, rid in enumerate(ids)}  # an id given twice: the last wins
         keys, rows = [], []
-        for row, rid in enumerate(ids):
+        for rid, row in last.items():
             key = key_of(rid)
             if key in self._ids:
                 self._outside = self._outside | {rid}  # copy on write: readers iterate it
@@ -122,8 +123,9 @@ class VectorGraph:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write the graph to `path` in usearch's format."""
+        """Write the graph to `path` in usearch's format, and its checksum beside it."""
         self._index.save(str(path))
+        _checksum_file(path).write_text(_checksum(path), encoding="ascii")
 
     @classmethod
     def load(cls, path: Path, dim: int, settings: GraphSettings, ids: Iterable[str]
@@ -136,6 +138,12 @@ class VectorGraph:
         graph = cls(dim, settings)
         if not path.is_file():
             raise FileNotFoundError(path)
+        try:  # usearch reads a file with altered bytes, then crashes the process in a search
+            expected = _checksum_file(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"the saved graph has no readable checksum: {exc}") from exc
+        if _checksum(path) != expected:
+            raise ValueError("the saved graph does not match its checksum")
         try:
             index = Index.restore(str(path))
         except Exception as exc:  # usearch raises RuntimeError or returns None on damage
@@ -161,3 +169,16 @@ class VectorGraph:
                              f"{len(keys)} records of its snapshot")
         graph._index = index
         return graph
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".blake2b")
+
+
+def _checksum(path: Path) -> str:
+    """The BLAKE2b digest of a file (~1 GB/s: 0.1 s for the graph of 100k records)."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -92,7 +92,8 @@ def test_graph_follows_writes_and_reopens_from_its_file(tmp_path, tiny_embedder,
         np.testing.assert_allclose([h.score for h in hits[:10]], exact, atol=1e-5)  # a scan
 
 
-@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage"])
+@pytest.mark.parametrize("how", ["deleted", "truncated", "garbage", "altered",
+                                 "no checksum"])
 def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch, how, caplog):
     cfg = {"store": {"path": str(tmp_path / "s")}, "local_vectors": True}
     q = tiny_embedder.embed_query("river stone")
@@ -105,6 +106,13 @@ def test_damaged_graph_is_built_again_once(tmp_path, tiny_embedder, monkeypatch,
         graph.unlink()
     elif how == "truncated":
         graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    elif how == "altered":  # the same size: usearch read it and crashed in a search
+        data = bytearray(graph.read_bytes())
+        for i in range(len(data) // 8, len(data) // 3, 97):
+            data[i] ^= 0x5A
+        graph.write_bytes(bytes(data))
+    elif how == "no checksum":
+        graph.with_name(graph.name + ".blake2b").unlink()
     else:
         graph.write_bytes(b"not a usearch index" * 50)
     with HybridRetriever(cfg, embedder=tiny_embedder) as r:

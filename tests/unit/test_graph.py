@@ -61,6 +61,16 @@ def test_every_record_of_a_bulk_add_is_reachable():
     assert unreachable == []
 
 
+def _altered(data: bytes, seed: int) -> bytes:
+    """40 bytes of the first third changed, the size kept: usearch loaded some such files
+    and crashed the process in a search (SIGSEGV); a checksum refuses them all."""
+    rng = np.random.default_rng(seed)
+    out = bytearray(data)
+    for i in rng.integers(64, len(data) // 3, 40):
+        out[i] = (out[i] + int(rng.integers(1, 256))) % 256
+    return bytes(out)
+
+
 def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
     ids, x, g = _filled(1, 200)
     rng = np.random.default_rng(11)
@@ -78,10 +88,15 @@ def test_saved_graph_round_trips_and_refuses_a_mismatch(tmp_path):
     with pytest.raises(OSError):
         VectorGraph.load(tmp_path / "missing", 16, SETTINGS, ids)
     data = path.read_bytes()
-    for damaged in (data[: len(data) // 2], b"", b"garbage" * 9, data[:64]):
+    for damaged in (data[: len(data) // 2], b"", b"garbage" * 9, data[:64],
+                    *map(_altered, [data] * 40, range(40))):
         path.write_bytes(damaged)
         with pytest.raises(ValueError):
             VectorGraph.load(path, 16, SETTINGS, ids)
+    path.write_bytes(data)
+    (tmp_path / "graph.usearch.blake2b").unlink()
+    with pytest.raises(ValueError, match="checksum"):
+        VectorGraph.load(path, 16, SETTINGS, ids)
 
 
 def test_records_whose_keys_collide_are_still_found(monkeypatch, tmp_path):
@@ -162,3 +177,14 @@ def test_a_long_list_leaves_the_search_width_as_set():
     ids, x, g = _filled(5, 600)
     found = g.nearest(x[0], 500)
     assert len(set(found)) >= 500 and g._index.expansion_search == SETTINGS.ef_search
+
+
+def test_an_id_given_twice_in_one_upsert_holds_its_last_vector():
+    """The second copy once went to the collided ids: a removal then left the first in the
+    graph, found for a record that no longer existed."""
+    x = _unit(np.random.default_rng(4), 3)
+    g = VectorGraph(16, SETTINGS)
+    g.upsert(["a", "a", "b"], x)
+    assert len(g) == 2 and g.nearest(x[1], 1)[0] == "a"
+    g.remove(["a"])
+    assert len(g) == 1 and "a" not in g.nearest(x[0], 2) + g.nearest(x[1], 2)
