@@ -370,7 +370,8 @@ class HybridRetriever:
             weights: this call's fusion weights, e.g. ``{"dense": 0.7, "sparse": 0.3}``
                 (default from config; a side left out keeps its configured weight).
             sparse_candidates: the BM25 side's candidates, when they should differ from
-                `candidates` (which then counts for the dense side only).
+                `candidates` (which then counts for the dense side only); at least `k` in
+                sparse mode, where that list is the answer.
         """
         sparse = self._sparse
         return self._searcher.search(

@@ -356,6 +356,8 @@ class Searcher:
         vec = None
         if mode in ("hybrid", "dense"):
             vec = self.embed_query(query) if qvec is None else qvec
+        if sparse_candidates is not None and mode == "sparse":  # the list is the answer
+            sparse_candidates = max(sparse_candidates, want)
         request = Request(query, vec, mode, n, dict(where) if where else None, weights,
                           None if sparse_candidates is None
                           else min(sparse_candidates, total()))

@@ -60,3 +60,16 @@ def test_rank_orders_plain_texts(tiny_cross_encoder_path):
     assert len(r.rank("cats purr", texts, top_n=1)) == 1
     blended = r.rank("cats purr", texts, weight=0.5)
     assert [x.blend_rank for x in blended] == [1, 2, 3]
+
+
+def test_sparse_mode_returns_k_hits_whatever_sparse_candidates_say(tmp_path, tiny_embedder):
+    """In sparse mode the BM25 list is the answer: `sparse_candidates` below k once gave 3
+    hits at 50 documents and 6 at 150 (widening stopped with the dense side's count)."""
+    from retrievekit.pipeline import HybridRetriever
+
+    for n_docs in (50, 150):
+        with HybridRetriever(path=str(tmp_path / f"s{n_docs}"), embedder=tiny_embedder) as r:
+            r.add_documents([{"text": f"river stone {i}", "id": f"d{i}"} for i in range(n_docs)])
+            hits = r.search("river", k=10, mode="sparse", sparse_candidates=3)
+            assert len(hits) == 10, n_docs
+
