@@ -22,7 +22,7 @@ _LAZY = {
     "EmbedderConfig": ".embedding",
     "Reranker": ".rerank",
     "RerankConfig": ".rerank",
-    "BM25Index": ".sparse",
+    "SparseIndex": ".sparse",
     "SparseConfig": ".sparse",
     "TokenizerConfig": ".tokenize",
     "StoreConfig": ".store",
@@ -31,11 +31,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "BM25Index", "ChunkConfig", "ConfigError", "Document", "Embedder", "EmbedderConfig", "Hit",
+    "ChunkConfig", "ConfigError", "Document", "Embedder", "EmbedderConfig", "Hit",
     "HybridRetriever", "InvalidInputError", "MissingDependencyError", "ModelNotFoundError",
     "RerankConfig", "Reranker", "RetrieveKitError", "RetrieverConfig", "SparseConfig",
-    "StoreConfig", "StoreError", "StoreLockedError", "StoreMismatchError", "TokenizerConfig",
-    "reciprocal_rank_fusion",
+    "SparseIndex", "StoreConfig", "StoreError", "StoreLockedError", "StoreMismatchError",
+    "TokenizerConfig", "reciprocal_rank_fusion",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .fusion import reciprocal_rank_fusion
     from .pipeline import HybridRetriever
     from .rerank import RerankConfig, Reranker
-    from .sparse import BM25Index, SparseConfig
+    from .sparse import SparseConfig, SparseIndex
     from .store import StoreConfig
     from .tokenize import TokenizerConfig
 

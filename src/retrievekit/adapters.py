@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInputError
 from .types import Hit
 
 #: Metadata keys added to each retrieved document / node.
@@ -29,8 +29,26 @@ def result_metadata(hit: Hit) -> dict[str, Any]:
             CHUNK_ID_KEY: hit.chunk_id if hit.chunk_id is not None else hit.id}
 
 
-def without_result_keys(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Metadata less the result keys (so a retrieved document can be indexed again)."""
+def partial(hit: Hit) -> dict[str, Any]:
+    """`{CHUNK_ID_KEY: chunk id}` when a hit shows one chunk of a longer document (its text
+    is that chunk's, not the document's), else `{}`: what a stored-form result carries so
+    that it is never indexed again in its document's place (`indexable`)."""
+    chunk = hit.chunk_id
+    return {CHUNK_ID_KEY: chunk} if chunk is not None and chunk != hit.document.id else {}
+
+
+def indexable(metadata: Mapping[str, Any], doc_id: str, name: str) -> dict[str, Any]:
+    """Metadata of a document or node given to be indexed, less the result keys (so a
+    retrieved one can be indexed again). One that a search returned as a chunk of a longer
+    document is refused: indexed under the document's id, its chunk's text would replace
+    the whole document."""
+    chunk = metadata.get(CHUNK_ID_KEY)
+    if chunk is not None and chunk != doc_id:
+        raise InvalidInputError(
+            f"{name} {doc_id!r} is the chunk {chunk!r} of that document, as a search returned "
+            f"it: its text is that chunk only, and indexing it would replace the whole "
+            f"document; index the document itself, or give this one a new id and drop "
+            f"{CHUNK_ID_KEY!r} from its metadata")
     return {k: v for k, v in metadata.items() if k not in RESULT_KEYS}
 
 

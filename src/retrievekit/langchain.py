@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from pydantic import ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from .adapters import (BUILD_KEYS, CHUNK_ID_KEY, RANKS_KEY, SCORES_KEY,  # noqa: F401
-                       ClosesOwnRetriever, open_retriever, result_metadata)
+                       ClosesOwnRetriever, indexable, open_retriever, partial, result_metadata)
 from . import validate as v
 from .config import MODES, RetrieverConfig
 from .embedding import Embedder, EmbedderConfig
@@ -154,7 +154,12 @@ def document_id(doc: LCDocument) -> str:
     # surrogatepass: a text that is not valid Unicode is refused by the core, not here
     h = hashlib.sha256(str(doc.page_content).encode("utf-8", "surrogatepass"))
     h.update(b"\0")
-    h.update(json.dumps(doc.metadata, sort_keys=True, default=repr).encode("utf-8"))
+    try:
+        meta = json.dumps(doc.metadata, sort_keys=True, default=repr)
+    except TypeError:  # keys of several types do not sort
+        raise InvalidInputError(f"metadata keys must be str, got "
+                                f"{v.shown(list(doc.metadata))}") from None
+    h.update(meta.encode("utf-8"))
     return h.hexdigest()[:32]
 
 
@@ -168,7 +173,9 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
         if not isinstance(d, LCDocument):
             raise InvalidInputError(f"documents[{i}] must be a langchain_core Document, got "
                                     f"{type(d).__name__}")
-        out.append(Document(text=d.page_content, id=document_id(d), metadata=dict(d.metadata)))
+        doc_id = document_id(d)
+        out.append(Document(text=d.page_content, id=doc_id,
+                            metadata=indexable(d.metadata, doc_id, f"documents[{i}]")))
     return out
 
 
@@ -179,9 +186,11 @@ def hit_to_document(hit: Hit) -> LCDocument:
     return LCDocument(page_content=hit.document.text, metadata=meta, id=hit.id)
 
 
-def stored_document(doc: Document) -> LCDocument:
-    """A core document as stored (its own metadata, no scores) -> a LangChain `Document`."""
-    return LCDocument(page_content=doc.text, metadata=dict(doc.metadata), id=doc.id)
+def stored_document(doc: Document, extra: Mapping[str, Any] | None = None) -> LCDocument:
+    """A core document as stored (its own metadata, no scores) -> a LangChain `Document`;
+    `extra`: `adapters.partial` of the hit that showed it."""
+    return LCDocument(page_content=doc.text, metadata={**doc.metadata, **(extra or {})},
+                      id=doc.id)
 
 
 # -- retriever / document index ----------------------------------------------------------------
@@ -456,16 +465,17 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[LCDocument]:
         """The `k` best documents for `query` (``filter=``, ``mode=``, ``rerank=``,
         ``weights=`` per call)."""
-        return [stored_document(h.document) for h in self._search(query, k, kwargs)]
+        return [stored_document(h.document, partial(h)) for h in self._search(query, k, kwargs)]
 
     def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any
                                      ) -> list[tuple[LCDocument, float]]:
         """`similarity_search` with each hit's final score (higher is better)."""
-        return [(stored_document(h.document), h.score) for h in self._search(query, k, kwargs)]
+        return [(stored_document(h.document, partial(h)), h.score)
+                for h in self._search(query, k, kwargs)]
 
     def _similarity_search_with_relevance_scores(self, query: str, k: int = 4, **kwargs: Any
                                                  ) -> list[tuple[LCDocument, float]]:
-        return [(stored_document(h.document), self.retriever.relevance(h))
+        return [(stored_document(h.document, partial(h)), self.retriever.relevance(h))
                 for h in self._search(query, k, kwargs)]
 
     async def _asimilarity_search_with_relevance_scores(self, query: str, k: int = 4,
@@ -485,7 +495,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False,
                                      where=kwargs.get("filter", kwargs.get("where")),
                                      query_vector=embedding)
-        return [stored_document(h.document) for h in hits]
+        return [stored_document(h.document, partial(h)) for h in hits]
 
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20,
                                       lambda_mult: float = 0.5, **kwargs: Any
@@ -498,7 +508,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         hits = self.retriever.search_mmr(query, k, fetch_k=fetch_k, lambda_mult=lambda_mult,
                                          where=kwargs.get("filter", kwargs.get("where")),
                                          mode=kwargs.get("mode") or self.retrieval_mode)
-        return [stored_document(h.document) for h in hits]
+        return [stored_document(h.document, partial(h)) for h in hits]
 
     # -- construction (the async variants of the rest: the base class runs them in a thread) --
     @classmethod

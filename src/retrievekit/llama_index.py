@@ -69,10 +69,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "(or pip install llama-index-core)") from exc
 
 from .adapters import (CHUNK_ID_KEY, RANKS_KEY, RESULT_KEYS, SCORES_KEY,  # noqa: F401
-                       ClosesOwnRetriever, open_retriever, result_metadata)
+                       ClosesOwnRetriever, indexable, open_retriever, partial, result_metadata)
 from . import validate as v
 from .config import MODES
 from .embedding import DEFAULT_MODEL, Embedder, EmbedderConfig
+from .filters import validate_where
 from .pipeline import HybridRetriever
 from .prefixes import Prefixes
 from .rerank import DEFAULT_RERANKER, Ranked, RerankConfig, Reranker
@@ -270,7 +271,7 @@ def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Docume
         if not isinstance(n, BaseNode):
             raise InvalidInputError(f"nodes[{i}] must be a LlamaIndex node or Document, got "
                                     f"{type(n).__name__}")
-        meta = {k: v for k, v in n.metadata.items() if k not in RESULT_KEYS}
+        meta = indexable(n.metadata, n.node_id, f"nodes[{i}]")
         source = n.source_node
         if source is not None and source.node_id:
             meta[REF_DOC_KEY] = source.node_id
@@ -334,7 +335,8 @@ def metadata_filters_to_where(filters: MetadataFilters | MetadataFilter | None
     EQ, NE, GT, GTE, LT, LTE, IN, NIN map to ``$eq`` ... ``$nin``; CONTAINS to ``$contains``
     (the metadata list holds the value); ANY / ALL to ``$or`` / ``$and`` of ``$contains``.
     AND / OR conditions and nested `MetadataFilters` map to ``$and`` / ``$or``; a group of one
-    is unwrapped and an empty one dropped (None when nothing is left).
+    is unwrapped; an empty one matches everything, as in LlamaIndex: dropped from an AND,
+    and an OR holding one is no filter (None, also when nothing is left).
 
     Raises:
         InvalidInputError: for operators Chroma lacks (TEXT_MATCH, TEXT_MATCH_INSENSITIVE,
@@ -353,6 +355,8 @@ def metadata_filters_to_where(filters: MetadataFilters | MetadataFilter | None
             f"MetadataFilters condition {condition.name} ({condition.value!r}) has no Chroma "
             "equivalent; supported: AND, OR. Negate the operators instead (EQ -> NE, IN -> NIN)")
     parts = [metadata_filters_to_where(f) for f in filters.filters]
+    if condition == FilterCondition.OR and None in parts:
+        return None  # an empty group matches everything, and so does the OR holding it
     return _combine("$and" if condition == FilterCondition.AND else "$or",
                     [p for p in parts if p is not None])
 
@@ -454,7 +458,7 @@ class RetrieveKitRetriever(ClosesOwnRetriever, BaseRetriever):
         if value is not None and not isinstance(value, (MetadataFilters, MetadataFilter)):
             raise InvalidInputError(f"filters must be LlamaIndex MetadataFilters, got "
                                     f"{type(value).__name__}; pass a Chroma dict as where=")
-        metadata_filters_to_where(value)  # refuse what has no Chroma form now, not at query time
+        validate_where(metadata_filters_to_where(value))  # refused now, not at query time
         self._filters = value
 
     def _options(self) -> dict[str, Any]:
@@ -638,7 +642,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         """Run a `VectorStoreQuery` in its mode (see the class doc)."""
         hits = self._hits(query, kwargs)
-        return VectorStoreQueryResult(nodes=[stored_node(h.document) for h in hits],
+        return VectorStoreQueryResult(nodes=[stored_node(h.document, partial(h)) for h in hits],
                                       similarities=[h.score for h in hits],
                                       ids=[h.id for h in hits])
 
@@ -653,7 +657,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
         if q.doc_ids:
             by_doc = {REF_DOC_KEY: {"$in": list(q.doc_ids)}}
             where = by_doc if where is None else {"$and": [where, by_doc]}
-        k = q.hybrid_top_k or q.similarity_top_k
+        k = q.similarity_top_k
         text = q.query_str
         try:
             query_mode = VectorStoreQueryMode(q.mode)
@@ -667,7 +671,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
                 lambda_mult=0.5 if q.mmr_threshold is None else q.mmr_threshold,
                 mode=self.default_mode)
         if query_mode in _HYBRID_MODES:
-            mode = "hybrid"
+            mode, k = "hybrid", q.hybrid_top_k or k
         elif query_mode in _SPARSE_MODES:
             mode = "sparse"
         elif query_mode == VectorStoreQueryMode.DEFAULT:

@@ -648,3 +648,29 @@ def test_ensemble_retriever_dedups_our_documents_by_id(retriever):
     ids = [d.metadata["id"] for d in got]
     assert len(ids) == len(set(ids)) and {"python", "rust"} <= set(ids)
     assert all(d.metadata["id"] == d.id for d in got)
+
+
+def test_a_retrieved_chunk_is_never_added_in_its_document_s_place(embedder, corpus_docs):
+    """A search result of a long document carries its best chunk's text under the
+    document's id: added again, it replaced the whole document. Such a result carries
+    the chunk's id and is refused; a whole one, retrieved with its scores, adds again."""
+    from retrievekit.langchain import CHUNK_ID_KEY
+
+    vs = _store(embedder, corpus_docs)
+    long = " ".join(f"Sentence {i} tells of harbours, tides and cargo." for i in range(400))
+    vs.add_documents([LCDocument(page_content=long, id="long")])
+    records = vs.retriever.count()
+    part, = [d for d in vs.similarity_search("cargo tides", k=3) if d.id == "long"]
+    assert part.metadata[CHUNK_ID_KEY].startswith("long#chunk")
+    with pytest.raises(InvalidInputError, match="replace the whole document"):
+        vs.add_documents([part])
+    whole = [d for d in RetrieveKitRetriever(retriever=vs.retriever, k=8).invoke("cats")
+             if d.id == "cats"]
+    vs.add_documents(whole)  # its result keys are dropped: the same document again
+    assert vs.retriever.count() == records and vs.retriever.get(["long"])[0].text == long
+    assert vs.get_by_ids(["cats"])[0].page_content == whole[0].page_content
+
+
+def test_metadata_keys_of_several_types_are_refused_by_name():
+    with pytest.raises(InvalidInputError, match="metadata keys must be str"):
+        document_id(LCDocument(page_content="x", metadata={1: "a", "b": 2}))

@@ -124,14 +124,20 @@ def test_conditions_and_nesting_translate():
         _f("topic", "code"),
         MetadataFilters(filters=[_f("year", 2021, ">="), _f("lang", ["en", "fr"], "in")]),
         MetadataFilters(filters=[_f("topic", "food")]),  # a group of one is unwrapped
-        MetadataFilters(filters=[]),  # an empty group is dropped
     ])
     assert metadata_filters_to_where(filters) == {"$or": [
         {"topic": {"$eq": "code"}},
         {"$and": [{"year": {"$gte": 2021}}, {"lang": {"$in": ["en", "fr"]}}]},
         {"topic": {"$eq": "food"}},
     ]}
-    assert metadata_filters_to_where(MetadataFilters(filters=[])) is None
+    # an empty group matches everything, as in LlamaIndex: dropped from an AND; an OR
+    # holding one matches everything too (it was dropped there, and the OR narrowed)
+    empty = MetadataFilters(filters=[])
+    assert metadata_filters_to_where(MetadataFilters(filters=[_f("topic", "code"), empty])) \
+        == {"topic": {"$eq": "code"}}
+    assert metadata_filters_to_where(MetadataFilters(
+        condition=FilterCondition.OR, filters=[_f("topic", "code"), empty])) is None
+    assert metadata_filters_to_where(empty) is None
     assert metadata_filters_to_where(None) is None
 
 
@@ -649,3 +655,51 @@ def test_filters_set_after_construction_apply(hybrid):
     assert {n.node.node_id for n in r.retrieve("animals")} == {"cats", "dogs"}
     with pytest.raises(InvalidInputError, match="MetadataFilters"):
         r.filters = {"topic": "animals"}
+
+
+def test_a_retrieved_chunk_is_never_inserted_in_its_document_s_place(embedder):
+    """A query result of a long document carries its best chunk's text under the
+    document's id: inserted again, it replaced the whole document (51 records -> 1). Such
+    a node carries the chunk's id (hidden from the embed and LLM views) and is refused;
+    a whole one inserts again."""
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder)
+    long = " ".join(f"Sentence {i} tells of harbours, tides and cargo." for i in range(400))
+    vs.add([TextNode(id_="long", text=long), TextNode(id_="short", text="a harbour cat")])
+    records = vs.client.count()
+    assert records > 2
+    found = vs.query(VectorStoreQuery(query_str="cargo tides", similarity_top_k=2,
+                                      mode="hybrid")).nodes
+    part = next(n for n in found if n.node_id == "long")
+    assert part.metadata[rk_li.CHUNK_ID_KEY].startswith("long#chunk")
+    for view in (MetadataMode.LLM, MetadataMode.EMBED):
+        assert rk_li.CHUNK_ID_KEY not in part.get_content(metadata_mode=view)
+    with pytest.raises(InvalidInputError, match="replace the whole document"):
+        vs.add([part])
+    retrieved = RetrieveKitRetriever(vs.client, similarity_top_k=2).retrieve("cargo tides")
+    with pytest.raises(InvalidInputError, match="replace the whole document"):
+        vs.add([n for n in retrieved if n.node.node_id == "long"])
+    vs.add([n for n in found if n.node_id == "short"])  # whole: inserted again, unchanged
+    assert vs.client.count() == records and vs.client.get(["long"])[0].text == long
+    vs.close()
+
+
+def test_hybrid_top_k_counts_in_hybrid_mode_only(embedder, li_docs):
+    """It was applied in every mode (dense, sparse and MMR queries returned it)."""
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder)
+    vs.add([TextNode(id_=d.id_, text=d.text) for d in li_docs])
+    for mode, n in (("default", 2), ("mmr", 2), ("hybrid", 6)):
+        got = vs.query(VectorStoreQuery(query_str="animals and code", similarity_top_k=2,
+                                        hybrid_top_k=6, mode=mode))
+        assert len(got.nodes) == n, mode
+    vs.close()
+
+
+def test_a_filter_chroma_would_refuse_is_refused_when_set(hybrid):
+    r = RetrieveKitRetriever(hybrid, similarity_top_k=8)
+    with pytest.raises(InvalidInputError, match=r"\$gt compares numbers only"):
+        r.filters = MetadataFilters(filters=[_f("topic", "code", ">")])
+    assert r.filters is None

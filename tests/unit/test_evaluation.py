@@ -396,3 +396,16 @@ def test_import_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_of_the_package_resolves() -> None:
+    """`__all__` named a class renamed since (BM25Index): `from retrievekit import *` and
+    `retrievekit.BM25Index` failed with an AttributeError."""
+    code = ("import sys\nfrom retrievekit import *\nimport retrievekit\n"
+            "print(sorted(n for n in retrievekit.__all__ if getattr(retrievekit, n) is None))\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('langchain', "
+            "'langchain_core', 'llama_index')])\n")
+    pythonpath = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": pythonpath}, check=True)
+    assert out.stdout.split() == ["[]", "[]"]
