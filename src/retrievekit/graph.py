@@ -176,7 +176,8 @@ def _checksum_file(path: Path) -> Path:
 
 
 def _checksum(path: Path) -> str:
-    """The BLAKE2b digest of a file (~1 GB/s: 0.1 s for the graph of 100k records)."""
+    """The BLAKE2b digest of a file (~0.6 GB/s here: ~0.14 s for the 84 MB graph of 120k
+    records, at each save and open)."""
     h = hashlib.blake2b(digest_size=32)
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
