@@ -34,6 +34,8 @@ LEASE_S = 120.0
 KEEP = 20_000
 _SUFFIX = "-rklog"
 _FLOOR_KEY = "rk_floor"
+#: entries read by one `get` of the log (Chroma 1.5.9 fails past 32,766)
+_PAGE = 10_000
 
 
 @dataclass(frozen=True)
@@ -102,11 +104,24 @@ class ChangeLog:
 
     # -- readers -----------------------------------------------------------------------------
     def since(self, watermark: int) -> list[Entry]:
-        """The entries after `watermark`, in order."""
-        got = self._col.get(where={"seq": {"$gt": int(watermark)}},
+        """The entries after `watermark`, in order. One `get` when they fit in a page; more
+        are read by ranges of `_PAGE` sequence numbers (a `get` of more than 32,766 entries
+        fails in Chroma 1.5.9's SQLite: "too many SQL variables")."""
+        got = self._col.get(where={"seq": {"$gt": int(watermark)}}, limit=_PAGE,
                             include=["metadatas", "documents"])
+        pages = [got]
+        if len(got["ids"]) == _PAGE:  # more: all again by ranges (a page is in no set order)
+            pages, low = [], int(watermark)
+            while True:
+                pages.append(self._col.get(where={"$and": [{"seq": {"$gt": low}},
+                                                           {"seq": {"$lte": low + _PAGE}}]},
+                                           include=["metadatas", "documents"]))
+                low += _PAGE
+                if not self._col.get(where={"seq": {"$gt": low}}, limit=1, include=[])["ids"]:
+                    break
         out = [Entry(int(m["seq"]), tuple(json.loads(d)), str(m["state"]), float(m["ts"]),
-                     str(m["writer"])) for m, d in zip(got["metadatas"], got["documents"])]
+                     str(m["writer"]))
+               for page in pages for m, d in zip(page["metadatas"], page["documents"])]
         out.sort(key=lambda e: e.seq)
         if out:
             self._head = max(self._head, out[-1].seq)
@@ -114,8 +129,9 @@ class ChangeLog:
 
     def head(self) -> int:
         """The highest sequence number claimed so far (0 for an empty log)."""
-        later = self.since(self._head)
-        return later[-1].seq if later else max(self._head, self.floor())
+        known = max(self._head, self.floor())  # below the floor nothing is left to read
+        later = self.since(known)
+        return later[-1].seq if later else known
 
     def floor(self) -> int:
         """Entries at or below this seq may have been trimmed away."""

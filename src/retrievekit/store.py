@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 _SETTINGS_KEY = "rk_settings"
 _OLD_MARKER_KEY = "rk_marker"  # format 1's change marker, dropped on migration
+#: records whose metadata one `get` reads (Chroma 1.5.9 fails past 32,766)
+_READ_PAGE = 10_000
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 HNSW_M_MAX = 10_000
 
@@ -581,13 +583,20 @@ class ChromaStore:
     def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
                                                                            "metadatas")
                    ) -> dict[str, list]:
-        """Every record (dead ones too) of these documents, in one `get` per 1,000."""
+        """Every record (dead ones too) of these documents: their ids by one `get` per 1,000
+        documents, then what `include` asks for by pages of `_READ_PAGE` ids (a `get` with
+        metadata of more than 32,766 records fails in Chroma 1.5.9's SQLite, "too many SQL
+        variables", and 1,000 documents of 40 chunks are more)."""
         out: dict[str, list] = {"ids": [], **{k: [] for k in include}}
         parents = list(dict.fromkeys(parents))
         for s in range(0, len(parents), 1000):
-            got = self.get(where={PARENT_KEY: {"$in": parents[s:s + 1000]}}, include=include)
-            for key in out:
-                out[key].extend(got[key])
+            ids = self.get(where={PARENT_KEY: {"$in": parents[s:s + 1000]}}, include=[])["ids"]
+            for p in range(0, len(ids), _READ_PAGE) if include else ():
+                got = self.get(ids=ids[p:p + _READ_PAGE], include=include)
+                for key in out:
+                    out[key].extend(got[key])
+            if not include:
+                out["ids"].extend(ids)
         return out
 
     def iter_records(self, include: Sequence[str] = ("documents", "metadatas"),

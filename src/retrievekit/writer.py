@@ -33,7 +33,8 @@ from .chunking import ChunkConfig, split_offsets, split_text
 from .embedding import Embedder
 from .errors import InvalidInputError, StoreFullError
 from .funnel import short_vectors
-from .records import HASH_KEY, SEQ_KEY, Record, dead_metadata, is_live, make_records
+from .records import (END_KEY, HASH_KEY, SEQ_KEY, START_KEY, Record, dead_metadata, is_live,
+                      make_records)
 from .store import ChromaStore
 from .sync import Follower
 from .types import Document
@@ -226,8 +227,7 @@ class Writer:
             for parent, recs in new.items():
                 old = stored.get(parent, {})
                 ids = {r.id for r in recs}
-                todo = [r for r in recs if r.id not in old or not is_live(old[r.id])
-                        or old[r.id].get(HASH_KEY) != r.hash]
+                todo = [r for r in recs if _changed(r, old.get(r.id))]
                 dead = {rid: m for rid, m in old.items() if rid not in ids}
                 unchanged += len(recs) - len(todo)
                 if todo or dead:
@@ -249,6 +249,8 @@ class Writer:
         with self.lock:
             stored = self._stored(parents)
             changes = [_Change(p, [], recs) for p, recs in stored.items()]
+            if not changes:  # nothing stored: no entry in the log either
+                return 0
             for batch in self._batches(changes):
                 entry = self.log.begin([c.parent for c in batch])
                 try:
@@ -394,3 +396,12 @@ def _replacing(record: Record, old: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata that replaces (not merges into) a stored record's: Chroma merges on upsert,
     so keys the new version lacks are set to None, which removes them."""
     return {**{k: None for k in old}, **record.metadata}
+
+
+def _changed(record: Record, stored: Mapping[str, Any] | None) -> bool:
+    """Whether `record` must be written over what Chroma holds under its id: absent, dead,
+    another text or metadata (the hash), or the same text at another place in its document
+    (an edit before it moved the span; skipped, the old span garbled the text put back
+    together by `get`)."""
+    return stored is None or not is_live(stored) or stored.get(HASH_KEY) != record.hash \
+        or any(stored.get(k) != record.metadata.get(k) for k in (START_KEY, END_KEY))

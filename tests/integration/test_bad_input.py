@@ -270,8 +270,10 @@ def test_bad_delete(shared, ids, words):
 
 def test_delete_of_nothing_or_unknown_ids(shared):
     r, before = shared
+    head = r._writer.log.head()  # read for this check only
     assert r.delete([]) == 0 and r.delete(["no-such-id"]) == 0
     assert state(r) == before
+    assert r._writer.log.head() == head  # no entry in the change log either (one each was)
 
 
 @pytest.mark.parametrize("vector, words", [

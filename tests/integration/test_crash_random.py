@@ -301,3 +301,19 @@ def test_a_failed_write_is_repaired_at_once(tmp_path, tiny_embedder, monkeypatch
             r.add_documents([_doc("a", 2, 1)])
         assert _check_store(r, {"a": {2}}) == {"a": 2}
         assert r.search("version1", k=5, mode="sparse") == []
+
+
+def test_an_edit_that_moves_later_chunks_rewrites_their_places(tmp_path, tiny_embedder):
+    """A later chunk whose text is unchanged but whose place in the document moved (a
+    longer first word) was skipped as unchanged and kept its old span: `get` put the
+    document back together garbled ('word6 wordd8'), for good."""
+    cfg = {"store": {"path": str(tmp_path / "s")},
+           "chunking": {"max_tokens": 16, "overlap_tokens": 2}}
+    tail = " ".join(f"word{i}" for i in range(60))
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents([{"text": "cat " + tail, "id": "d"}])
+        assert r.count() > 3  # chunked
+        r.add_documents([{"text": "elephant " + tail, "id": "d"}])  # one token either way
+        assert r.get(["d"])[0].text == "elephant " + tail
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        assert r.get(["d"])[0].text == "elephant " + tail and r.verify()["ok"]
