@@ -162,7 +162,7 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
             continue
         if isinstance(value, (str, bool, int, float)):
             _check_scalar(value, name)
-            out[key] = value
+            out[key] = _as_held(value)
         elif isinstance(value, (list, tuple)):
             if not value:
                 raise InvalidInputError(
@@ -175,13 +175,21 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
                     f"(str, int, float or bool), got {value!r:.200}")
             for i, x in enumerate(value):
                 _check_scalar(x, f"{name}[{i}]")
-            out[key] = list(value)
+            out[key] = [_as_held(x) for x in value]
         else:
             raise InvalidInputError(
                 f"{name} has type {type(value).__name__}; Chroma takes "
                 "str, int, float, bool or a list of one of those. Flatten nested dicts "
                 "(e.g. 'author.name') or json.dumps the value")
     return out
+
+
+def _as_held(value: Any) -> Any:
+    """A metadata value as Chroma holds and returns it: a float subclass (numpy's) as a
+    float, -0.0 as 0.0; so that a document read back and added again is unchanged."""
+    if isinstance(value, float):
+        return float(value) + 0.0
+    return value
 
 
 #: directory -> (the store holding its lock in this process, where that store was opened):

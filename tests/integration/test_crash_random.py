@@ -317,3 +317,18 @@ def test_an_edit_that_moves_later_chunks_rewrites_their_places(tmp_path, tiny_em
         assert r.get(["d"])[0].text == "elephant " + tail
     with HybridRetriever(cfg, embedder=tiny_embedder) as r:
         assert r.get(["d"])[0].text == "elephant " + tail and r.verify()["ok"]
+
+
+def test_a_document_read_back_and_added_again_is_unchanged(tmp_path, tiny_embedder):
+    """Metadata is kept as Chroma holds it (a numpy float as a float, -0.0 as 0.0): the
+    hash of what `get` returned once differed from the stored one, so adding it again
+    encoded and wrote it again."""
+    import numpy as np
+
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        r.add_documents([{"text": "a river stone", "id": "a",
+                          "metadata": {"x": np.float64(1.5), "z": -0.0, "l": [-0.0, 2.5]}}])
+        back = r.get(["a"])
+        assert back[0].metadata == {"x": 1.5, "z": 0.0, "l": [0.0, 2.5]}
+        r.add_documents(back)
+        assert r.last_add_stats["written"] == 0 and r.last_add_stats["unchanged"] == 1
