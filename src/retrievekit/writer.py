@@ -147,11 +147,11 @@ class Writer:
             InvalidInputError: a document found invalid while reading; when earlier
                 batches were written, the message says how many documents that was.
         """
-        bound = min(self.store.max_batch, BATCH_RECORDS) if batch_records is None \
-            else batch_records
+        limit = self.store.max_batch
+        bound = min(limit, BATCH_RECORDS) if batch_records is None else batch_records
         written = unchanged = removed = done = 0
         bar = _Progress(progress, total)
-        batches = self._read_batches(docs, bound)
+        batches = self._read_batches(docs, bound, limit)
         try:
             while True:
                 try:
@@ -193,11 +193,12 @@ class Writer:
             document_records(group, self.embedder, self.chunking, first=pos)
             pos += len(group)
 
-    def _read_batches(self, docs: Iterable[Document], bound: int
+    def _read_batches(self, docs: Iterable[Document], bound: int, limit: int
                       ) -> Iterator[tuple[int, dict[str, list[Record]]]]:
         """(documents read, records by document id) per batch of whole documents, at most
-        `bound` records each (one longer document alone is a batch). A document repeated
-        within a batch is written once."""
+        `bound` records each (one longer document alone is a batch, of at most `limit`,
+        Chroma's batch: a document is written whole in one). A document repeated within a
+        batch is written once."""
         it = iter(docs)
         batch: dict[str, list[Record]] = {}
         read = size = pos = 0
@@ -205,10 +206,15 @@ class Writer:
         while group := list(islice(it, min(_TOKENIZE_GROUP, bound))):
             new = document_records(group, self.embedder, self.chunking, first=pos)
             pos += len(group)
-            for doc in group:
+            for j, doc in enumerate(group, start=pos - len(group)):
                 assert doc.id is not None
                 if doc.id not in batch:
                     recs = new[doc.id]
+                    if len(recs) > limit:
+                        raise InvalidInputError(
+                            f"documents[{j}] ({doc.id!r}) makes {len(recs):,} chunks, more "
+                            f"than Chroma writes in one batch ({limit:,}), and a document "
+                            "is written whole in one: split it into several documents")
                     if batch and size + len(recs) > bound:
                         yield read, batch
                         batch, read, size = {}, 0, 0

@@ -332,3 +332,26 @@ def test_a_document_read_back_and_added_again_is_unchanged(tmp_path, tiny_embedd
         assert back[0].metadata == {"x": 1.5, "z": 0.0, "l": [0.0, 2.5]}
         r.add_documents(back)
         assert r.last_add_stats["written"] == 0 and r.last_add_stats["unchanged"] == 1
+
+
+def test_a_document_of_more_chunks_than_one_chroma_batch_is_refused(tmp_path, tiny_embedder,
+                                                                    monkeypatch):
+    """A document is written whole in one Chroma batch: one of more chunks failed inside
+    Chroma with a StoreError that said to restore the store from a backup. It is refused
+    by name; documents before it in the same batch are not written either."""
+    from retrievekit.errors import InvalidInputError
+    from retrievekit.store import ChromaStore
+
+    monkeypatch.setattr(ChromaStore, "max_batch", property(lambda self: 6))
+    cfg = {"store": {"path": str(tmp_path / "s")},
+           "chunking": {"max_tokens": 16, "overlap_tokens": 2}}
+    long = " ".join(f"word{i}" for i in range(80))
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        r.add_documents([{"text": "kept", "id": "k"}])
+        with pytest.raises(InvalidInputError, match=r"documents\[0\] \('long'\) makes \d+ "
+                                                    r"chunks, more than Chroma writes"):
+            r.add_documents([{"text": long, "id": "long"}])
+        assert r.count() == 1 and r.verify()["ok"]
+        with pytest.raises(InvalidInputError, match=r"documents\[1\] \('long'\)"):
+            r.add_documents([{"text": "first", "id": "f"}, {"text": long, "id": "long"}])
+        assert r.document_ids() == ["k"] and r.verify()["ok"]
