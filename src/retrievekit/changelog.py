@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from .store import READ_PAGE
+
 logger = logging.getLogger(__name__)
 
 #: Seconds after which a pending entry counts as abandoned by a dead writer.
@@ -34,8 +36,6 @@ LEASE_S = 120.0
 KEEP = 20_000
 _SUFFIX = "-rklog"
 _FLOOR_KEY = "rk_floor"
-#: entries read by one `get` of the log (Chroma 1.5.9 fails past 32,766)
-_PAGE = 10_000
 
 
 @dataclass(frozen=True)
@@ -104,19 +104,19 @@ class ChangeLog:
 
     # -- readers -----------------------------------------------------------------------------
     def since(self, watermark: int) -> list[Entry]:
-        """The entries after `watermark`, in order. One `get` when they fit in a page; more
-        are read by ranges of `_PAGE` sequence numbers (a `get` of more than 32,766 entries
-        fails in Chroma 1.5.9's SQLite: "too many SQL variables")."""
-        got = self._col.get(where={"seq": {"$gt": int(watermark)}}, limit=_PAGE,
+        """The entries after `watermark`, in order. One `get` when they fit in a page
+        (`store.READ_PAGE`); more are read by ranges of as many sequence numbers."""
+        got = self._col.get(where={"seq": {"$gt": int(watermark)}}, limit=READ_PAGE,
                             include=["metadatas", "documents"])
         pages = [got]
-        if len(got["ids"]) == _PAGE:  # more: all again by ranges (a page is in no set order)
+        if len(got["ids"]) == READ_PAGE:  # more: all again by ranges (a page has no order)
             pages, low = [], int(watermark)
             while True:
+                upto = low + READ_PAGE
                 pages.append(self._col.get(where={"$and": [{"seq": {"$gt": low}},
-                                                           {"seq": {"$lte": low + _PAGE}}]},
+                                                           {"seq": {"$lte": upto}}]},
                                            include=["metadatas", "documents"]))
-                low += _PAGE
+                low += READ_PAGE
                 if not self._col.get(where={"seq": {"$gt": low}}, limit=1, include=[])["ids"]:
                     break
         out = [Entry(int(m["seq"]), tuple(json.loads(d)), str(m["state"]), float(m["ts"]),

@@ -3,10 +3,10 @@
 Each record's user metadata is indexed as terms of one raw field: `key=s:value` (str),
 `key=b:true` (bool), `key=n:<float>` (int or float: Chroma compares 1 and 1.0 as equal),
 and `key[]=...` for each element of a list (matched by `$contains`, which tells an int
-from a float: `i:1` / `f:1.0`); a term too long for tantivy is indexed as its hash. A filter becomes a
-boolean query over those terms. Chroma semantics kept (checked against Chroma itself by a
-random-filter test): `$ne` and `$nin` also match records that lack the key; equality never
-matches a list; bools are not numbers.
+from a float: `i:1` / `f:1.0`); a term too long for tantivy is indexed as its hash. A
+filter becomes a boolean query over those terms. Chroma semantics kept (checked against
+Chroma itself by a random-filter test): `$ne` and `$nin` also match records that lack the
+key; equality never matches a list; bools are not numbers.
 
 Filters outside this subset (`$gt`/`$gte`/`$lt`/`$lte`, `$not_contains` on lists, integers
 past 2**53, float operands with a fraction) compile to None: the caller then asks Chroma

@@ -428,10 +428,11 @@ def _check_query_vector(vector: Any, dim: int) -> np.ndarray:
             "embedder.embed_query(query) of this retriever's model")
     if not np.isfinite(vec).all():
         raise InvalidInputError("query_vector contains NaN or inf; pass a finite vector")
-    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    # scaled in float64: a norm of 1e20 or 1e-25 over- or underflows in float32 (scores
+    # were all 0, or not cosines); every plan scores by cosine, so the norm carries nothing
+    wide = vec.astype(np.float64)
+    norm = float(np.linalg.norm(wide))
     if norm == 0.0:
         raise InvalidInputError("query_vector is all zeros, which is no direction to search "
                                 "in; pass embedder.embed_query(query)")
-    # scaled in float64: a norm of 1e20 or 1e-25 over- or underflows in float32 (scores
-    # were all 0, or not cosines); every plan scores by cosine, so the norm carries nothing
-    return (vec.astype(np.float64) / norm).astype(np.float32)
+    return (wide / norm).astype(np.float32)

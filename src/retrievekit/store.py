@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 _SETTINGS_KEY = "rk_settings"
 _OLD_MARKER_KEY = "rk_marker"  # format 1's change marker, dropped on migration
-#: records whose metadata one `get` reads (Chroma 1.5.9 fails past 32,766)
-_READ_PAGE = 10_000
+#: records one `get` reads with their metadata, at most (Chroma 1.5.9's SQLite fails past
+#: 32,766: "too many SQL variables"); the change log reads its entries in such pages too
+READ_PAGE = 10_000
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 HNSW_M_MAX = 10_000
 
@@ -592,19 +593,19 @@ class ChromaStore:
                                                                            "metadatas")
                    ) -> dict[str, list]:
         """Every record (dead ones too) of these documents: their ids by one `get` per 1,000
-        documents, then what `include` asks for by pages of `_READ_PAGE` ids (a `get` with
-        metadata of more than 32,766 records fails in Chroma 1.5.9's SQLite, "too many SQL
-        variables", and 1,000 documents of 40 chunks are more)."""
+        documents, then what `include` asks for by pages of `READ_PAGE` ids (1,000
+        documents of 40 chunks are more than one `get` can read)."""
         out: dict[str, list] = {"ids": [], **{k: [] for k in include}}
         parents = list(dict.fromkeys(parents))
         for s in range(0, len(parents), 1000):
             ids = self.get(where={PARENT_KEY: {"$in": parents[s:s + 1000]}}, include=[])["ids"]
-            for p in range(0, len(ids), _READ_PAGE) if include else ():
-                got = self.get(ids=ids[p:p + _READ_PAGE], include=include)
-                for key in out:
-                    out[key].extend(got[key])
             if not include:
                 out["ids"].extend(ids)
+                continue
+            for p in range(0, len(ids), READ_PAGE):
+                got = self.get(ids=ids[p:p + READ_PAGE], include=include)
+                for key in out:
+                    out[key].extend(got[key])
         return out
 
     def iter_records(self, include: Sequence[str] = ("documents", "metadatas"),

@@ -40,7 +40,7 @@ def test_more_entries_than_one_get_returns_are_all_read():
 
 
 def test_paged_reads_keep_order_across_gaps(monkeypatch):
-    monkeypatch.setattr(CL, "_PAGE", 7)
+    monkeypatch.setattr(CL, "READ_PAGE", 7)
     client, name = _filled(40)
     log = CL.ChangeLog(client, name)
     log._col.delete(ids=[f"{q:020d}" for q in range(10, 30)])  # a gap wider than a page
