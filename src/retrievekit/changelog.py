@@ -10,10 +10,18 @@ adds entry `seq` with its own token and reads it back; if the token is another w
 tries `seq + 1`. So numbers are unique and dense, with no lock, across processes and machines.
 
 A pending entry means a write is under way, or that its writer died. A reader never advances
-its watermark past a pending entry younger than `LEASE_S` (it re-reads those documents on
-each sync, so whatever landed is seen at once); an older one is abandoned, and whoever finds
-it repairs it (`Writer.repair`). A writer whose write outlives half the lease re-announces its
-documents under a fresh entry before it finishes, so no reader that moved past it misses them.
+its watermark past a pending entry it has seen pending for less than `LEASE_S` by its own
+monotonic clock (it re-reads those documents on each sync, so whatever landed is seen at
+once); after that the entry is abandoned, and whoever finds it repairs it
+(`Follower.repair`). The writer's timestamp is not used for this: clients on other machines
+have other clocks, and a reader whose clock ran ahead took live writes as abandoned. A
+writer whose write outlives half the lease re-announces its documents under a fresh entry
+before it finishes, so no reader that moved past it misses them.
+
+Writers of the same documents take turns by sequence number (server mode, `Writer`): a
+writer that claimed `seq` waits until every other writer's entry below it that names one of
+its documents is done, and reads those documents again when one could have changed them
+since it first read them (`mark`, `overlapping`, `wait`).
 """
 
 from __future__ import annotations
@@ -45,12 +53,22 @@ class Entry:
     seq: int
     parents: tuple[str, ...]
     state: str  # "pending" or "done"
-    ts: float
+    ts: float  # the writer's clock when it claimed the entry
     writer: str
+    #: seconds this client has seen the entry pending, by its own monotonic clock
+    seen_pending_s: float = 0.0
 
     @property
     def abandoned(self) -> bool:
-        return self.state == "pending" and time.time() - self.ts > LEASE_S
+        return self.state == "pending" and self.seen_pending_s > LEASE_S
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What a writer knew of the log before it read the documents it is about to change."""
+
+    head: int
+    pending: tuple[Entry, ...]
 
 
 def log_name(collection: str) -> str:
@@ -75,6 +93,7 @@ class ChangeLog:
         self.origin = str(self._col.id)
         self._head = 0  # the highest seq this client knows of
         self._floor = 0  # the trimmed floor as last read
+        self._first_seen: dict[int, float] = {}  # pending seq -> time.monotonic() first seen
 
     # -- writers -----------------------------------------------------------------------------
     def begin(self, parents: Sequence[str]) -> Entry:
@@ -119,8 +138,7 @@ class ChangeLog:
                 low += READ_PAGE
                 if not self._col.get(where={"seq": {"$gt": low}}, limit=1, include=[])["ids"]:
                     break
-        out = [Entry(int(m["seq"]), tuple(json.loads(d)), str(m["state"]), float(m["ts"]),
-                     str(m["writer"]))
+        out = [self._entry(m, d)
                for page in pages for m, d in zip(page["metadatas"], page["documents"])]
         out.sort(key=lambda e: e.seq)
         if out:
@@ -142,10 +160,48 @@ class ChangeLog:
     def pending(self) -> list[Entry]:
         """Entries not marked done."""
         got = self._col.get(where={"state": "pending"}, include=["metadatas", "documents"])
-        return sorted((Entry(int(m["seq"]), tuple(json.loads(d)), "pending", float(m["ts"]),
-                             str(m["writer"]))
-                       for m, d in zip(got["metadatas"], got["documents"])),
-                      key=lambda e: e.seq)
+        out = sorted((self._entry(m, d) for m, d in zip(got["metadatas"], got["documents"])),
+                     key=lambda e: e.seq)
+        for seq in set(self._first_seen) - {e.seq for e in out}:
+            del self._first_seen[seq]  # done since, or trimmed
+        return out
+
+    def _entry(self, meta: dict[str, Any], doc: str) -> Entry:
+        seq, state = int(meta["seq"]), str(meta["state"])
+        held = 0.0
+        if state == "pending":
+            now = time.monotonic()
+            held = now - self._first_seen.setdefault(seq, now)
+        else:
+            self._first_seen.pop(seq, None)
+        return Entry(seq, tuple(json.loads(doc)), state, float(meta["ts"]), str(meta["writer"]),
+                     held)
+
+    # -- writers of the same documents, in turn ----------------------------------------------
+    def mark(self) -> Mark:
+        """The head, then the writes under way: read before a writer reads what it changes.
+        (In this order: a write claimed after the head was read has a higher seq.)"""
+        head = self.head()
+        return Mark(head, tuple(self.pending()))
+
+    def overlapping(self, mark: Mark, entry: Entry) -> list[Entry]:
+        """Other writers' entries before `entry` that name one of its documents and may have
+        changed it since `mark`: under way then, or claimed since."""
+        found = {e.seq: e for e in mark.pending}
+        found.update((e.seq, e) for e in self.since(mark.head))
+        mine = set(entry.parents)
+        return [e for seq, e in sorted(found.items()) if seq < entry.seq
+                and e.writer != self.token and not mine.isdisjoint(e.parents)]
+
+    def wait(self, entries: Sequence[Entry], poll_s: float = 0.02) -> list[Entry]:
+        """Wait until each of `entries` is done or abandoned; returns the abandoned ones."""
+        seqs = {e.seq for e in entries}
+        while True:
+            left = [e for e in self.pending() if e.seq in seqs]
+            if all(e.abandoned for e in left):
+                return left
+            time.sleep(poll_s)
+            poll_s = min(poll_s * 2, 0.5)
 
     def trim(self, keep: int | None = None) -> None:
         """Delete done entries older than the newest `keep` (default `KEEP`), once the log

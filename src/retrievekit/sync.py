@@ -18,7 +18,7 @@ import numpy as np
 
 from .changelog import ChangeLog, Entry, advance
 from .records import DEAD_KEY, Record, from_chroma
-from .store import ChromaStore
+from .store import READ_PAGE, ChromaStore
 
 logger = logging.getLogger(__name__)
 
@@ -136,24 +136,40 @@ class Follower:
 
     def _rebuild(self, indexes: Sequence[Derived]) -> None:
         """Rebuild from a scan of the collection; entries from the scan's start on are then
-        applied by the normal catch-up (idempotent)."""
+        applied by the normal catch-up (idempotent).
+
+        The scan reads pages by offset, so a delete by another client during it shifts
+        records past a page boundary unread. When the log says someone wrote meanwhile, the
+        ids Chroma holds once the scan is over (one `get`, one snapshot) are compared with
+        those read, and the missed ones read by id."""
         head = self.log.head()
         pending = [e.seq for e in self.log.pending()]
         start = min([head] + [s - 1 for s in pending])
         for ix in indexes:
             ix.clear()
             ix.origin = self.log.origin
-        n = 0
+        seen: set[str] = set()
         for batch in self.store.iter_records(include=self._include):
-            live = from_chroma(batch["ids"], batch["documents"], batch["metadatas"])
-            vectors = _stored_vectors(batch)
-            for ix in indexes:
-                ix.replace((), live, vectors)
-            n += len(live)
+            self._hand(indexes, batch)
+            seen.update(batch["ids"])
+        if pending or self.log.head() != head:
+            missed = [rid for rid in self.store.get(include=[])["ids"] if rid not in seen]
+            for p in range(0, len(missed), READ_PAGE):
+                self._hand(indexes, self.store.get(ids=missed[p:p + READ_PAGE],
+                                                   include=self._include))
+            seen.update(missed)
         for ix in indexes:
             ix.commit(start)
-        logger.info("rebuilt %d derived index(es) from %d records in Chroma", len(indexes), n)
+        logger.info("rebuilt %d derived index(es) from %d records in Chroma", len(indexes),
+                    len(seen))
 
+    @staticmethod
+    def _hand(indexes: Sequence[Derived], got: Mapping[str, Any]) -> None:
+        """Give the live records of a Chroma read (and its vectors, if read) to `indexes`."""
+        live = from_chroma(got["ids"], got["documents"], got["metadatas"])
+        vectors = _stored_vectors(got)
+        for ix in indexes:
+            ix.replace((), live, vectors)
 
 
 def _stored_vectors(got: Mapping[str, Any]) -> dict[str, np.ndarray]:

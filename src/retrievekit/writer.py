@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .changelog import ChangeLog
+from .changelog import ChangeLog, Mark
 from .chunking import ChunkConfig, split_offsets, split_text
 from .embedding import Embedder
 from .errors import InvalidInputError, StoreFullError
@@ -196,9 +196,11 @@ class Writer:
     def _read_batches(self, docs: Iterable[Document], bound: int, limit: int
                       ) -> Iterator[tuple[int, dict[str, list[Record]]]]:
         """(documents read, records by document id) per batch of whole documents, at most
-        `bound` records each (one longer document alone is a batch, of at most `limit`,
-        Chroma's batch: a document is written whole in one). A document repeated within a
-        batch is written once."""
+        `bound` records each (one longer document alone is a batch, of fewer than `limit`,
+        Chroma's batch: a document is written whole in one, with the stale records of its
+        old version; chunk ids are by position, so those are at most the old version's
+        chunks past the new one's, or its one record when it was not chunked). A document
+        repeated within a batch is written once."""
         it = iter(docs)
         batch: dict[str, list[Record]] = {}
         read = size = pos = 0
@@ -210,11 +212,12 @@ class Writer:
                 assert doc.id is not None
                 if doc.id not in batch:
                     recs = new[doc.id]
-                    if len(recs) > limit:
+                    if len(recs) >= limit:  # room for the one dead record a replace can add
                         raise InvalidInputError(
                             f"documents[{j}] ({doc.id!r}) makes {len(recs):,} chunks, more "
-                            f"than Chroma writes in one batch ({limit:,}), and a document "
-                            "is written whole in one: split it into several documents")
+                            f"than Chroma writes in one batch ({limit - 1:,} and the "
+                            "record its replace may remove), and a document is written "
+                            "whole in one: split it into several documents")
                     if batch and size + len(recs) > bound:
                         yield read, batch
                         batch, read, size = {}, 0, 0
@@ -227,47 +230,44 @@ class Writer:
     def _add_batch(self, new: Mapping[str, list[Record]]) -> WriteStats:
         """Write one batch: changed records only, then the derived indexes follow."""
         with self.lock:
-            stored = self._stored(list(new))
-            changes: list[_Change] = []
-            unchanged = 0
-            for parent, recs in new.items():
-                old = stored.get(parent, {})
-                ids = {r.id for r in recs}
-                todo = [r for r in recs if _changed(r, old.get(r.id))]
-                dead = {rid: m for rid, m in old.items() if rid not in ids}
-                unchanged += len(recs) - len(todo)
-                if todo or dead:
-                    changes.append(_Change(parent, todo, dead, old))
+            mark = self._mark()
+            changes, unchanged = _diff(new, self._stored(list(new)))
             stats = WriteStats(sum(len(c.records) for c in changes), unchanged,
                                sum(len(c.dead) for c in changes))
             if not changes:
                 return stats
-            texts = [r.text for c in changes for r in c.records]
-            vectors = self.embedder.embed_documents(texts, progress=False)
-            by_id = {r.id: v for r, v in zip((r for c in changes for r in c.records), vectors)}
+            by_id: dict[str, np.ndarray] = {}
+            self._encode(changes, by_id)
             for batch in self._batches(changes):
-                self._write_batch(batch, by_id)
+                self._write_batch(batch, by_id, new, mark)
             self.follower.catch_up(by_id)  # indexes that keep vectors take them from here
             return stats
 
     def delete(self, parents: Sequence[str]) -> int:
         """Delete whole documents; returns the records removed."""
         with self.lock:
-            stored = self._stored(parents)
-            changes = [_Change(p, [], recs) for p, recs in stored.items()]
+            mark = self._mark()
+            gone: dict[str, list[Record]] = {p: [] for p in parents}
+            changes, _ = _diff(gone, self._stored(parents))
             if not changes:  # nothing stored: no entry in the log either
                 return 0
             for batch in self._batches(changes):
-                entry = self.log.begin([c.parent for c in batch])
-                try:
-                    self.store.delete([rid for c in batch for rid in c.dead])
-                except BaseException:
-                    self._recover(entry)
-                    raise
-                self.log.finish(entry)
+                self._write_batch(batch, {}, gone, mark)
             self.follower.catch_up()
             self.log.trim()
             return sum(len(c.dead) for c in changes)
+
+    def _mark(self) -> Mark | None:
+        """Server mode: what the log says before the documents are read (`_write_batch`
+        checks it). One writer process (embedded): nothing, its lock orders its writes."""
+        return None if self.follower.sole_writer else self.log.mark()
+
+    def _encode(self, changes: Sequence[_Change], by_id: dict[str, np.ndarray]) -> None:
+        """Encode the changed records' texts that `by_id` lacks, into it."""
+        todo = [r for c in changes for r in c.records if r.id not in by_id]
+        if todo:
+            vectors = self.embedder.embed_documents([r.text for r in todo], progress=False)
+            by_id.update(zip((r.id for r in todo), vectors))
 
     def _stored(self, parents: Sequence[str]) -> dict[str, dict[str, dict]]:
         """parent -> {record id: metadata} of every stored record (dead ones too)."""
@@ -291,11 +291,26 @@ class Writer:
             size += n
         return out
 
-    def _write_batch(self, batch: list[_Change], vectors: Mapping[str, np.ndarray]) -> None:
+    def _write_batch(self, batch: list[_Change], vectors: dict[str, np.ndarray],
+                     new: Mapping[str, list[Record]], mark: Mark | None) -> None:
+        """Claim an entry, write the batch (its upsert, then the dead records' delete), mark
+        it done. Server mode: first wait for other writers of these documents that came
+        before (lower seq), and diff again from what Chroma holds when one of them may have
+        changed them since `mark`: else two writers of one document could leave it spliced,
+        one's chunks beside the other's."""
         entry = self.log.begin([c.parent for c in batch])
         try:
-            groups = [self._group(c, entry.seq, vectors) for c in batch]
-            self.store.write(groups)
+            if mark is not None and (before := self.log.overlapping(mark, entry)):
+                abandoned = self.log.wait(before)
+                if abandoned:
+                    self.follower.repair(abandoned)
+                parents = [c.parent for c in batch]
+                batch, _ = _diff({p: new[p] for p in parents}, self._stored(parents))
+                self._encode(batch, vectors)
+            # a document deleted is only deleted; one replaced is written with its dead records
+            groups = [self._group(c, entry.seq, vectors) for c in batch if new[c.parent]]
+            if groups:
+                self.store.write(groups)
             dead = [rid for c in batch for rid in c.dead]
             if dead:
                 self.store.delete(dead)
@@ -356,6 +371,23 @@ def chroma_vectors(embedder: Embedder, funnel_dim: int | None, texts: Sequence[s
     out[live] = stored_form(full, funnel_dim)
     out[~live] = stored_form(full[:0], funnel_dim, dead=int((~live).sum()))
     return out
+
+
+def _diff(new: Mapping[str, list[Record]], stored: Mapping[str, dict[str, dict]]
+          ) -> tuple[list[_Change], int]:
+    """What writing `new` (each document's records; none to delete it) over `stored` changes,
+    per document, and how many of its records are unchanged."""
+    changes: list[_Change] = []
+    unchanged = 0
+    for parent, recs in new.items():
+        old = stored.get(parent, {})
+        ids = {r.id for r in recs}
+        todo = [r for r in recs if _changed(r, old.get(r.id))]
+        dead = {rid: m for rid, m in old.items() if rid not in ids}
+        unchanged += len(recs) - len(todo)
+        if todo or dead:
+            changes.append(_Change(parent, todo, dead, old))
+    return changes, unchanged
 
 
 def _note_written(exc: BaseException, done: int, later: str) -> None:

@@ -67,3 +67,22 @@ def test_the_records_of_documents_with_many_chunks_are_all_read():
     assert {m["_rk_parent"] for m in got["metadatas"]} == {f"p{i}" for i in range(850)}
     assert len(store.of_parents(["p1", "p2"], include=[])["ids"]) == 80
     store.close()
+
+
+def test_a_pending_entry_is_abandoned_after_the_lease_by_the_readers_own_clock(monkeypatch):
+    """The lease was measured against the writer's timestamp: a reader whose clock runs
+    ahead of the writer's (another machine) took a live write as abandoned at once, and
+    moved its watermark past it. Now it counts how long it has itself seen it pending."""
+    client, name = _filled(3)
+    log = CL.ChangeLog(client, name)
+    skewed = time.time() - 3600  # the writer's clock, an hour behind the reader's
+    log._col.update(ids=[f"{3:020d}"], metadatas=[{"state": "pending", "ts": skewed}])
+    monkeypatch.setattr(CL, "LEASE_S", 0.3)
+    first = log.since(0)
+    assert not first[-1].abandoned and CL.advance(0, first) == 2
+    time.sleep(0.4)
+    later = log.since(0)
+    assert later[-1].abandoned and CL.advance(0, later) == 3
+    # done entries are forgotten
+    log._col.update(ids=[f"{3:020d}"], metadatas=[{"state": "done"}])
+    assert log.since(2)[0].state == "done" and not log._first_seen

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from retrievekit.pipeline import HybridRetriever
+from retrievekit.types import Document
 from rk_children import crash_loop, mp_context, run_ops, versioned_text
 
 pytestmark = pytest.mark.slow
@@ -355,3 +356,43 @@ def test_a_document_of_more_chunks_than_one_chroma_batch_is_refused(tmp_path, ti
         with pytest.raises(InvalidInputError, match=r"documents\[1\] \('long'\)"):
             r.add_documents([{"text": "first", "id": "f"}, {"text": long, "id": "long"}])
         assert r.document_ids() == ["k"] and r.verify()["ok"]
+
+
+def test_a_document_of_one_chroma_batch_less_one_can_be_replaced_both_ways(
+        tmp_path, tiny_embedder, monkeypatch):
+    """A document is written with the stale records of its old version in the same batch: a
+    document of exactly one Chroma batch of chunks was accepted, and replacing a short
+    version by it (its chunks plus the old record, one more than a batch) then failed inside
+    Chroma. The longest document is one batch less one record."""
+    from retrievekit.errors import InvalidInputError
+    from retrievekit.store import ChromaStore
+    from retrievekit.writer import document_records
+
+    monkeypatch.setattr(ChromaStore, "max_batch", property(lambda self: 6))
+    upsert = ChromaStore._upsert
+
+    def at_most_one_batch(self, groups):  # what Chroma's own limit refuses (at 5,461)
+        assert sum(len(g[0]) for g in groups) <= self.max_batch
+        upsert(self, groups)
+
+    monkeypatch.setattr(ChromaStore, "_upsert", at_most_one_batch)
+    cfg = {"store": {"path": str(tmp_path / "s")},
+           "chunking": {"max_tokens": 16, "overlap_tokens": 2}}
+    with HybridRetriever(cfg, embedder=tiny_embedder) as r:
+        def text_of(chunks: int) -> str:
+            for n in range(1, 200):
+                text = " ".join(f"word{i}" for i in range(n))
+                got = document_records([Document(text=text, id="x")], r.embedder,
+                                       r._writer.chunking)["x"]
+                if len(got) == chunks:
+                    return text
+            raise AssertionError(chunks)
+
+        short, five, six = "a short version", text_of(5), text_of(6)
+        for text in (short, five, short, five, short):
+            r.add_documents([{"text": text, "id": "x"}])
+            assert r.get(["x"])[0].text == text and r.verify()["ok"]
+        with pytest.raises(InvalidInputError, match=r"makes 6 chunks, more than Chroma "
+                                                    r"writes in one batch \(5 and"):
+            r.add_documents([{"text": six, "id": "x"}])  # over the short one: 6 + 1
+        assert r.get(["x"])[0].text == short and r.verify()["ok"]

@@ -1,0 +1,185 @@
+"""Two server-mode clients writing the same document at once (changelog.py, writer.py).
+
+Each write reads the document's stored records, then replaces them by id. Two writers whose
+reads and writes interleave left a spliced document: the chunks of one version beside the
+record of the other, for good. The writes are interleaved here by hooks on client A's own
+objects; both clients are real, on a real `chroma run` server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from retrievekit.pipeline import HybridRetriever
+from retrievekit.records import is_live
+from retrievekit.types import Document
+from retrievekit.writer import document_records
+
+pytestmark = pytest.mark.server
+
+CONFIG = {"chunking": {"max_tokens": 24, "overlap_tokens": 4}}
+OLD = " ".join(f"Sentence {i} of the old version talks about wombats and burrows."
+               for i in range(12))
+LONG = " ".join(f"Line {i} of the long version is about quokkas on Rottnest island."
+                for i in range(8))
+SHORT = "The short version: pangolins have scales."
+
+
+def _pair(server):
+    collection = f"rk-{uuid.uuid4().hex[:12]}"
+    kw = {"host": server.host, "port": server.port, "collection": collection,
+          "config": CONFIG}
+    return kw
+
+
+def _live_ids(r: HybridRetriever, doc_id: str) -> set[str]:
+    got = r._store.of_parents([doc_id], include=["metadatas"])
+    return {rid for rid, m in zip(got["ids"], got["metadatas"]) if is_live(m or {})}
+
+
+def _ids_of(r: HybridRetriever, text: str) -> set[str]:
+    recs = document_records([Document(text=text, id="x")], r.embedder, r._writer.chunking)
+    return {rec.id for rec in recs["x"]}
+
+
+def _whole(r: HybridRetriever, text: str) -> None:
+    assert r.get(["x"])[0].text == text
+    assert _live_ids(r, "x") == _ids_of(r, text)
+    assert r.verify()["ok"]
+
+
+def test_a_write_landing_between_anothers_read_and_write_is_not_spliced(chroma_server,
+                                                                        embedder):
+    """B replaces the document after A read it and before A claimed its entry: A must
+    read it again, or its deletes miss B's record and its chunks join it."""
+    kw = _pair(chroma_server)
+    a = HybridRetriever(embedder=embedder, **kw)
+    b = HybridRetriever(embedder=embedder, **kw)
+    try:
+        a.add_documents([{"id": "x", "text": OLD}])
+        assert len(_ids_of(a, OLD)) > len(_ids_of(a, LONG)) > 1
+        begin = a._writer.log.begin
+
+        def b_writes_first(parents):
+            a._writer.log.begin = begin  # once
+            b.add_documents([{"id": "x", "text": SHORT}])
+            return begin(parents)
+
+        a._writer.log.begin = b_writes_first
+        a.add_documents([{"id": "x", "text": LONG}])
+        _whole(a, LONG)  # A's entry is the later one: its version is the document
+        b.search("quokkas", k=1)
+        _whole(b, LONG)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_writer_waits_for_an_earlier_write_of_the_same_document(chroma_server, embedder):
+    """A has claimed its entry and is writing when B reads the document and claims the next
+    entry: B must wait for A's write to end and then read the document again."""
+    kw = _pair(chroma_server)
+    a = HybridRetriever(embedder=embedder, **kw)
+    b = HybridRetriever(embedder=embedder, **kw)
+    try:
+        a.add_documents([{"id": "x", "text": OLD}])
+        b_began = threading.Event()
+        b_begin = b._writer.log.begin
+
+        def b_begin_and_tell(parents):
+            entry = b_begin(parents)
+            b_began.set()
+            return entry
+
+        b._writer.log.begin = b_begin_and_tell
+        errors: list[BaseException] = []
+
+        def b_write():
+            try:
+                b.add_documents([{"id": "x", "text": SHORT}])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        write = a._store.write
+        thread = threading.Thread(target=b_write)
+
+        def a_write_after_b_began(groups):
+            a._store.write = write  # once
+            thread.start()
+            assert b_began.wait(60)
+            time.sleep(0.5)  # B, unchecked, would write its stale diff now
+            write(groups)
+
+        a._store.write = a_write_after_b_began
+        a.add_documents([{"id": "x", "text": LONG}])
+        thread.join(120)
+        assert not thread.is_alive() and not errors, errors
+        _whole(b, SHORT)  # B's entry is the later one
+        a.search("pangolins", k=1)
+        _whole(a, SHORT)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_delete_waits_too(chroma_server, embedder):
+    """A delete that read the document's records before a concurrent replace removed only
+    those, leaving the replacement's other chunks as a live fragment."""
+    kw = _pair(chroma_server)
+    a = HybridRetriever(embedder=embedder, **kw)
+    b = HybridRetriever(embedder=embedder, **kw)
+    try:
+        a.add_documents([{"id": "x", "text": SHORT}])
+        begin = a._writer.log.begin
+
+        def b_writes_first(parents):
+            a._writer.log.begin = begin
+            b.add_documents([{"id": "x", "text": LONG}])
+            return begin(parents)
+
+        a._writer.log.begin = b_writes_first
+        a.delete(["x"])
+        assert _live_ids(a, "x") == set() and a.get(["x"]) == []
+        assert a.verify()["ok"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_first_rebuild_misses_no_record_when_another_client_deletes_during_it(
+        chroma_server, embedder, corpus_docs, monkeypatch):
+    """A client's first BM25 index is a scan of Chroma by pages of offsets: a delete by
+    another client during the scan shifted records past a page boundary, unread, and they
+    stayed out of the index until the client restarted."""
+    from retrievekit.records import parent_of
+    from retrievekit.store import ChromaStore
+
+    kw = _pair(chroma_server)
+    a = HybridRetriever(embedder=embedder, **kw)
+    a.add_documents(corpus_docs)
+    scan = ChromaStore.iter_records
+    deleted: list[str] = []
+
+    def pages_of_three_and_a_delete(self, include=("documents", "metadatas"), page=5000,
+                                    where=None):
+        for batch in scan(self, include, page=3, where=where):
+            yield batch
+            if self is not a._store and not deleted:
+                deleted.append(parent_of(batch["ids"][0]))
+                a.delete(deleted)  # everything after the page moves one place or more up
+
+    monkeypatch.setattr(ChromaStore, "iter_records", pages_of_three_and_a_delete)
+    b = HybridRetriever(embedder=embedder, **kw)
+    monkeypatch.setattr(ChromaStore, "iter_records", scan)
+    try:
+        assert deleted
+        state = b.verify()
+        assert state["sparse_ids"] == state["chroma_ids"] and state["ok"]
+        assert b.count() == len(corpus_docs) - 1
+    finally:
+        a.close()
+        b.close()
