@@ -174,7 +174,7 @@ class LocalEngine:
             if not ids:
                 return []
             sims = matrix @ (vec / max(float(np.linalg.norm(vec)), 1e-12))
-        order = np.argsort(-sims, kind="stable")[:n]
+        order = _top_after_penalty(ids, sims, n, self.settings.chunk_penalty)
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
     def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int
@@ -250,6 +250,25 @@ def _prefer_first_chunks(items: list[tuple[str, float]], penalty: float
         return items
     scored = [(rid, s - penalty if chunk_position(rid) else s) for rid, s in items]
     return sorted(scored, key=lambda x: -x[1])
+
+
+def _top_after_penalty(ids: list[str], sims: np.ndarray, n: int, penalty: float
+                       ) -> np.ndarray:
+    """The positions of the `n` best of `sims` as `_prefer_first_chunks` ranks them (a later
+    chunk loses `penalty`), best raw cosine first: a first chunk just past the raw n-th can
+    pass a later chunk inside it. Reads the raw order until the next cosine cannot reach the
+    n-th penalized score."""
+    order = np.argsort(-sims, kind="stable")
+    if not penalty or len(order) <= n:
+        return order[:n]
+    m = n
+    while True:
+        head = order[:m]
+        scored = sims[head] - penalty * np.fromiter(
+            (chunk_position(ids[i]) > 0 for i in head), dtype=bool, count=len(head))
+        if m >= len(order) or sims[order[m]] < np.partition(scored, -n)[-n]:
+            return head[np.sort(np.argsort(-scored, kind="stable")[:n])]
+        m *= 2
 
 
 def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str]]

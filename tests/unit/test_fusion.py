@@ -213,3 +213,26 @@ def test_bad_chunk_penalty_is_refused(bad):
 
     with pytest.raises(ConfigError, match="chunk_penalty"):
         RetrieverConfig(chunk_penalty=bad)
+
+
+def test_the_exact_plan_keeps_the_n_best_after_the_chunk_penalty():
+    """The exact scan cut its n nearest by raw cosine and only then took `chunk_penalty` off
+    later chunks: a first chunk just past the raw n-th, which the penalty puts inside the
+    n best, was lost. Against ranking everything by the penalized score."""
+    import numpy as np
+
+    from retrievekit.searcher import _prefer_first_chunks, _top_after_penalty
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        count = int(rng.integers(1, 60))
+        ids = [f"d{i}#chunk{int(rng.integers(0, 3))}" if rng.random() < 0.6 else f"d{i}"
+               for i in range(count)]
+        sims = rng.normal(0.5, 0.08, count).astype(np.float32)
+        n, penalty = int(rng.integers(1, 12)), float(rng.choice([0.0, 0.02, 0.05, 0.2]))
+        got = _top_after_penalty(ids, sims, n, penalty)
+        assert list(got) == sorted(got, key=lambda i: (-float(sims[i]), i))  # raw order
+        raw = sorted(range(count), key=lambda i: (-float(sims[i]), i))
+        everything = _prefer_first_chunks([(ids[i], float(sims[i])) for i in raw], penalty)
+        want = {rid for rid, _ in everything[:n]}
+        assert {ids[i] for i in got} == want, trial
