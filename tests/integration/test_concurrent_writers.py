@@ -29,11 +29,21 @@ LONG = " ".join(f"Line {i} of the long version is about quokkas on Rottnest isla
 SHORT = "The short version: pangolins have scales."
 
 
-def _pair(server):
-    collection = f"rk-{uuid.uuid4().hex[:12]}"
-    kw = {"host": server.host, "port": server.port, "collection": collection,
-          "config": CONFIG}
-    return kw
+def _pair(server) -> dict:
+    """Keyword arguments of two clients of one new collection."""
+    return {"host": server.host, "port": server.port,
+            "collection": f"rk-{uuid.uuid4().hex[:12]}", "config": CONFIG}
+
+
+@pytest.fixture
+def clients(chroma_server, embedder):
+    """Clients A and B of one new collection."""
+    kw = _pair(chroma_server)
+    a = HybridRetriever(embedder=embedder, **kw)
+    b = HybridRetriever(embedder=embedder, **kw)
+    yield a, b
+    a.close()
+    b.close()
 
 
 def _live_ids(r: HybridRetriever, doc_id: str) -> set[str]:
@@ -46,108 +56,88 @@ def _ids_of(r: HybridRetriever, text: str) -> set[str]:
     return {rec.id for rec in recs["x"]}
 
 
+def _b_writes_before_a_claims(a: HybridRetriever, b: HybridRetriever, text: str) -> None:
+    """On A's next write: B writes `text` as "x" after A read the document, before A
+    claims its log entry."""
+    begin = a._writer.log.begin
+
+    def b_writes_first(parents):
+        a._writer.log.begin = begin  # once
+        b.add_documents([{"id": "x", "text": text}])
+        return begin(parents)
+
+    a._writer.log.begin = b_writes_first
+
+
 def _whole(r: HybridRetriever, text: str) -> None:
     assert r.get(["x"])[0].text == text
     assert _live_ids(r, "x") == _ids_of(r, text)
     assert r.verify()["ok"]
 
 
-def test_a_write_landing_between_anothers_read_and_write_is_not_spliced(chroma_server,
-                                                                        embedder):
+def test_a_write_landing_between_anothers_read_and_write_is_not_spliced(clients):
     """B replaces the document after A read it and before A claimed its entry: A must
     read it again, or its deletes miss B's record and its chunks join it."""
-    kw = _pair(chroma_server)
-    a = HybridRetriever(embedder=embedder, **kw)
-    b = HybridRetriever(embedder=embedder, **kw)
-    try:
-        a.add_documents([{"id": "x", "text": OLD}])
-        assert len(_ids_of(a, OLD)) > len(_ids_of(a, LONG)) > 1
-        begin = a._writer.log.begin
-
-        def b_writes_first(parents):
-            a._writer.log.begin = begin  # once
-            b.add_documents([{"id": "x", "text": SHORT}])
-            return begin(parents)
-
-        a._writer.log.begin = b_writes_first
-        a.add_documents([{"id": "x", "text": LONG}])
-        _whole(a, LONG)  # A's entry is the later one: its version is the document
-        b.search("quokkas", k=1)
-        _whole(b, LONG)
-    finally:
-        a.close()
-        b.close()
+    a, b = clients
+    a.add_documents([{"id": "x", "text": OLD}])
+    assert len(_ids_of(a, OLD)) > len(_ids_of(a, LONG)) > 1
+    _b_writes_before_a_claims(a, b, SHORT)
+    a.add_documents([{"id": "x", "text": LONG}])
+    _whole(a, LONG)  # A's entry is the later one: its version is the document
+    b.search("quokkas", k=1)
+    _whole(b, LONG)
 
 
-def test_a_writer_waits_for_an_earlier_write_of_the_same_document(chroma_server, embedder):
+def test_a_writer_waits_for_an_earlier_write_of_the_same_document(clients):
     """A has claimed its entry and is writing when B reads the document and claims the next
     entry: B must wait for A's write to end and then read the document again."""
-    kw = _pair(chroma_server)
-    a = HybridRetriever(embedder=embedder, **kw)
-    b = HybridRetriever(embedder=embedder, **kw)
-    try:
-        a.add_documents([{"id": "x", "text": OLD}])
-        b_began = threading.Event()
-        b_begin = b._writer.log.begin
+    a, b = clients
+    a.add_documents([{"id": "x", "text": OLD}])
+    b_began = threading.Event()
+    b_begin = b._writer.log.begin
 
-        def b_begin_and_tell(parents):
-            entry = b_begin(parents)
-            b_began.set()
-            return entry
+    def b_begin_and_tell(parents):
+        entry = b_begin(parents)
+        b_began.set()
+        return entry
 
-        b._writer.log.begin = b_begin_and_tell
-        errors: list[BaseException] = []
+    b._writer.log.begin = b_begin_and_tell
+    errors: list[BaseException] = []
 
-        def b_write():
-            try:
-                b.add_documents([{"id": "x", "text": SHORT}])
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
+    def b_write():
+        try:
+            b.add_documents([{"id": "x", "text": SHORT}])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
 
-        write = a._store.write
-        thread = threading.Thread(target=b_write)
+    write = a._store.write
+    thread = threading.Thread(target=b_write)
 
-        def a_write_after_b_began(groups):
-            a._store.write = write  # once
-            thread.start()
-            assert b_began.wait(60)
-            time.sleep(0.5)  # B, unchecked, would write its stale diff now
-            write(groups)
+    def a_write_after_b_began(groups):
+        a._store.write = write  # once
+        thread.start()
+        assert b_began.wait(60)
+        time.sleep(0.5)  # B, unchecked, would write its stale diff now
+        write(groups)
 
-        a._store.write = a_write_after_b_began
-        a.add_documents([{"id": "x", "text": LONG}])
-        thread.join(120)
-        assert not thread.is_alive() and not errors, errors
-        _whole(b, SHORT)  # B's entry is the later one
-        a.search("pangolins", k=1)
-        _whole(a, SHORT)
-    finally:
-        a.close()
-        b.close()
+    a._store.write = a_write_after_b_began
+    a.add_documents([{"id": "x", "text": LONG}])
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
+    _whole(b, SHORT)  # B's entry is the later one
+    a.search("pangolins", k=1)
+    _whole(a, SHORT)
 
 
-def test_a_delete_waits_too(chroma_server, embedder):
+def test_a_delete_waits_too(clients):
     """A delete that read the document's records before a concurrent replace removed only
     those, leaving the replacement's other chunks as a live fragment."""
-    kw = _pair(chroma_server)
-    a = HybridRetriever(embedder=embedder, **kw)
-    b = HybridRetriever(embedder=embedder, **kw)
-    try:
-        a.add_documents([{"id": "x", "text": SHORT}])
-        begin = a._writer.log.begin
-
-        def b_writes_first(parents):
-            a._writer.log.begin = begin
-            b.add_documents([{"id": "x", "text": LONG}])
-            return begin(parents)
-
-        a._writer.log.begin = b_writes_first
-        a.delete(["x"])
-        assert _live_ids(a, "x") == set() and a.get(["x"]) == []
-        assert a.verify()["ok"]
-    finally:
-        a.close()
-        b.close()
+    a, b = clients
+    a.add_documents([{"id": "x", "text": SHORT}])
+    _b_writes_before_a_claims(a, b, LONG)
+    a.delete(["x"])
+    assert _live_ids(a, "x") == set() and a.get(["x"]) == []
+    assert a.verify()["ok"]
 
 
 def test_a_first_rebuild_misses_no_record_when_another_client_deletes_during_it(
