@@ -10,13 +10,15 @@ adds entry `seq` with its own token and reads it back; if the token is another w
 tries `seq + 1`. So numbers are unique and dense, with no lock, across processes and machines.
 
 A pending entry means a write is under way, or that its writer died. A reader never advances
-its watermark past a pending entry it has seen pending for less than `LEASE_S` by its own
-monotonic clock (it re-reads those documents on each sync, so whatever landed is seen at
-once); after that the entry is abandoned, and whoever finds it repairs it
-(`Follower.repair`). The writer's timestamp is not used for this: clients on other machines
-have other clocks, and a reader whose clock ran ahead took live writes as abandoned. A
-writer whose write outlives half the lease re-announces its documents under a fresh entry
-before it finishes, so no reader that moved past it misses them.
+its watermark past a pending entry it has seen pending, unchanged, for less than `LEASE_S`
+by its own monotonic clock (it re-reads those documents on each sync, so whatever landed is
+seen at once); after that the entry is abandoned, and whoever finds it repairs it
+(`Follower.repair`). The writer's timestamp is never compared with the reader's clock
+(clients on other machines have other clocks: a reader whose clock ran ahead took live
+writes as abandoned); a writer that waits for another renews it (`renew`), and a reader
+that sees it change counts the lease again. A writer whose write outlives half the lease
+re-announces its documents under a fresh entry before it finishes, so no reader that moved
+past it misses them.
 
 Writers of the same documents take turns by sequence number (server mode, `Writer`): a
 writer that claimed `seq` waits until every other writer's entry below it that names one of
@@ -93,7 +95,8 @@ class ChangeLog:
         self.origin = str(self._col.id)
         self._head = 0  # the highest seq this client knows of
         self._floor = 0  # the trimmed floor as last read
-        self._first_seen: dict[int, float] = {}  # pending seq -> time.monotonic() first seen
+        #: pending seq -> (its timestamp, time.monotonic() when first seen with it)
+        self._first_seen: dict[int, tuple[float, float]] = {}
 
     # -- writers -----------------------------------------------------------------------------
     def begin(self, parents: Sequence[str]) -> Entry:
@@ -167,15 +170,17 @@ class ChangeLog:
         return out
 
     def _entry(self, meta: dict[str, Any], doc: str) -> Entry:
-        seq, state = int(meta["seq"]), str(meta["state"])
+        seq, state, ts = int(meta["seq"]), str(meta["state"]), float(meta["ts"])
         held = 0.0
         if state == "pending":
             now = time.monotonic()
-            held = now - self._first_seen.setdefault(seq, now)
+            seen = self._first_seen.get(seq)
+            if seen is None or seen[0] != ts:  # new, or renewed by its writer
+                seen = self._first_seen[seq] = (ts, now)
+            held = now - seen[1]
         else:
             self._first_seen.pop(seq, None)
-        return Entry(seq, tuple(json.loads(doc)), state, float(meta["ts"]), str(meta["writer"]),
-                     held)
+        return Entry(seq, tuple(json.loads(doc)), state, ts, str(meta["writer"]), held)
 
     # -- writers of the same documents, in turn ----------------------------------------------
     def mark(self) -> Mark:
@@ -193,15 +198,26 @@ class ChangeLog:
         return [e for seq, e in sorted(found.items()) if seq < entry.seq
                 and e.writer != self.token and not mine.isdisjoint(e.parents)]
 
-    def wait(self, entries: Sequence[Entry], poll_s: float = 0.02) -> list[Entry]:
-        """Wait until each of `entries` is done or abandoned; returns the abandoned ones."""
+    def wait(self, entries: Sequence[Entry], mine: Entry, poll_s: float = 0.02
+             ) -> list[Entry]:
+        """Wait until each of `entries` is done or abandoned; returns the abandoned ones.
+        Meanwhile `mine` (the waiter's pending entry) is renewed every quarter lease: a
+        waiter is not a dead writer, though its entry stays pending for as long as it waits."""
         seqs = {e.seq for e in entries}
+        renewed = time.monotonic()
         while True:
             left = [e for e in self.pending() if e.seq in seqs]
             if all(e.abandoned for e in left):
                 return left
+            if time.monotonic() - renewed > LEASE_S / 4:
+                self.renew(mine)
+                renewed = time.monotonic()
             time.sleep(poll_s)
-            poll_s = min(poll_s * 2, 0.5)
+            poll_s = min(poll_s * 2, 0.5, LEASE_S / 8)
+
+    def renew(self, entry: Entry) -> None:
+        """Give a pending entry a new timestamp: readers count its lease again."""
+        self._col.update(ids=[_entry_id(entry.seq)], metadatas=[{"ts": time.time()}])
 
     def trim(self, keep: int | None = None) -> None:
         """Delete done entries older than the newest `keep` (default `KEEP`), once the log

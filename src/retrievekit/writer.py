@@ -232,16 +232,15 @@ class Writer:
         with self.lock:
             mark = self._mark()
             changes, unchanged = _diff(new, self._stored(list(new)))
-            stats = WriteStats(sum(len(c.records) for c in changes), unchanged,
-                               sum(len(c.dead) for c in changes))
             if not changes:
-                return stats
+                return WriteStats(0, unchanged, 0)
             by_id: dict[str, np.ndarray] = {}
             self._encode(changes, by_id)
-            for batch in self._batches(changes):
-                self._write_batch(batch, by_id, new, mark)
+            written = [c for batch in self._batches(changes)
+                       for c in self._write_batch(batch, by_id, new, mark)]
             self.follower.catch_up(by_id)  # indexes that keep vectors take them from here
-            return stats
+            return WriteStats(sum(len(c.records) for c in written), unchanged,
+                              sum(len(c.dead) for c in written))
 
     def delete(self, parents: Sequence[str]) -> int:
         """Delete whole documents; returns the records removed."""
@@ -251,11 +250,11 @@ class Writer:
             changes, _ = _diff(gone, self._stored(parents))
             if not changes:  # nothing stored: no entry in the log either
                 return 0
-            for batch in self._batches(changes):
-                self._write_batch(batch, {}, gone, mark)
+            removed = sum(len(c.dead) for batch in self._batches(changes)
+                          for c in self._write_batch(batch, {}, gone, mark))
             self.follower.catch_up()
             self.log.trim()
-            return sum(len(c.dead) for c in changes)
+            return removed
 
     def _mark(self) -> Mark | None:
         """Server mode: what the log says before the documents are read (`_write_batch`
@@ -292,32 +291,42 @@ class Writer:
         return out
 
     def _write_batch(self, batch: list[_Change], vectors: dict[str, np.ndarray],
-                     new: Mapping[str, list[Record]], mark: Mark | None) -> None:
+                     new: Mapping[str, list[Record]], mark: Mark | None) -> list[_Change]:
         """Claim an entry, write the batch (its upsert, then the dead records' delete), mark
-        it done. Server mode: first wait for other writers of these documents that came
-        before (lower seq), and diff again from what Chroma holds when one of them may have
-        changed them since `mark`: else two writers of one document could leave it spliced,
-        one's chunks beside the other's."""
-        entry = self.log.begin([c.parent for c in batch])
-        try:
-            if mark is not None and (before := self.log.overlapping(mark, entry)):
-                abandoned = self.log.wait(before)
-                if abandoned:
-                    self.follower.repair(abandoned)
-                parents = [c.parent for c in batch]
-                batch, _ = _diff({p: new[p] for p in parents}, self._stored(parents))
-                self._encode(batch, vectors)
-            # a document deleted is only deleted; one replaced is written with its dead records
-            groups = [self._group(c, entry.seq, vectors) for c in batch if new[c.parent]]
-            if groups:
-                self.store.write(groups)
-            dead = [rid for c in batch for rid in c.dead]
-            if dead:
-                self.store.delete(dead)
-        except BaseException as exc:
-            self._recover(entry, exc)
-            raise
-        self.log.finish(entry)
+        it done; returns what was written.
+
+        Server mode: first wait for other writers of these documents that came before (lower
+        seq), and diff again from what Chroma holds when one of them may have changed them
+        since `mark`: else two writers of one document could leave it spliced, one's chunks
+        beside the other's. When that diff has records to encode, the entry is given up
+        (nothing written under it) while they are encoded, which can outlast the lease, and
+        the batch is claimed again."""
+        parents = [c.parent for c in batch]
+        while True:
+            entry = self.log.begin(parents)
+            try:
+                if mark is not None and (before := self.log.overlapping(mark, entry)):
+                    abandoned = self.log.wait(before, entry)
+                    if abandoned:
+                        self.follower.repair(abandoned)
+                    mark = self.log.mark()
+                    batch, _ = _diff({p: new[p] for p in parents}, self._stored(parents))
+                    if any(r.id not in vectors for c in batch for r in c.records):
+                        self.log.finish(entry, reannounce=False)
+                        self._encode(batch, vectors)
+                        continue
+                # a document deleted is only deleted; one replaced is written with its dead
+                groups = [self._group(c, entry.seq, vectors) for c in batch if new[c.parent]]
+                if groups:
+                    self.store.write(groups)
+                dead = [rid for c in batch for rid in c.dead]
+                if dead:
+                    self.store.delete(dead)
+            except BaseException as exc:
+                self._recover(entry, exc)
+                raise
+            self.log.finish(entry)
+            return batch
 
     def _recover(self, entry: Any, error: BaseException | None = None) -> None:
         """After a failed batch: each document is old or new in Chroma; make the log and the

@@ -36,9 +36,13 @@ def _pair(server) -> dict:
 
 
 @pytest.fixture
-def clients(chroma_server, embedder):
-    """Clients A and B of one new collection."""
-    kw = _pair(chroma_server)
+def kw(chroma_server) -> dict:
+    return _pair(chroma_server)
+
+
+@pytest.fixture
+def clients(kw, embedder):
+    """Clients A and B of one new collection (`kw`)."""
     a = HybridRetriever(embedder=embedder, **kw)
     b = HybridRetriever(embedder=embedder, **kw)
     yield a, b
@@ -69,6 +73,34 @@ def _b_writes_before_a_claims(a: HybridRetriever, b: HybridRetriever, text: str)
     a._writer.log.begin = b_writes_first
 
 
+class _Writing:
+    """B's write of `text` as "x" in a thread (not started); `began` is set once B has
+    claimed its log entry, `errors` holds what the write raised."""
+
+    def __init__(self, b: HybridRetriever, text: str) -> None:
+        self.began = threading.Event()
+        self.errors: list[BaseException] = []
+        begin = b._writer.log.begin
+
+        def begin_and_tell(parents):
+            entry = begin(parents)
+            self.began.set()
+            return entry
+
+        def write():
+            try:
+                b.add_documents([{"id": "x", "text": text}])
+            except BaseException as exc:  # noqa: BLE001 - reported by join
+                self.errors.append(exc)
+
+        b._writer.log.begin = begin_and_tell
+        self.thread = threading.Thread(target=write)
+
+    def join(self) -> None:
+        self.thread.join(120)
+        assert not self.thread.is_alive() and not self.errors, self.errors
+
+
 def _whole(r: HybridRetriever, text: str) -> None:
     assert r.get(["x"])[0].text == text
     assert _live_ids(r, "x") == _ids_of(r, text)
@@ -88,45 +120,71 @@ def test_a_write_landing_between_anothers_read_and_write_is_not_spliced(clients)
     _whole(b, LONG)
 
 
+def test_records_unchanged_at_first_are_encoded_when_the_other_write_changed_them(clients):
+    """A's new version keeps the old one's first chunks (not encoded: unchanged); B's
+    write overtakes it and changes them. A's second diff needs their vectors: it gives up
+    its entry while it encodes them, claims the batch again and writes its version whole."""
+    a, b = clients
+    a.add_documents([{"id": "x", "text": OLD}])
+    edited = OLD + " One more closing sentence about wombats."
+    _b_writes_before_a_claims(a, b, LONG)
+    a.add_documents([{"id": "x", "text": edited}])
+    _whole(a, edited)
+    b.search("wombats", k=1)
+    _whole(b, edited)
+
+
 def test_a_writer_waits_for_an_earlier_write_of_the_same_document(clients):
     """A has claimed its entry and is writing when B reads the document and claims the next
     entry: B must wait for A's write to end and then read the document again."""
     a, b = clients
     a.add_documents([{"id": "x", "text": OLD}])
-    b_began = threading.Event()
-    b_begin = b._writer.log.begin
-
-    def b_begin_and_tell(parents):
-        entry = b_begin(parents)
-        b_began.set()
-        return entry
-
-    b._writer.log.begin = b_begin_and_tell
-    errors: list[BaseException] = []
-
-    def b_write():
-        try:
-            b.add_documents([{"id": "x", "text": SHORT}])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
+    b_writes = _Writing(b, SHORT)
     write = a._store.write
-    thread = threading.Thread(target=b_write)
 
     def a_write_after_b_began(groups):
         a._store.write = write  # once
-        thread.start()
-        assert b_began.wait(60)
+        b_writes.thread.start()
+        assert b_writes.began.wait(60)
         time.sleep(0.5)  # B, unchecked, would write its stale diff now
         write(groups)
 
     a._store.write = a_write_after_b_began
     a.add_documents([{"id": "x", "text": LONG}])
-    thread.join(120)
-    assert not thread.is_alive() and not errors, errors
+    b_writes.join()
     _whole(b, SHORT)  # B's entry is the later one
     a.search("pangolins", k=1)
     _whole(a, SHORT)
+
+
+def test_a_writer_that_waits_out_a_dead_writer_is_not_taken_for_dead(clients, kw, embedder,
+                                                                    monkeypatch):
+    """A writer waiting a whole lease for a dead writer's entry kept its own entry pending,
+    unchanged, for as long: the next writer of the document took it for dead too, "repaired"
+    it and wrote while it was still writing, and the later entry's version was lost (found
+    by an attack). A waiter now renews its entry."""
+    from retrievekit import changelog
+
+    a, b = clients
+    c = HybridRetriever(embedder=embedder, **kw)
+    try:
+        a.add_documents([{"id": "x", "text": OLD}])
+        a._writer.log.begin(["x"])  # A claims a write of x and dies
+        monkeypatch.setattr(changelog, "LEASE_S", 4.0)
+        b_writes, b_upsert = _Writing(b, SHORT), b._store.write
+
+        def slow_upsert(groups):  # well inside the lease
+            time.sleep(1.5)
+            b_upsert(groups)
+
+        b._store.write = slow_upsert
+        b_writes.thread.start()
+        assert b_writes.began.wait(60)
+        c.add_documents([{"id": "x", "text": LONG}])  # C's entry is the latest
+        b_writes.join()
+        _whole(c, LONG)
+    finally:
+        c.close()
 
 
 def test_a_delete_waits_too(clients):
@@ -135,7 +193,7 @@ def test_a_delete_waits_too(clients):
     a, b = clients
     a.add_documents([{"id": "x", "text": SHORT}])
     _b_writes_before_a_claims(a, b, LONG)
-    a.delete(["x"])
+    assert a.delete(["x"]) == len(_ids_of(a, LONG))  # what it removed, not what it read
     assert _live_ids(a, "x") == set() and a.get(["x"]) == []
     assert a.verify()["ok"]
 
