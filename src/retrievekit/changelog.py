@@ -184,9 +184,10 @@ class ChangeLog:
 
     # -- writers of the same documents, in turn ----------------------------------------------
     def mark(self) -> Mark:
-        """The head, then the writes under way: read before a writer reads what it changes.
-        (In this order: a write claimed after the head was read has a higher seq.)"""
-        head = self.head()
+        """A head, then the writes under way: read before a writer reads what it changes.
+        (In this order: a write claimed after the head was read has a higher seq.) The head
+        this client knows serves: one below the log's only makes `overlapping` read more."""
+        head = self._head or self.head()
         return Mark(head, tuple(self.pending()))
 
     def overlapping(self, mark: Mark, entry: Entry) -> list[Entry]:
