@@ -14,7 +14,9 @@ split):
 4. mark the entry done.
 After each streamed batch the follower applies the log to the derived indexes. A crash
 anywhere leaves a pending entry; the next open (embedded) or a search after the lease
-(server) repairs it.
+(server) repairs it. With a server, writers of the same documents take turns by sequence
+number between steps 1 and 2, and diff again when an earlier one changed them
+(`_write_batch`, changelog.py).
 """
 
 from __future__ import annotations
