@@ -22,16 +22,18 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .embedding import truncate_and_normalize
-from .graph import OVERFETCH, GraphSettings, VectorGraph
-from .persist import MANIFEST, load_array, load_json, read_manifest, write_folder, write_manifest
+from .graph import OVERFETCH, STALE_SHARE, GraphSettings, VectorGraph
+from .persist import (MANIFEST, check_folder, load_array, load_json, read_manifest,
+                      write_folder, write_manifest)
 from .records import Record, parent_of
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
-#: in a base folder, with local_vectors. "-2": built with one thread; a graph.usearch of
-#: before may hold records no search reaches (graph.py), so its base builds the graph again
-GRAPH_FILE = "graph-2.usearch"
+#: 4: every folder holds its files' checksums (persist.py); a format-3 copy is still read
+FORMAT_VERSION = 4
+#: in a base folder, with local_vectors. "-3": old vectors left behind, not removed; the
+#: graphs of before may hold records no search reaches (graph.py), so they are built again
+GRAPH_FILE = "graph-3.usearch"
 #: delta rows a graph may have to replay on open after a clean close (`close`)
 GRAPH_REPLAY = 1000
 #: rows copied at once when all of them are written out or put in a graph
@@ -133,6 +135,8 @@ class FunnelVectors:
             self.graph.remove([rid for rid in dropped if rid not in rows])
             ids = [r.id for r in records]
             self.graph.upsert(ids, self._vectors_of(ids))
+            if self.graph.stale > STALE_SHARE * len(self.graph) + 64:
+                self._build_graph()  # the old vectors left behind (graph.py), dropped
 
     def clear(self) -> None:
         with self._lock:
@@ -253,10 +257,12 @@ class FunnelVectors:
         assert root is not None
         try:
             m = read_manifest(root)
-            if m.get("format") != FORMAT_VERSION or m["dim"] != self.dim:
+            if m.get("format") not in (3, FORMAT_VERSION) or m["dim"] != self.dim:
                 raise ValueError("made with other settings")
             changes: list[tuple[list[str], list[str], np.ndarray]] = []  # base, then deltas
             for n, name in enumerate([m["base"], *m["deltas"]]):
+                if m["format"] == FORMAT_VERSION:  # the graph's own: `_load_graph`
+                    check_folder(root / name, skip=[GRAPH_FILE])
                 ids = load_json(root / name, "ids")
                 vectors = load_array(root / name, "vectors")
                 if vectors.shape != (len(ids), self.dim) or vectors.dtype != np.float32 \
@@ -288,6 +294,7 @@ class FunnelVectors:
         assert self.graph is not None
         try:
             _, base_ids, _ = changes[0]
+            check_folder(base, only=[GRAPH_FILE])  # usearch may crash on altered bytes
             self.graph = VectorGraph.load(base / GRAPH_FILE, self.dim, self.graph.settings,
                                           base_ids)
             for removed, ids, vectors in changes[1:]:
@@ -298,12 +305,18 @@ class FunnelVectors:
             if (base / GRAPH_FILE).exists():
                 logger.warning("the vector graph in %s is unreadable (%s); building it again",
                                base, exc)
-        ids = list(self._rows)
-        self.graph.clear()
-        for part in _slices(ids):
-            self.graph.upsert(part, self._vectors_of(part))
+        self._build_graph()
         self._base = None  # saved with the next base, written now
         self.commit(self.watermark)
+
+    def _build_graph(self) -> None:
+        """The graph built anew from the vectors held, without the old vectors it kept; it
+        takes the old one's place when whole (a search meanwhile uses the old one)."""
+        assert self.graph is not None
+        graph, ids = VectorGraph(self.dim, self.graph.settings), list(self._rows)
+        for part in _slices(ids):
+            graph.upsert(part, self._vectors_of(part))
+        self.graph = graph
 
 
 def _slices(ids: list[str]) -> Iterator[list[str]]:

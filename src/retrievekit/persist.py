@@ -4,10 +4,14 @@ A derived index is a set of immutable folders plus a manifest naming the ones in
 folder is written under a temporary name, synced and renamed into place; only then does the
 manifest, replaced atomically, name it. A crash leaves the old manifest or the new one, each
 naming only complete folders; folders no manifest names are removed after the next swap.
+Each folder holds the BLAKE2b digest of each of its files (`checksums.json`): bytes altered
+in place keep a file's size and shape, and were loaded as they were (vectors that no longer
+match their records; a graph that crashed the process in a search).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +22,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -46,6 +51,7 @@ def write_folder(root: Path, prefix: str, files: Mapping[str, Any]) -> str:
             obj(tmp / fname)
         else:
             write_json(tmp / f"{fname}.json", obj)
+    write_json(tmp / CHECKSUMS, {f.name: digest(f) for f in sorted(tmp.iterdir())})
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -68,6 +74,27 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ValueError("manifest is not an object")
     return manifest
+
+
+def digest(path: Path) -> str:
+    """The BLAKE2b digest of a file (~0.6 GB/s here: ~0.4 s for the 260 MB of vectors and
+    graph of 120k records, at each base written and each open)."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_folder(folder: Path, only: Iterable[str] | None = None,
+                 skip: Iterable[str] = ()) -> None:
+    """ValueError unless each file `checksums.json` names in `folder` (those of `only`, when
+    given, less `skip`) has its digest; OSError when a file or the list is missing."""
+    listed = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+    names = set(listed) if only is None else set(only)
+    for name in sorted(names - set(skip)):
+        if name not in listed or digest(folder / name) != listed[name]:
+            raise ValueError(f"{folder.name}/{name} does not match its checksum")
 
 
 def load_json(folder: Path, name: str) -> Any:

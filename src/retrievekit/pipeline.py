@@ -168,11 +168,17 @@ class HybridRetriever:
 
     def _check_truth(self) -> None:
         """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an
-        embedded store has one writer, so after the catch-up both agree), or a server's
+        embedded store has one writer, so after the catch-up both agree; unless the BM25
+        index holds a record twice, which is its own damage: rebuilt), or a server's
         vector index that does not find its own vectors."""
         if not self.config.store.is_server:
             chroma, bm25 = self._store.count(), len(self._sparse)
-            if chroma < bm25:
+            if chroma < bm25 and len(self._sparse.ids()) < bm25:
+                # one id held twice: the BM25 index is wrong, not Chroma
+                logger.warning("the BM25 index holds %d records, some of them twice; "
+                               "rebuilding it from Chroma (%d records)", bm25, chroma)
+                self._follower.rebuild()
+            elif chroma < bm25:
                 raise StoreError(
                     f"Chroma holds {chroma} records of collection "
                     f"{self.config.store.collection!r} but the BM25 index, which follows it, "

@@ -1,5 +1,7 @@
 """Every file of the derived vector copy (funnel / local_vectors) damaged every way: on open
-it is rebuilt from Chroma, with the same search results; never a wrong answer."""
+it is rebuilt from Chroma, with the same search results; never a wrong answer. Damage that
+keeps a file well formed (negated vectors, ids in another order) was served as it was, for
+good, until each folder held its files' checksums (found by an attack)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def _damage(root, name, how):
         a = np.load(path)
         a[:, 5] = np.nan  # every row: the searched subset meets it
         np.save(path, a)
+    elif how == "negated":  # same size, shape, dtype, finite: served as they were
+        np.save(path, -np.load(path))
+    elif how == "reversed":  # same size, all strings: rows under the wrong ids
+        path.write_text(json.dumps(json.loads(path.read_text())[::-1]))
     elif how == "ints as ids":
         path.write_text(json.dumps(list(range(len(json.loads(path.read_text()))))))
     elif how == "count off":
@@ -53,8 +59,9 @@ def _damage(root, name, how):
 
 
 CASES = [("vectors.npy", h) for h in ("deleted", "empty", "garbage", "truncated",
-                                       "wrong dtype", "wrong shape", "NaN")] + \
-        [("ids.json", h) for h in ("deleted", "empty", "garbage", "truncated", "ints as ids")] + \
+                                       "wrong dtype", "wrong shape", "NaN", "negated")] + \
+        [("ids.json", h) for h in ("deleted", "empty", "garbage", "truncated", "ints as ids",
+                                   "reversed")] + \
         [("manifest", h) for h in ("deleted", "empty", "garbage", "count off",
                                    "watermark null", 'watermark "abc"', "watermark [3]")]
 
