@@ -28,10 +28,12 @@ Conventions (fixed here once, and checked against ranx in the tests):
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -100,9 +102,22 @@ class BeirDataset:
         )
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """A file that is not UTF-8 text (or not gzip, for a `.gz`) as an InvalidInputError
+    naming it."""
+    try:
+        yield
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise InvalidInputError(
+            f"{path} is not readable as UTF-8 text{' in gzip' if path.suffix == '.gz' else ''}"
+            f" ({type(exc).__name__}: {exc}); BEIR files are UTF-8 JSON lines and TSV"
+        ) from exc
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+    with _readable(path), opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -118,6 +133,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     f"{path}:{lineno} has no '_id' field; BEIR records look like "
                     '{"_id": "...", "title": "...", "text": "..."}'
                 )
+            rid = record["_id"]
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+                raise InvalidInputError(
+                    f"{path}:{lineno} has '_id' {rid!r}; an id is a non-empty string (or int)")
+            for key in ("title", "text"):
+                if record.get(key) is not None and not isinstance(record[key], str):
+                    raise InvalidInputError(
+                        f"{path}:{lineno} has a {key!r} of type {type(record[key]).__name__}"
+                        f"; it must be a string")
             yield lineno, record
 
 
@@ -164,7 +188,10 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     qrels = _read_qrels(qrels_path)
 
     all_queries: dict[str, str] = {}
-    for _, rec in _read_jsonl(queries_path):
+    for lineno, rec in _read_jsonl(queries_path):
+        if str(rec["_id"]) in all_queries:
+            raise InvalidInputError(f"{queries_path}:{lineno} repeats query id "
+                                    f"{str(rec['_id'])!r}; ids must be unique")
         all_queries[str(rec["_id"])] = str(rec.get("text") or "")
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:
@@ -196,9 +223,13 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     return BeirDataset(name=root.name, corpus=corpus, queries=queries, qrels=qrels, split=split)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # not int()'s: it reads "1_0" as 10
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as fh:
+    with _readable(path), open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -210,14 +241,12 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
                     "(query-id, corpus-id, score)"
                 )
             qid, doc_id, raw = (c.strip() for c in cols)
-            try:
-                grade = int(raw)
-            except ValueError:
-                if lineno == 1:  # the header line: query-id corpus-id score
+            if not _INTEGER.fullmatch(raw):
+                if lineno == 1 and not _NUMBER.fullmatch(raw):  # query-id corpus-id score
                     continue
                 raise InvalidInputError(
-                    f"{path}:{lineno} has score {raw!r}; scores must be integers"
-                ) from None
+                    f"{path}:{lineno} has score {raw!r}; scores must be integers")
+            grade = int(raw)
             if grade > 0:
                 qrels.setdefault(qid, {})[doc_id] = grade
     if not qrels:

@@ -27,6 +27,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from . import validate
 from .errors import InvalidInputError, RetrieveKitError
 from .records import check_document_id
 from .store import clean_metadata
@@ -436,7 +437,9 @@ def _jsonl(file: Path, root: Path, text: str, base: dict[str, Any], options: Loa
                  f"{clash[0]} there ({', '.join(OWN_KEYS)}); rename it")
             continue
         meta = {k: v for k, v in obj.items() if k not in (field_name, "id")}
-        try:
+        try:  # what add_documents would refuse, refused here for this line alone
+            validate.readable(f"field {field_name!r}", body, "", error=InvalidInputError)
+            validate.utf8("'id'", doc_id, error=InvalidInputError)
             check_document_id(doc_id, "'id'")
             meta = clean_metadata(meta, f"line {n}")
         except RetrieveKitError as exc:

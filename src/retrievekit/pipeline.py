@@ -346,13 +346,14 @@ class HybridRetriever:
                 seen.setdefault(r.parent)
         return list(seen)
 
-    def stored_vectors(self, ids: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    @_guarded("read stored vectors")
+    def stored_vectors(self, ids: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         """(document id, vector) for each stored record of these documents: one per chunk;
         with a funnel, the short vectors Chroma holds."""
         got = self._store.of_parents(_id_list(ids), include=["embeddings", "metadatas"])
-        for vec, meta in zip(got["embeddings"], got["metadatas"]):
-            if from_chroma([""], [None], [meta]):
-                yield str(meta[PARENT_KEY]), np.asarray(vec, dtype=np.float32)
+        return [(str(meta[PARENT_KEY]), np.asarray(vec, dtype=np.float32))
+                for vec, meta in zip(got["embeddings"], got["metadatas"])
+                if from_chroma([""], [None], [meta])]
 
     @_guarded("search")
     def search(self, query: str, k: int = 10, *, where: Mapping[str, Any] | None = None,
@@ -400,6 +401,8 @@ class HybridRetriever:
         """
         from .fusion import score_ceiling
 
+        if not isinstance(hit, Hit):
+            v.fail("hit", "a Hit returned by search", hit, error=InvalidInputError)
         if "rerank" in hit.scores and self._reranker is not None:
             s = hit.scores["rerank"]
             return float(s if self._reranker.config.sigmoid else 1 / (1 + np.exp(-s)))
@@ -427,8 +430,9 @@ class HybridRetriever:
         from .funnel import short_vectors
 
         for name, value in (("k", k), ("fetch_k", fetch_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+            v.integer(name, value, error=InvalidInputError)
+        v.number("lambda_mult", lambda_mult, 0, 1, error=InvalidInputError,
+                 fix="1 picks by relevance alone, 0 by diversity alone")
         vec = self.embedder.embed_query(query) if isinstance(query, str) and query.strip() \
             else None
         hits = self.search(query, max(fetch_k, k), where=where, mode=mode, rerank=False,
@@ -444,9 +448,12 @@ class HybridRetriever:
             vec = short_vectors(vec, self.config.funnel_dim)[0]
         return [hits[keep[j]] for j in mmr(vec, vectors, k, lambda_mult)]
 
+    @_guarded("search")
     def sparse_candidates(self, query: str, n: int) -> list[tuple[str, float]]:
         """The BM25 side alone: up to `n` (record id, score), best first."""
-        return self._sparse.search(query, n) if self._sparse is not None else []
+        v.readable("query", query, "pass the text to search for")
+        v.integer("n", n, error=InvalidInputError)
+        return self._sparse.search(query, n)
 
     async def asearch(self, query: str, k: int = 10, **kwargs: Any) -> list[Hit]:
         """`search` run in a worker thread, so the event loop is not blocked."""

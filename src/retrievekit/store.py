@@ -154,10 +154,10 @@ def clean_metadata(metadata: Mapping[str, Any] | None, where: str) -> dict[str, 
     out: dict[str, Any] = {}
     for key, value in metadata.items():
         v.text(f"{where}.metadata keys", key, empty=False, error=InvalidInputError)
-        if key.startswith(RESERVED_PREFIX) or key.startswith("$") or key.startswith("chroma:"):
+        if key.startswith((RESERVED_PREFIX, "$", "#", "chroma:")):
             raise InvalidInputError(
                 f"{where}.metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, "
-                "'$' and 'chroma:' belong to retrievekit and Chroma); rename it")
+                "'$', '#' and 'chroma:' belong to retrievekit and Chroma); rename it")
         name = f"{where}.metadata[{key!r}]"
         if value is None:
             continue

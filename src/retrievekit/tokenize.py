@@ -49,14 +49,15 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         # TOML has no null: false (or an empty list / string) switches a step off
-        if self.stopwords is False or self.stopwords == [] or self.stopwords == "":
+        if self.stopwords is False or (isinstance(self.stopwords, (list, tuple, str))
+                                       and not self.stopwords):
             object.__setattr__(self, "stopwords", None)
         if self.stemmer is False or self.stemmer == "":
             object.__setattr__(self, "stemmer", None)
         if isinstance(self.stopwords, list):
             object.__setattr__(self, "stopwords", tuple(self.stopwords))
         sw = self.stopwords
-        if sw is not None and sw != "en" and not (
+        if sw is not None and not (isinstance(sw, str) and sw == "en") and not (
                 isinstance(sw, tuple) and all(isinstance(w, str) and w for w in sw)):
             v.fail("tokenizer.stopwords", "None, 'en' or a list of words", sw,
                    "false switches them off")

@@ -33,7 +33,7 @@ import numpy as np
 from .changelog import ChangeLog, Mark
 from .chunking import ChunkConfig, split_offsets, split_text
 from .embedding import Embedder
-from .errors import InvalidInputError, StoreFullError
+from .errors import ConfigError, InvalidInputError, StoreFullError
 from .funnel import short_vectors
 from .records import (END_KEY, HASH_KEY, SEQ_KEY, START_KEY, Record, dead_metadata, is_live,
                       make_records)
@@ -60,12 +60,21 @@ _LONG_ADD = 256
 
 def chunk_window(embedder: Embedder, chunking: ChunkConfig) -> tuple[int, int]:
     """(window, overlap) in model tokens: chunking.max_tokens, else the model's length less
-    special tokens and the document prefix; the overlap at most half the window."""
-    window = chunking.max_tokens
-    if window is None:
-        tok = embedder.tokenizer
-        prefix = len(tok(embedder.prefixes.document, add_special_tokens=False)["input_ids"])
-        window = embedder.max_seq_length - 2 - prefix
+    special tokens and the document prefix; the overlap at most half the window.
+
+    Raises:
+        ConfigError: chunking.max_tokens past what the model reads (the rest of each such
+            chunk would be cut off unseen)."""
+    tok = embedder.tokenizer
+    prefix = len(tok(embedder.prefixes.document, add_special_tokens=False)["input_ids"])
+    reads = embedder.max_seq_length - 2 - prefix
+    window = reads if chunking.max_tokens is None else chunking.max_tokens
+    if window > reads:
+        raise ConfigError(
+            f"chunking.max_tokens must be at most {reads} for this model, got {window}: it "
+            f"reads {embedder.max_seq_length} tokens of a passage (less 2 special tokens "
+            "and the document prefix), and would cut the rest of each chunk off unseen; "
+            "leave it unset to use the model's window")
     return window, min(chunking.overlap_tokens, window // 2)
 
 

@@ -217,6 +217,9 @@ BAD_DOCS = {
     "chroma-key": (Document("t", id="n", metadata={"chroma:document": "x"}),
                    ["'chroma:document'", "reserved prefix"]),
     "dollar-key": (Document("t", id="n", metadata={"$and": "x"}), ["'$and'", "reserved"]),
+    # Chroma refuses '#' keys in its write: a StoreError saying to restore from a backup,
+    # after earlier batches of the same add were written (found by an attack)
+    "hash-key": (Document("t", id="n", metadata={"#src": "x"}), ["'#src'", "reserved"]),
     "chunk-like-id": (Document("t", id="a#chunk1"), ["documents[1].id", "chunk id"]),
     "non-str-key": (Document("t", id="n", metadata={1: "x"}), ["metadata keys"]),
     "metadata-not-dict": (Document("t", id="n", metadata=["a"]), ["metadata must be a dict"]),
@@ -241,6 +244,36 @@ def test_bad_document_refuses_the_whole_batch(shared, name):
     bad, words = BAD_DOCS[name]
     # the valid first document is not written either: the batch is validated up front
     refused(lambda r: r.add_documents([GOOD, bad]), shared, words=words)
+
+
+def test_a_hash_key_in_a_later_batch_refuses_the_batches_before_it_too(shared):
+    refused(lambda r: r.add_documents([GOOD, Document("t", id="n", metadata={"#x": 1})],
+                                      batch_records=1), shared, words=["'#x'", "reserved"])
+
+
+def test_other_public_calls_check_their_arguments(shared):
+    """Found by an attack: bare TypeError / AttributeError from inside, or quiet [] / a
+    bool taken for a number."""
+    for bad in ("0.5", None, True, 1.5, math.nan):
+        refused(lambda r: r.search_mmr("cats", lambda_mult=bad), shared,
+                words=["lambda_mult must be"])
+    for query, n, words in (("cats", 2.5, "n must be an int"), ("cats", 0, "n must be"),
+                            ("cats", True, "n must be"), (None, 3, "query must be")):
+        refused(lambda r: r.sparse_candidates(query, n), shared, words=[words])
+    for hit in (None, "x"):
+        refused(lambda r: r.relevance(hit), shared, words=["hit must be a Hit"])
+
+
+def test_max_tokens_past_the_models_window_is_refused(tmp_path, embedder):
+    """chunking.max_tokens above what the model reads was taken: each chunk was cut at 256
+    tokens unseen, and a text past them could not be found by its end."""
+    for chunking in ({"max_tokens": 100_000}, {"enabled": False, "max_tokens": 100_000}):
+        with HybridRetriever({"store": {"path": str(tmp_path / str(len(chunking)))},
+                              "chunking": chunking}, embedder=embedder) as r:
+            with pytest.raises(ConfigError, match=r"chunking.max_tokens must be at most "
+                                                  r"\d+ for this model, got 100000"):
+                r.add_documents([Document(LONG, id="long")])
+            assert r.count() == 0
 
 
 def test_duplicate_ids_with_different_content(shared):
@@ -499,7 +532,8 @@ def test_calls_after_close_are_refused(tmp_path, tiny_embedder):
     r.add_documents([{"text": "a river stone", "id": "a"}])
     r.close()
     for call in (lambda: r.search("river"), lambda: r.add_documents(["more"]),
-                 lambda: r.delete(["a"]), lambda: r.verify(), lambda: r.count()):
+                 lambda: r.delete(["a"]), lambda: r.verify(), lambda: r.count(),
+                 lambda: r.sparse_candidates("river", 3), lambda: r.stored_vectors(["a"])):
         with pytest.raises(StoreError, match="this retriever is closed"):
             call()
     r.close()  # closing twice is fine

@@ -64,3 +64,15 @@ def test_auth_token_never_serialized():
     assert "s3cret" not in repr(cfg.store)
     assert cfg.to_dict()["store"]["auth_token"] is None
     assert cfg.replace(mode="dense").store.auth_token == "s3cret"
+
+
+def test_stopwords_of_another_type_are_a_config_error():
+    """A numpy array of words raised numpy's "truth value of an array is ambiguous"."""
+    import numpy as np
+
+    from retrievekit.errors import ConfigError
+    from retrievekit.tokenize import TokenizerConfig
+
+    for bad in (np.array(["the", "a"]), np.array([]), {"the"}, 3):
+        with pytest.raises(ConfigError, match="tokenizer.stopwords must be"):
+            TokenizerConfig(stopwords=bad)

@@ -306,6 +306,39 @@ def test_load_beir_bad_inputs(tmp_path: Path) -> None:
         load_beir(root)
 
 
+def test_load_beir_refuses_what_it_read_wrongly(tmp_path: Path) -> None:
+    """Found by an attack: a first judgment with a score like 1.0 was taken for the header
+    and dropped, "1_0" read as 10, a repeated query id replaced the first, a list as text
+    became "['a', 'b']", a null id the id "None", and a file not in UTF-8 (or a .gz not in
+    gzip) raised a bare UnicodeDecodeError (BadGzipFile)."""
+    root = _write_beir(tmp_path / "tiny")
+    qrels = root / "qrels" / "test.tsv"
+    for text, match in (("q1\td1\t1.0\nq1\td2\t1\n", ":1 has score '1.0'"),
+                        ("q1\td1\t1\nq1\td2\t1_0\n", ":2 has score '1_0'"),
+                        ("q1\td1\t1e2\n", ":1 has score '1e2'")):
+        qrels.write_text(text)
+        with pytest.raises(InvalidInputError, match=match):
+            load_beir(root)
+    qrels.write_bytes(b"q1\td1\t1\nq\xe9\td2\t1\n")
+    with pytest.raises(InvalidInputError, match="not readable as UTF-8"):
+        load_beir(root)
+    qrels.write_text(QRELS_TSV)
+    queries = root / "queries.jsonl"
+    for lines, match in (([{"_id": "q1", "text": "a"}, {"_id": "q1", "text": "b"}],
+                          "repeats query id 'q1'"),
+                         ([{"_id": "q1", "text": ["a", "b"]}], "'text' of type list"),
+                         ([{"_id": None, "text": "a"}], "'_id' None"),
+                         ([{"_id": True, "text": "a"}], "'_id' True")):
+        queries.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(InvalidInputError, match=match):
+            load_beir(root)
+    queries.write_text("".join(json.dumps(r) + "\n" for r in QUERIES))
+    (root / "corpus.jsonl").unlink()
+    (root / "corpus.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(InvalidInputError, match="not readable as UTF-8 text in gzip"):
+        load_beir(root)
+
+
 @pytest.mark.parametrize(
     ("name", "docs", "queries"),
     [("cranfield", 1400, 225), ("nfcorpus", 3633, 323)],

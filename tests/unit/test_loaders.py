@@ -176,6 +176,25 @@ def test_jsonl_records_fields_ids_and_bad_lines(kb):
     assert skips[8].kind == "duplicate"
 
 
+def test_jsonl_lines_add_documents_would_refuse_are_skipped_alone(kb):
+    """A line whose text is only zero-width characters or holds a lone surrogate (a JSON
+    escape), or whose id does, stopped the whole index run when it was written ("documents[2]
+    .text must be valid Unicode"), naming no file or line (found by an attack)."""
+    lines = [json.dumps({"text": "Fine.", "id": "a"}),
+             json.dumps({"text": "\u200b\u200b", "id": "zw"}),
+             '{"text": "Magma \\ud800 rises.", "id": "s"}',
+             '{"text": "Good text.", "id": "\\ud800"}',
+             json.dumps({"text": "Also fine.", "id": "b", "#tag": "x"}),
+             json.dumps({"text": "Last.", "id": "c"})]
+    (kb / "odd.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = load([str(kb / "odd.jsonl")])
+    assert set(by_id(res)) == {"a", "c"}
+    skips = {s.line: s.reason for s in res.skipped}
+    assert sorted(skips) == [2, 3, 4, 5]
+    assert "readable text" in skips[2] and "lone surrogate" in skips[3]
+    assert "'id'" in skips[4] and "'#tag'" in skips[5]
+
+
 def test_jsonl_with_another_text_field(kb):
     (kb / "b.jsonl").write_text(json.dumps({"body": "Tea leaves.", "title": "T"}) + "\n",
                                 encoding="utf-8")
