@@ -16,8 +16,8 @@ usearch's removal reuses the freed slots and leaves other records that no search
 dropped when `FunnelVectors` builds the graph again, once they pass a quarter of the
 records (`STALE_SHARE`).
 
-Why usearch: a maintained HNSW library with removal, concurrent search and a documented
-file format, with wheels; hnswlib (Chroma's own before 1.0) ships only a source package
+Why usearch: a maintained HNSW library with several vectors a key, concurrent search and a
+documented file format, with wheels; hnswlib (Chroma's own before 1.0) ships only a source package
 that needs a C++ build.
 """
 

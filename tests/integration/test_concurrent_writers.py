@@ -29,15 +29,11 @@ LONG = " ".join(f"Line {i} of the long version is about quokkas on Rottnest isla
 SHORT = "The short version: pangolins have scales."
 
 
-def _pair(server) -> dict:
-    """Keyword arguments of two clients of one new collection."""
-    return {"host": server.host, "port": server.port,
-            "collection": f"rk-{uuid.uuid4().hex[:12]}", "config": CONFIG}
-
-
 @pytest.fixture
 def kw(chroma_server) -> dict:
-    return _pair(chroma_server)
+    """Keyword arguments of clients of one new collection."""
+    return {"host": chroma_server.host, "port": chroma_server.port,
+            "collection": f"rk-{uuid.uuid4().hex[:12]}", "config": CONFIG}
 
 
 @pytest.fixture
@@ -199,14 +195,13 @@ def test_a_delete_waits_too(clients):
 
 
 def test_a_first_rebuild_misses_no_record_when_another_client_deletes_during_it(
-        chroma_server, embedder, corpus_docs, monkeypatch):
+        kw, embedder, corpus_docs, monkeypatch):
     """A client's first BM25 index is a scan of Chroma by pages of offsets: a delete by
     another client during the scan shifted records past a page boundary, unread, and they
     stayed out of the index until the client restarted."""
     from retrievekit.records import parent_of
     from retrievekit.store import ChromaStore
 
-    kw = _pair(chroma_server)
     a = HybridRetriever(embedder=embedder, **kw)
     a.add_documents(corpus_docs)
     scan = ChromaStore.iter_records
