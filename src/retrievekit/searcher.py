@@ -258,17 +258,28 @@ def _top_after_penalty(ids: list[str], sims: np.ndarray, n: int, penalty: float
     chunk loses `penalty`), best raw cosine first: a first chunk just past the raw n-th can
     pass a later chunk inside it. Reads the raw order until the next cosine cannot reach the
     n-th penalized score."""
-    order = np.argsort(-sims, kind="stable")
-    if not penalty or len(order) <= n:
-        return order[:n]
+    if not penalty or len(sims) <= n:
+        return _raw_top(sims, n)
     m = n
     while True:
+        order = _raw_top(sims, m + 1)
         head = order[:m]
         scored = sims[head] - penalty * np.fromiter(
             (chunk_position(ids[i]) > 0 for i in head), dtype=bool, count=len(head))
-        if m >= len(order) or sims[order[m]] < np.partition(scored, -n)[-n]:
+        if m >= len(sims) or sims[order[m]] < np.partition(scored, -n)[-n]:
             return head[np.sort(np.argsort(-scored, kind="stable")[:n])]
         m *= 2
+
+
+def _raw_top(sims: np.ndarray, m: int) -> np.ndarray:
+    """The positions of the `m` largest of `sims`, largest first and ties by position: the
+    first `m` of a stable argsort of `-sims`, without sorting the rest (a subset scan sorts
+    16k cosines for 100 candidates). NaN sorts last, as in the argsort."""
+    if m >= len(sims) or not np.isfinite(sims).all():
+        return np.argsort(-sims, kind="stable")[:m]
+    cut = np.partition(sims, len(sims) - m)[len(sims) - m]  # the m-th largest
+    head = np.flatnonzero(sims >= cut)  # every tie at the cut, in position order
+    return head[np.argsort(-sims[head], kind="stable")[:m]]
 
 
 def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str]]

@@ -236,3 +236,22 @@ def test_the_exact_plan_keeps_the_n_best_after_the_chunk_penalty():
         everything = _prefer_first_chunks([(ids[i], float(sims[i])) for i in raw], penalty)
         want = {rid for rid, _ in everything[:n]}
         assert {ids[i] for i in got} == want, trial
+
+
+def test_the_partial_sort_is_the_head_of_a_stable_argsort():
+    """The exact scan takes its head by partition instead of sorting every cosine; ties at
+    the cut (kept in position order) and NaN (last) must come out as the full sort has them."""
+    import numpy as np
+
+    from retrievekit.searcher import _raw_top
+
+    rng = np.random.default_rng(3)
+    for trial in range(2000):
+        count = int(rng.integers(1, 200))
+        m = int(rng.integers(1, count + 5))
+        sims = (rng.choice(np.linspace(0, 1, int(rng.integers(1, 12))), count) if trial % 2
+                else rng.normal(size=count)).astype(np.float32)
+        if trial % 5 == 0:
+            sims[rng.integers(0, count)] = np.nan
+        want = np.argsort(-sims, kind="stable")[:m]
+        assert list(_raw_top(sims, m)) == list(want), trial
