@@ -60,7 +60,7 @@ def _stages(r, texts, vectors) -> dict[str, float]:
 
     lists = {t: {"dense": engine.vectors.nearest(v, n), "sparse": engine.sparse.search(t, n)}
              for t, v in qs}
-    ranked = {t: engine.ranked(Request(t, v, "hybrid", n, None))[0] for t, v in qs}
+    ranked = {t: engine.ranked(Request(t, v, "hybrid", n, None)) for t, v in qs}
     return {
         "graph candidates": med(lambda t, v: engine.vectors.graph.nearest(v, n)),
         "graph candidates + exact rescoring": med(lambda t, v: engine.vectors.nearest(v, n)),

@@ -8,10 +8,12 @@ and delegates: writes to `Writer` (writer.py), the catch-up of derived indexes t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import hashlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -26,7 +28,8 @@ from .filters import validate_where
 from .funnel import FunnelVectors
 from .graph import GraphSettings
 from .hnsw_repair import repair_if_damaged
-from .records import PARENT_KEY, SEQ_KEY, check_document_id, from_chroma, reassemble
+from .records import (DEAD_KEY, PARENT_KEY, SEQ_KEY, check_document_id, from_chroma,
+                      parent_of, reassemble)
 from .rerank import RerankConfig, Reranker
 from .searcher import FusionSettings, LocalEngine, Searcher
 from .settings import config_from_settings, reconcile
@@ -42,17 +45,50 @@ logger = logging.getLogger(__name__)
 def _guarded(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Public calls turn a failure of Chroma (its change-log calls included) into a
     StoreError saying what failed (see `store.chroma_errors`), and are refused once the
-    retriever is closed."""
+    retriever is closed or closing (`close` waits for those under way)."""
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def guarded(self: "HybridRetriever", *args: Any, **kwargs: Any) -> Any:
-            if self._store.client is None:
-                raise StoreError(f"cannot {what}: this retriever is closed; open a new "
-                                 "HybridRetriever on the store to go on")
-            with chroma_errors(self.config.store, what):
-                return method(self, *args, **kwargs)
+            with self._calls.entered(what):
+                with chroma_errors(self.config.store, what):
+                    return method(self, *args, **kwargs)
         return guarded
     return wrap
+
+
+class _Calls:
+    """The public calls under way, so that `close` releases nothing they are using: it
+    refuses new calls, then waits for those under way in other threads (a call of this
+    thread that closes, such as a callback, is not waited for)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Condition()
+        self._count = 0
+        self._mine = threading.local()
+        self.closed = False
+
+    @contextlib.contextmanager
+    def entered(self, what: str) -> Iterator[None]:
+        with self._done:
+            if self.closed:
+                raise StoreError(f"cannot {what}: this retriever is closed; open a new "
+                                 "HybridRetriever on the store to go on")
+            self._count += 1
+        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._mine.depth -= 1
+            with self._done:
+                self._count -= 1
+                self._done.notify_all()
+
+    def close(self) -> None:
+        """Refuse new calls; wait for the other threads' calls under way."""
+        with self._done:
+            self.closed = True
+            own = getattr(self._mine, "depth", 0)
+            self._done.wait_for(lambda: self._count <= own)
 
 
 class HybridRetriever:
@@ -103,6 +139,7 @@ class HybridRetriever:
                 changes["embedder"] = emb_changes
             cfg = cfg.replace(**changes)
         self.config = cfg
+        self._calls = _Calls()
         self._owned_cache = None
         #: what the last add_documents did: records written, unchanged (skipped), removed
         self.last_add_stats: dict[str, int] = {"written": 0, "unchanged": 0, "removed": 0}
@@ -357,11 +394,12 @@ class HybridRetriever:
     def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
         """Ids of the stored documents (matching a Chroma `where` filter when given)."""
         validate_where(where)
-        seen: dict[str, None] = {}
-        for batch in self._store.iter_records(include=["metadatas"], where=where):
-            for r in from_chroma(batch["ids"], [None] * len(batch["ids"]), batch["metadatas"]):
-                seen.setdefault(r.parent)
-        return list(seen)
+        live = {DEAD_KEY: {"$ne": True}}  # a replaced document's dead records lack its keys
+        # one read of ids only (no page limit): pages by offset skip records when a delete
+        # meanwhile shifts them
+        ids = self._store.get(where={"$and": [dict(where), live]} if where else live,
+                              include=[])["ids"]
+        return list(dict.fromkeys(parent_of(rid) for rid in ids))
 
     @_guarded("read stored vectors")
     def stored_vectors(self, ids: Sequence[str]) -> list[tuple[str, np.ndarray]]:
@@ -527,7 +565,9 @@ class HybridRetriever:
                 "store": self.config.store.to_dict(), "settings": self._store.read_settings()}
 
     def close(self) -> None:
-        """Release the store (and its directory lock)."""
+        """Release the store (and its directory lock), once the calls under way in other
+        threads have returned; later calls raise StoreError."""
+        self._calls.close()
         sparse, self._sparse = self._sparse, None
         if sparse is not None:
             sparse.close()

@@ -52,13 +52,26 @@ class Request:
                        n_sparse=None if self.n_sparse is None else min(total, 2 * self.n_sparse))
 
 
-class Engine(Protocol):
-    def ranked(self, request: Request) -> tuple[list[Fused], bool]:
-        """Fused candidates, best first, and whether any side returned a full list of
-        `request.n` (so that more may exist)."""
+Contents = Callable[[list[str]], dict[str, tuple[str, Mapping[str, Any]]]]
 
-    def records(self, ids: list[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
-        """Text and metadata of the live records among `ids` (the hits' contents)."""
+
+@dataclass(frozen=True)
+class Ranking:
+    """An engine's answer to one request."""
+
+    #: fused candidates, best first
+    fused: list[Fused]
+    #: whether any side returned a full list of `request.n` (so that more may exist)
+    full: bool
+    #: text and metadata of the live records among some ids that pass the request's filter,
+    #: read from the state the candidates came from (the hits' contents): a write since
+    #: then cannot show a hit in a version outside the filter
+    contents: Contents
+
+
+class Engine(Protocol):
+    def ranked(self, request: Request) -> Ranking:
+        """The fused candidates of a request, and how to read their contents."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ class LocalEngine:
         self.vectors = vectors  # full vectors by record id (funnel or local_vectors), or None
         self.settings = settings
 
-    def ranked(self, request: Request) -> tuple[list[Fused], bool]:
+    def ranked(self, request: Request) -> Ranking:
         lists: dict[str, list[tuple[str, float]]] = {}
         stage1: dict[str, tuple[int, float]] = {}
         where = request.where
@@ -117,15 +130,24 @@ class LocalEngine:
         for f in fused:
             if f.id in stage1:  # the funnel's first stage (empty otherwise)
                 f.ranks["funnel"], f.scores["funnel"] = stage1[f.id]
-        return fused, full
+        return Ranking(fused, full, lambda ids: self._contents(sparse, ids, where, matching))
 
-    def records(self, ids: list[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
-        """From the BM25 index's stored copy; from Chroma for records it does not hold (a
-        dense candidate written by another client since this one last caught up)."""
-        found: dict[str, tuple[str, Mapping[str, Any]]] = dict(self.sparse.records(ids))
+    def _contents(self, sparse: Snapshot, ids: list[str], where: Mapping[str, Any] | None,
+                  matching: Filter | None) -> dict[str, tuple[str, Mapping[str, Any]]]:
+        """From the stored copy in the search's own snapshot of the BM25 index, where it
+        passes the filter there; else from Chroma, where it passes the filter now (a dense
+        candidate Chroma found in a version the snapshot does not hold: written since, or
+        by another client since this one caught up; all hits of a filter only Chroma
+        evaluates)."""
+        found: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        if where is None or matching is not None:
+            found = sparse.records(ids)
+            if matching is not None and found:
+                passed = sparse.keep(list(found), matching)
+                found = {rid: rec for rid, rec in found.items() if rid in passed}
         missing = [rid for rid in ids if rid not in found]
         if missing:
-            got = self.store.get(ids=missing, include=["documents", "metadatas"])
+            got = self.store.get(ids=missing, where=where, include=["documents", "metadatas"])
             found.update((rid, (t, m or {})) for rid, t, m in
                          zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m))
         return found
@@ -392,22 +414,23 @@ class Searcher:
                           None if sparse_candidates is None
                           else min(sparse_candidates, total()))
         while True:
-            fused, full = self.engine.ranked(request)
-            hits = self._hits(fused, want)
+            ranking = self.engine.ranked(request)
+            hits = self._hits(ranking, want)
             # chunks of one document collapse into one hit: when that leaves fewer than
             # asked for, widen the candidate lists rather than return a short page
-            if len(hits) >= want or request.n >= total() or not full:
+            if len(hits) >= want or request.n >= total() or not ranking.full:
                 break
             request = request.widened(total())
         if reranker is not None:
             hits = reranker.rerank(query, hits[:reranker.config.candidates])
         return hits[:k]
 
-    def _hits(self, fused: list[Fused], limit: int) -> list[Hit]:
-        """Hits for the best `limit` entries; texts are read (`Engine.records`) only for
+    def _hits(self, ranking: Ranking, limit: int) -> list[Hit]:
+        """Hits for the best `limit` entries; texts are read (`Ranking.contents`) only for
         entries that can still make the cut, a page at a time: first as many as are missing
         (fused by document, entries are distinct documents), then twice that (collapsing
         chunks and skipping dead records drop entries)."""
+        fused = ranking.fused
         hits: list[Hit] = []
         seen: set[str] = set()
         pos = 0
@@ -415,7 +438,7 @@ class Searcher:
             need = limit - len(hits)
             page = fused[pos:pos + (need if pos == 0 else max(2 * need, 10))]
             pos += len(page)
-            texts = self.engine.records([f.id for f in page])
+            texts = ranking.contents([f.id for f in page])
             for f in page:
                 if f.id not in texts:  # deleted, or dead, since the candidates were found
                     continue

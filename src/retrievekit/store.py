@@ -16,6 +16,7 @@ import shutil
 import traceback
 import uuid
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from . import validate as v
 from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
                      StoreFullError, StoreLockedError)
-from .records import PARENT_KEY, RESERVED_PREFIX
+from .records import PARENT_KEY, RESERVED_PREFIX, parent_of
 
 logger = logging.getLogger(__name__)
 
@@ -592,18 +593,24 @@ class ChromaStore:
     def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
                                                                            "metadatas")
                    ) -> dict[str, list]:
-        """Every record (dead ones too) of these documents: their ids by one `get` per 1,000
-        documents, then what `include` asks for by pages of `READ_PAGE` ids (1,000
-        documents of 40 chunks are more than one `get` can read)."""
+        """Every record (dead ones too) of these documents. Each document is read whole in
+        one `get` by its parent key, so it comes back in one version, old or new (a write
+        replaces a document in one upsert): listing its ids first and reading them after
+        could meet a write in between and return a new version cut to the old one's
+        chunks. Documents go by 1,000 and, when `include` asks for more than ids, in
+        groups of at most `READ_PAGE` records, counted first (one `get` cannot read more
+        than ~32k records with their metadata)."""
         out: dict[str, list] = {"ids": [], **{k: [] for k in include}}
         parents = list(dict.fromkeys(parents))
         for s in range(0, len(parents), 1000):
-            ids = self.get(where={PARENT_KEY: {"$in": parents[s:s + 1000]}}, include=[])["ids"]
+            group = parents[s:s + 1000]
+            ids = self.get(where={PARENT_KEY: {"$in": group}}, include=[])["ids"]
             if not include:
                 out["ids"].extend(ids)
                 continue
-            for p in range(0, len(ids), READ_PAGE):
-                got = self.get(ids=ids[p:p + READ_PAGE], include=include)
+            sizes = Counter(parent_of(rid) for rid in ids)
+            for part in _parts([p for p in group if p in sizes], sizes, READ_PAGE):
+                got = self.get(where={PARENT_KEY: {"$in": part}}, include=include)
                 for key in out:
                     out[key].extend(got[key])
         return out
@@ -694,3 +701,18 @@ class ChromaStore:
                 where=dict(where) if where else None, include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
+
+
+def _parts(parents: list[str], sizes: Mapping[str, int], limit: int) -> Iterator[list[str]]:
+    """`parents` in consecutive groups of at most `limit` records (`sizes`: records per
+    document), a document never split."""
+    part: list[str] = []
+    total = 0
+    for p in parents:
+        if part and total + sizes[p] > limit:
+            yield part
+            part, total = [], 0
+        part.append(p)
+        total += sizes[p]
+    if part:
+        yield part

@@ -60,10 +60,10 @@ def test_the_records_of_documents_with_many_chunks_are_all_read():
     n = 34_000
     for start in range(0, n, 5000):
         rows = range(start, min(n, start + 5000))
-        store.collection.add(ids=[f"r{i}" for i in rows], embeddings=[[1.0, 0.0]] * len(rows),
+        store.collection.add(ids=[f"p{i % 850}#chunk{i // 850}" for i in rows], embeddings=[[1.0, 0.0]] * len(rows),
                              metadatas=[{"_rk_parent": f"p{i % 850}"} for i in rows])
     got = store.of_parents([f"p{i}" for i in range(850)], include=["metadatas"])
-    assert sorted(got["ids"]) == sorted(f"r{i}" for i in range(n))
+    assert sorted(got["ids"]) == sorted(f"p{i % 850}#chunk{i // 850}" for i in range(n))
     assert {m["_rk_parent"] for m in got["metadatas"]} == {f"p{i}" for i in range(850)}
     assert len(store.of_parents(["p1", "p2"], include=[])["ids"]) == 80
     store.close()
