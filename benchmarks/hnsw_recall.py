@@ -30,6 +30,9 @@ import quality as Q  # noqa: E402
 
 SETTINGS = {"M=16, ef 100/100 (Chroma's defaults)": (16, 100, 100),
             "M=16, ef 100/200": (16, 100, 200),
+            "M=16, ef 100/300": (16, 100, 300),
+            "M=16, ef 100/400": (16, 100, 400),
+            "M=12, ef 200/300": (12, 200, 300),
             "M=16, ef 200/300": (16, 200, 300),
             "M=24, ef 200/200": (24, 200, 200),
             "M=32, ef 100/200": (32, 100, 200),
@@ -60,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--engine", choices=("chroma", "graph"), default="chroma")
+    ap.add_argument("--settings", help="semicolon-separated names of SETTINGS to run (all when "
+                                       "omitted), e.g. 'M=16, ef 100/300'", default=None)
     ap.add_argument("--out", help="results file name under benchmarks/results (default: "
                                   "hnsw-recall, or graph-recall with --engine graph)")
     args = ap.parse_args(argv)
@@ -71,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = [str(i) for i in range(len(docs))]
     rows, out = [], {"machine": C.machine_info(), "vectors": len(docs), "queries": len(queries),
                      "k": args.k, "settings": {}}
-    for name, (m, efc, efs) in SETTINGS.items():
+    chosen = SETTINGS if args.settings is None else \
+        {n: SETTINGS[n] for n in SETTINGS if n.split(" (")[0] in args.settings.split(";")}
+    for name, (m, efc, efs) in chosen.items():
         if args.engine == "graph":
             build, search = _graph(docs, ids, m, efc, efs)
         else:

@@ -527,7 +527,9 @@ class HybridRetriever:
     @_guarded("verify the derived indexes")
     def verify(self) -> dict[str, Any]:
         """Compare the derived indexes with Chroma, record by record (reads every id: a
-        check for tests and operators, not for the query path).
+        check for tests and operators, not for the query path). Run it while nothing
+        writes to the store: it reads Chroma in pages and the indexes after, so a write
+        meanwhile shows as a difference.
 
         Returns the live record ids in Chroma, in the BM25 index, in the vector copy and its
         graph (None without local_vectors or a funnel), the number of dead
