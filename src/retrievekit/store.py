@@ -70,8 +70,8 @@ class StoreConfig:
     auth_token: str | None = None
     collection: str = "retrievekit"
     hnsw_m: int = 16
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 300
+    hnsw_ef_construction: int = 100
+    hnsw_ef_search: int = 400
     replica_dir: str | None = None
     private: bool = False
 
