@@ -58,8 +58,9 @@ def _guarded(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 class _Calls:
     """The public calls under way, so that `close` releases nothing they are using: it
-    refuses new calls, then waits for those under way in other threads (a call of this
-    thread that closes, such as a callback, is not waited for)."""
+    refuses new calls, then waits for those under way in other threads. A call already
+    under way in a thread finishes its own inner calls; `close` from inside one (a
+    generator or callback it runs) is refused, as it would release the store under it."""
 
     def __init__(self) -> None:
         self._done = threading.Condition()
@@ -69,26 +70,30 @@ class _Calls:
 
     @contextlib.contextmanager
     def entered(self, what: str) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
         with self._done:
-            if self.closed:
+            if self.closed and not depth:
                 raise StoreError(f"cannot {what}: this retriever is closed; open a new "
                                  "HybridRetriever on the store to go on")
             self._count += 1
-        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+        self._mine.depth = depth + 1
         try:
             yield
         finally:
-            self._mine.depth -= 1
+            self._mine.depth = depth
             with self._done:
                 self._count -= 1
                 self._done.notify_all()
 
     def close(self) -> None:
         """Refuse new calls; wait for the other threads' calls under way."""
+        if getattr(self._mine, "depth", 0):
+            raise StoreError("cannot close this retriever from inside one of its own calls "
+                             "(a generator or callback it is running): close it after the "
+                             "call returns")
         with self._done:
             self.closed = True
-            own = getattr(self._mine, "depth", 0)
-            self._done.wait_for(lambda: self._count <= own)
+            self._done.wait_for(lambda: self._count == 0)
 
 
 class HybridRetriever:
@@ -471,6 +476,7 @@ class HybridRetriever:
             "relevance scores exist for dense, hybrid and reranked hits; BM25 scores (mode="
             "'sparse') have no upper bound: threshold on Hit.score, or search in hybrid mode")
 
+    @_guarded("search")
     def search_mmr(self, query: str, k: int = 4, *, fetch_k: int = 20,
                    lambda_mult: float = 0.5, where: Mapping[str, Any] | None = None,
                    mode: str | None = None) -> list[Hit]:

@@ -343,17 +343,21 @@ def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
                    keep: Callable[[list[str]], Collection[str]], n: int, share: float,
                    total: int) -> list[tuple[str, float]]:
     """The best `n` records that pass the filter, from unfiltered nearest-neighbour lists:
-    ask for enough that n pass at the filter's share (`overfetch`), and double until n pass
-    or the whole collection was asked for. Exact with respect to the index: a passing
-    record nearer than the n-th one returned would have been in the list."""
+    ask for enough that n pass at the filter's share (`overfetch`) of the `total` records
+    the filter was counted on, and double until n pass, every passing record was found, or
+    the index has no more to give. Exact with respect to the index: a passing record nearer
+    than the n-th one returned would have been in the list. The index may hold more than
+    `total` (a write in Chroma that the count's snapshot does not have yet): asking it for
+    `total` neighbours is then not the whole collection."""
     fetch = overfetch(n, share, total)
+    wanted = min(n, round(share * total))
     while True:
         found = query(fetch)
         passed = keep([rid for rid, _ in found])
         out = [(rid, s) for rid, s in found if rid in passed]
-        if len(out) >= n or fetch >= total:
+        if len(out) >= wanted or len(found) < fetch:
             return out[:n]
-        fetch = min(total, 2 * fetch)
+        fetch = min(total, 2 * fetch) if fetch < total else 2 * fetch
 
 
 def overfetch(n: int, share: float, total: int) -> int:

@@ -68,6 +68,46 @@ def test_a_write_during_a_filtered_search_shows_no_hit_outside_the_filter(
         r.close()
 
 
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+@pytest.mark.parametrize("where", [{"tenant": "A"}, {"tenant": {"$ne": "B"}}],
+                         ids=["eq", "ne"])
+def test_a_filtered_search_during_a_write_finds_k_hits(tmp_path, tiny_embedder, mode, where):
+    """Another thread's add is in Chroma but not yet in the BM25 index when a filtered
+    search runs: the search still finds k of the 30 matching documents, none of which the
+    write touches (the post-filter stopped widening at the BM25 snapshot's record count,
+    and the new records, all nearer the query and all outside the filter, filled that many
+    neighbours: 0 hits)."""
+    r = _open(tmp_path, tiny_embedder)
+    query = "zebra crossing at the harbour"
+    try:
+        r.add_documents([Document(f"{WORDS} {i}", id=f"a{i}", metadata={"tenant": "A"})
+                         for i in range(30)])
+        follower = r._writer.follower
+        catch_up = follower.catch_up
+        paused, resume = threading.Event(), threading.Event()
+
+        def pause_then_catch_up(*args, **kwargs):
+            paused.set()
+            resume.wait(30)
+            return catch_up(*args, **kwargs)
+
+        follower.catch_up = pause_then_catch_up
+        writer = threading.Thread(target=r.add_documents, args=(
+            [Document(query, id=f"b{i}", metadata={"tenant": "B"}) for i in range(40)],))
+        writer.start()
+        try:
+            assert paused.wait(30)
+            hits = r.search(query, k=10, where=where, mode=mode)
+        finally:
+            resume.set()
+            writer.join(60)
+            follower.catch_up = catch_up
+        assert len(hits) == 10
+        assert {h.document.metadata["tenant"] for h in hits} == {"A"}
+    finally:
+        r.close()
+
+
 def _long(word: str, n: int) -> str:
     return " ".join(f"{word}{i}" for i in range(n))
 
@@ -150,6 +190,8 @@ def test_document_ids_leaves_out_dead_records(tmp_path, tiny_embedder):
 
 CALLS = {
     "search": (lambda r: r.search("tides", k=3, mode="hybrid"), "query"),
+    # its inner search returns before its own read of the hits' vectors
+    "search_mmr": (lambda r: r.search_mmr("tides", k=2, fetch_k=5), "query"),
     "get": (lambda r: r.get(["d1"]), "get"),
     "add": (lambda r: r.add_documents([Document("one more note", id="more")]), "upsert"),
 }
@@ -183,6 +225,55 @@ def test_close_waits_for_a_call_under_way(tmp_path, tiny_embedder, monkeypatch, 
     assert closed.is_set()
     with pytest.raises(StoreError, match="closed"):
         r.search("tides")
+
+
+def test_close_waits_for_a_call_whose_inner_call_starts_later(tmp_path, tiny_embedder,
+                                                              monkeypatch):
+    """`search_mmr` encodes the query, then searches (a public call inside a public call):
+    a close that begins in between waits, and the inner search runs and returns (it was
+    refused as if it were a new call: StoreError inside a call under way)."""
+    r = _open(tmp_path, tiny_embedder)
+    r.add_documents([Document(f"note {i} on tides", id=f"d{i}") for i in range(20)])
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (r.close(), closed.set()))
+    encode = r.embedder.embed_query
+
+    def close_meanwhile(*args, **kwargs):
+        if closer.ident is None:
+            closer.start()
+            time.sleep(0.3)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(r.embedder, "embed_query", close_meanwhile)
+    try:
+        assert len(r.search_mmr("tides", k=2, fetch_k=5)) == 2
+        assert closer.is_alive() and not closed.is_set()
+    finally:
+        closer.join(30) if closer.ident else r.close()
+    assert closed.is_set()
+
+
+def test_close_from_inside_a_call_is_refused(tmp_path, tiny_embedder):
+    """A generator that `add_documents` reads closes the retriever: the close is refused,
+    and the add stops with that error, its batches whole (the close went through, and the
+    add went on over the released store with an AttributeError)."""
+    r = _open(tmp_path, tiny_embedder)
+
+    def docs():
+        yield Document("first note on tides", id="a")
+        r.close()
+        yield Document("second note on tides", id="b")
+
+    try:
+        with pytest.raises(StoreError, match="inside one of its own calls"):
+            r.add_documents(docs())
+        assert r.document_ids() == []  # the first batch was not written either
+        r.add_documents([Document("a later note on tides", id="c")])
+        assert r.verify()["ok"]
+    finally:
+        r.close()
+    with pytest.raises(StoreError, match="closed"):
+        r.count()
 
 
 def test_searches_and_reads_during_moves_and_deletes(tmp_path, tiny_embedder):
