@@ -2,9 +2,10 @@
 side, against the path every filter took before (Chroma's `get(where)` for the BM25 side
 and Chroma's filtered HNSW query), on the same store in one process.
 
-The old path is reached by adding an always-true range clause (`replica >= 0`), which the
-BM25 index does not evaluate, so the filter goes to Chroma as before; both return the same
-hits. Store: one built by `benchmarks/writes.py` (`--store`, e.g. its 100k store), random
+The old path is reached by adding an always-true clause (`replica > -2**60`: an operand
+past 2**53, which the BM25 index does not evaluate), so the filter goes to Chroma as before;
+both return the same hits. Comparisons (`replica < 1`) are timed beside the equality
+filters that match the same records. Store: one built by `benchmarks/writes.py` (`--store`, e.g. its 100k store), random
 query vectors (encoding excluded).
 
 With --local-vectors the store is opened a second time with `local_vectors=True` (an
@@ -16,8 +17,8 @@ and its second (which reads and remembers the records it matches) are reported a
 "a new filter each query" adds a clause that changes the filter's key but not its records
 (`replica != -i`), so that every query takes the path of a filter seen for the first time.
 
-Usage: python benchmarks/filters.py --store DIR [--queries 50] [--local-vectors]
-Writes benchmarks/results/filters.json and prints a markdown table.
+Usage: python benchmarks/filters.py --store DIR [--queries 50] [--local-vectors] [--out NAME]
+Writes benchmarks/results/NAME.json (default filters) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ FILTERS = {
     "collection = cacm (~15%)": {"collection": "cacm"},
     "collection = cisi and replica = 0 (~1.5%)": {"$and": [{"collection": "cisi"},
                                                            {"replica": 0}]},
+    "replica < 1 (~21%)": {"replica": {"$lt": 1}},
+    "collection = cisi and replica < 1 (~1.5%)": {"$and": [{"collection": "cisi"},
+                                                           {"replica": {"$lt": 1}}]},
 }
 
 
 def _old(where):
     """The same filter with a clause the BM25 index leaves to Chroma."""
-    return {"$and": [where, {"replica": {"$gte": 0}}]}
+    return {"$and": [where, {"replica": {"$gt": -(2 ** 60)}}]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--store", required=True)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--local-vectors", action="store_true")
+    ap.add_argument("--out", default="filters", help="results file name under benchmarks/results")
     args = ap.parse_args(argv)
     C.setup_torch(1)
     from retrievekit.pipeline import HybridRetriever
@@ -107,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "" if where is None else f"{cold[0]:.1f} ({cold[0] / base:.1f}x)",
                      f"{old[0]:.1f}", f"{old[1]:.1f}", same])
     r.close()
-    C.write_results("filters", out)
+    C.write_results(args.out, out)
     print(C.md_table(["filter", "p50 ms", "p95 ms", "p50 / unfiltered", "1st / 2nd query ms",
                       "a new filter each query: p50 ms", "before: p50 ms", "before: p95 ms",
                       "top-10 overlap"], rows))
@@ -126,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out["local_vectors"]["filters"][name] = {"p50": new[0], "p95": new[1]}
             rows.append([name, f"{new[0]:.1f}", f"{new[1]:.1f}", f"{new[0] / base:.1f}x"])
         r.close()
-        C.write_results("filters", out)
+        C.write_results(args.out, out)
         print(f"local_vectors: open {out['local_vectors']['open_s']:.1f} s, "
               f"{out['local_vectors']['MiB']:.0f} MiB")
         print(C.md_table(["filter (local_vectors)", "p50 ms", "p95 ms", "p50 / unfiltered"],

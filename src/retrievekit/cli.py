@@ -77,7 +77,11 @@ def _open(args: argparse.Namespace, *, write: bool = False, has_docs: bool = Tru
     r, missing = _open_existing(args)
     if r is not None:
         if write and getattr(args, "model", None):
-            _check_model(r, args.model)
+            try:
+                _check_model(r, args.model)
+            except BaseException:
+                r.close()  # not left to the garbage collector: it holds the store's locks
+                raise
         return r, False
     assert missing is not None
     if not (write and has_docs):

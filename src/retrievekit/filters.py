@@ -4,13 +4,19 @@ Each record's user metadata is indexed as terms of one raw field: `key=s:value` 
 `key=b:true` (bool), `key=n:<float>` (int or float: Chroma compares 1 and 1.0 as equal),
 and `key[]=...` for each element of a list (matched by `$contains`, which tells an int
 from a float: `i:1` / `f:1.0`); a term too long for tantivy is indexed as its hash. A
-filter becomes a boolean query over those terms. Chroma semantics kept (checked against
-Chroma itself by a random-filter test): `$ne` and `$nin` also match records that lack the
-key; equality never matches a list; bools are not numbers.
+scalar int or float also gets ordered terms, `r<key hash>i<level><hex>` (`f` for a
+float): the value as an order-keeping unsigned 64-bit number, and its prefixes of 60, 56,
+... 4 bits, so that `$gt`/`$gte`/`$lt`/`$lte` become a set of at most ~500 terms
+(`_ordered`). A filter
+becomes a boolean query over those terms. Chroma semantics kept (checked against Chroma
+itself by a random-filter test): `$ne` and `$nin` also match records that lack the key;
+equality never matches a list; bools are not numbers; a comparison never matches a list
+or a bool; an int compares with a float operand's integer part (Chroma 1.5.9:
+`{"n": {"$lt": 0.7}}` does not find n=0, `{"n": 0.5}` does), a list's int element does not
+(`$contains: 0.5` finds only 0.5).
 
-Filters outside this subset (`$gt`/`$gte`/`$lt`/`$lte`, `$not_contains` on lists, integers
-past 2**53, float operands with a fraction) compile to None: the caller then asks Chroma
-for the matching ids. Every filter is first checked by `validate_where`, stricter than
+Filters outside this subset (`$not_contains` on lists, operands past 2**53) compile to
+None: the caller then asks Chroma for the matching ids. Every filter is first checked by `validate_where`, stricter than
 Chroma's own check (which lets `{"$in": [1]}`, NaN or lone surrogates through to fail in
 its Rust core as "Invalid where clause").
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from typing import Any, Iterable, Mapping
 
 from . import validate as v
@@ -148,11 +155,33 @@ def metadata_terms(metadata: Mapping[str, Any]) -> list[str]:
         if isinstance(value, list):
             out.extend(_term(key, t, element=True) for t in
                        (_value(x, element=True) for x in value) if t is not None)
-        else:
-            t = _value(value)
-            if t is not None:
-                out.append(_term(key, t))
+            continue
+        t = _value(value)
+        if t is not None:
+            out.append(_term(key, t))
+        out += _ordered_terms(key, value)
     return out
+
+
+def _order_key(value: Any) -> tuple[str, int] | None:
+    """A scalar number's type ("i" or "f") and its place in an order-keeping unsigned
+    64-bit space: ints shifted by 2**63, floats by their IEEE bits (sign flipped, or every
+    bit flipped for a negative one; -0.0 is 0.0). None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return ("i", value + 2 ** 63) if _INT64[0] <= value <= _INT64[1] else None
+    if isinstance(value, float) and not math.isnan(value):
+        bits, = struct.unpack(">Q", struct.pack(">d", float(value) + 0.0))
+        return "f", (bits ^ 0xFFFF_FFFF_FFFF_FFFF) if bits >> 63 else bits | 2 ** 63
+    return None
+
+
+def _ordered_prefix(key: str) -> str:
+    """The ordered terms' prefix of one key: `r` and a hash of the key (no other term
+    starts with `r`)."""
+    return "r" + hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).hexdigest()
 
 
 def _term(key: str, value: str, *, element: bool = False) -> str:
@@ -178,20 +207,28 @@ def compile_where(where: Mapping[str, Any], tv: Any, schema: Any) -> Any | None:
         return None
 
 
-def _query_value(value: Any, element: bool) -> str | None:
-    """A filter operand's term text. Chroma matches a fractional float operand against int
-    metadata after dropping its fraction ({"n": 0.5} finds n=0): such operands go to Chroma."""
-    if isinstance(value, float) and (not value.is_integer() or abs(value) > _EXACT_INT):
-        return None  # past 2**53 an int metadata value has no term (`_value`): Chroma says
-    return _value(value, element=element)
+def _query_terms(key: str, value: Any, element: bool) -> list[str]:
+    """The terms a record matches an equality (or `$contains`) operand by. Chroma matches a
+    fractional float against int metadata after dropping its fraction ({"n": 0.5} finds
+    n=0 and n=0.5), but not against a list's int elements: such an operand is two ordered
+    terms, the int of its integer part and the float. Past 2**53 an int metadata value has
+    no number term (`_value`), so such operands go to Chroma (Unsupported)."""
+    if isinstance(value, float) and abs(value) > _EXACT_INT:
+        raise Unsupported
+    if isinstance(value, float) and not value.is_integer() and not element:
+        return [f"{_ordered_prefix(key)}{kind}0{_order_key(x)[1]:x}"
+                for kind, x in (("i", math.trunc(value)), ("f", float(value)))]
+    text = _value(value, element=element)
+    if text is None:
+        raise Unsupported
+    return [_term(key, text, element=element)]
 
 
 def _terms(key: str, values: Iterable[Any], tv: Any, schema: Any, *, element: bool = False):
-    texts = [_query_value(x, element) for x in values]
-    if any(t is None for t in texts) or not texts:
+    terms = [t for x in values for t in _query_terms(key, x, element)]
+    if not terms:
         raise Unsupported
-    return tv.Query.term_set_query(schema, "meta", [_term(key, t, element=element)
-                                                    for t in texts])
+    return tv.Query.term_set_query(schema, "meta", terms)
 
 
 def _everything_but(query: Any, tv: Any) -> Any:
@@ -226,6 +263,8 @@ def _clause(where: Any, tv: Any, schema: Any) -> Any:
                 parts.append(_everything_but(_terms(key, arg, tv, schema), tv))
             elif op == "$contains":
                 parts.append(_terms(key, [arg], tv, schema, element=True))
+            elif op in _COMPARE:
+                parts.append(_ordered(key, op, arg, tv, schema))
             else:
                 raise Unsupported
         else:
@@ -233,3 +272,59 @@ def _clause(where: Any, tv: Any, schema: Any) -> Any:
     if len(parts) == 1:
         return parts[0]
     return tv.Query.boolean_query([(tv.Occur.Must, q) for q in parts])
+
+
+_U64 = 2 ** 64 - 1
+#: ordered terms of a number: one for each prefix of its 64-bit key that is a multiple of
+#: `_STEP` bits long (`_LEVELS` of them)
+_STEP = 4
+_LEVELS = 64 // _STEP
+
+
+def _ordered_terms(key: str, value: Any) -> list[str]:
+    """A scalar number's ordered terms: its key at each level (the top 64 - 4*level bits),
+    so that a range is the union of at most ~30 terms a level (`_blocks`), as Lucene's
+    numeric fields were before its points (NumericRangeQuery)."""
+    ordered = _order_key(value)
+    if ordered is None:
+        return []
+    kind, u = ordered
+    prefix = _ordered_prefix(key) + kind
+    return [f"{prefix}{level:x}{u >> (_STEP * level):x}" for level in range(_LEVELS)]
+
+
+def _ordered(key: str, op: str, x: Any, tv: Any, schema: Any) -> Any:
+    """`{key: {op: x}}` for a comparison: the ints whose value compares with x's integer
+    part, and the floats that compare with x, as one term set over the key's ordered terms."""
+    if isinstance(x, bool) or abs(x) > _EXACT_INT:
+        raise Unsupported
+    bound = {"i": _order_key(math.trunc(x)), "f": _order_key(float(x))}
+    lowest = {"i": 0, "f": _order_key(-math.inf)[1]}
+    highest = {"i": _U64, "f": _order_key(math.inf)[1]}
+    terms = []
+    for kind in ("i", "f"):
+        b = bound[kind][1]
+        lo, hi = {"$gt": (b + 1, highest[kind]), "$gte": (b, highest[kind]),
+                  "$lt": (lowest[kind], b - 1), "$lte": (lowest[kind], b)}[op]
+        prefix = _ordered_prefix(key) + kind
+        terms += [f"{prefix}{level:x}{block:x}" for level, block in _blocks(lo, hi)]
+    if not terms:
+        return tv.Query.empty_query()
+    return tv.Query.term_set_query(schema, "meta", terms)
+
+
+def _blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The fewest (level, prefix) blocks that cover the keys lo..hi exactly: a block of
+    level L holds the keys that share their top 64 - L * _STEP bits. At most
+    2**_STEP - 1 at each end of each level (~480 for 4-bit steps)."""
+    out: list[tuple[int, int]] = []
+    level, full = 0, (1 << _STEP) - 1
+    while lo <= hi:
+        up_lo, up_hi = (lo + full) >> _STEP, ((hi + 1) >> _STEP) - 1  # whole blocks a level up
+        if level == _LEVELS - 1 or up_lo > up_hi:
+            out += [(level, b) for b in range(lo, hi + 1)]
+            break
+        out += [(level, b) for b in range(lo, up_lo << _STEP)]
+        out += [(level, b) for b in range((up_hi + 1) << _STEP, hi + 1)]
+        lo, hi, level = up_lo, up_hi, level + 1
+    return out

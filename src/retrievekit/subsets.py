@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ class Filter:
     it (the filter as canonical JSON), under which a snapshot remembers what it matched."""
 
     key: str
-    query: Any
+    query: Any = field(repr=False)  # a comparison's repr prints its automaton
 
 
 Vectors = tuple[list[str], np.ndarray]  # ids found in Chroma, one unit row each

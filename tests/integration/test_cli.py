@@ -192,6 +192,29 @@ def test_model_of_another_store_fails_listing_the_difference(tmp_path, capsys):
     assert "1 records written" in capsys.readouterr().out
 
 
+def test_a_refused_model_releases_the_store_while_its_error_is_held(tmp_path):
+    """The retriever opened to compare models is closed when the model is refused, not
+    left to the garbage collector: a caller that keeps the error (and so its traceback's
+    frames) can open the store again."""
+    from retrievekit.cli import _open, build_parser
+    from retrievekit.errors import StoreMismatchError
+    from retrievekit.models import resolve_model
+    from retrievekit.pipeline import HybridRetriever
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("Alpha beta gamma.")
+    store = str(tmp_path / "store")
+    assert main(["index", str(docs), "--store", store, "-q"]) == 0
+    other = resolve_model("sentence-transformers/all-MiniLM-L6-v2").load_from
+    args = build_parser().parse_args(["index", str(docs), "--store", store, "--model", other])
+    with pytest.raises(StoreMismatchError) as held:
+        _open(args, write=True)
+    with HybridRetriever.open(store) as r:  # the index writer's lock was released
+        assert r.count() == 1
+    assert held.value.__traceback__ is not None
+
+
 def test_nothing_to_index_and_failed_index_leave_no_store(tmp_path, capsys, monkeypatch):
     from retrievekit.pipeline import HybridRetriever
 

@@ -1,7 +1,7 @@
 """Filters evaluated inside the BM25 index agree with Chroma's own `where`, record for record.
 
 Random metadata (str, int, float, bool, lists, missing keys) and random filters over it
-($eq, $ne, $in, $nin, $contains, $and, $or, nested); the oracle is `Collection.get(where=)`
+($eq, $ne, $in, $nin, $contains, $gt, $gte, $lt, $lte, $and, $or, nested); the oracle is `Collection.get(where=)`
 of a real (in-memory) Chroma collection holding the same metadata.
 """
 
@@ -29,7 +29,7 @@ def _metadata(rng: random.Random) -> dict:
     if rng.random() < 0.8:
         meta["year"] = rng.choice([2020, 2021, 2022, 2021.0, 2023.5])
     if rng.random() < 0.5:
-        meta["score"] = rng.choice([0, 1, 1.0, -3, 0.5])
+        meta["score"] = rng.choice([0, 1, 1.0, -3, 0.5, -0.5, -0.0, -3.5, 2 ** 60, 1e300])
     if rng.random() < 0.6:
         meta["flag"] = rng.choice([True, False])
     if rng.random() < 0.4:
@@ -39,18 +39,23 @@ def _metadata(rng: random.Random) -> dict:
 
 def _scalar(rng: random.Random, key: str):
     return {"lang": lambda: rng.choice(["en", "fr", "xx", "EN"]),
-            "year": lambda: rng.choice([2020, 2021, 2021.0, 2023, 2023.0, 1999]),
-            "score": lambda: rng.choice([0, 1, 1.0, -3, -3.0, True]),
+            "year": lambda: rng.choice([2020, 2021, 2021.0, 2023, 2023.0, 1999, 2023.5,
+                                        2021.7]),
+            "score": lambda: rng.choice([0, 1, 1.0, -3, -3.0, True, 0.5, -0.5, -3.5]),
             "flag": lambda: rng.choice([True, False]),
             "tags": lambda: rng.choice(["a", "b", "z"])}[key]()
 
 
 def _leaf(rng: random.Random) -> dict:
     key = rng.choice(KEYS)
-    op = rng.choice(["plain", "$eq", "$ne", "$in", "$nin"] + (["$contains"] * 2
-                                                             if key == "tags" else []))
+    op = rng.choice(["plain", "$eq", "$ne", "$in", "$nin"]
+                    + (["$contains"] * 2 if key == "tags" else [])
+                    + (["$gt", "$gte", "$lt", "$lte"] if key in ("year", "score") else []))
     if op == "plain":
         return {key: _scalar(rng, key)}
+    if op.startswith(("$gt", "$lt")):
+        return {key: {op: rng.choice([2020, 2021, 2021.0, 2021.5, 2022.9, 2023.5, -2.5, 0,
+                                      0.5, 1, 1.0, -3, -3.5, -0.0, 1999, 2 ** 53])}}
     if op in ("$in", "$nin"):
         first = _scalar(rng, key)
         same = [v for v in (_scalar(rng, key) for _ in range(3)) if type(v) is type(first)]
@@ -137,7 +142,16 @@ TRICKY_WHERE = [{"a": "b=s:c"}, {"a=s:b": "c"}, {"t": {"$contains": "x"}}, {"t[]
                 {"l": {"$contains": 2 ** 40}}, {"l": {"$contains": float(2 ** 40)}},
                 {"y": np.float64(2021.0)}, {"y": {"$ne": np.float64(2021.0)}},
                 {"y": {"$in": [np.float64(2021.0)]}}, {"k": LONG}, {"k": {"$ne": LONG}},
-                {"k": {"$in": [LONG + "y", "z"]}}, {LONG: 1}, {LONG: {"$ne": 1}}]
+                {"k": {"$in": [LONG + "y", "z"]}}, {LONG: 1}, {LONG: {"$ne": 1}},
+                # comparisons: signed zeros, values past 2**53, lists, strings and bools
+                {"x": {"$gt": 0}}, {"x": {"$gte": -0.0}}, {"x": {"$lt": 0.0}},
+                {"x": {"$lte": 0}}, {"x": {"$gt": 2 ** 53}}, {"x": {"$gte": float(2 ** 53)}},
+                {"l": {"$gt": 0}}, {"l": {"$lte": 2 ** 40}}, {"y": {"$gte": 2021}},
+                {"y": {"$lt": 2021.5}}, {"a": {"$gt": 0}}, {LONG: {"$gte": 1}},
+                # a fractional float: its integer part for ints, not for a list's ints
+                {"x": 0.5}, {"x": -0.5}, {"x": {"$ne": 0.5}}, {"x": {"$in": [0.5, 1.5]}},
+                {"x": {"$nin": [-0.5, 2.5]}}, {"l": {"$contains": 2.5}},
+                {"l": {"$contains": 0.5}}, {"y": 2021.5}, {"a": 0.5}]
 
 
 def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
@@ -156,15 +170,16 @@ def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
         if matching is not None:  # None: Chroma evaluates it (numbers past 2**53)
             assert index.reader().keep(ids, matching) == expected, where
             evaluated += 1
-    assert evaluated >= 26
+    assert evaluated >= 47
 
 
 def test_ranges_and_unknown_operators_fall_back_to_chroma(both):
     _, index, _ = both
-    for where in [{"year": {"$gt": 2020}}, {"year": {"$lte": 2021}},
+    for where in [{"year": {"$gt": 2 ** 53 + 1}}, {"year": {"$lte": -1e20}},
                   {"tags": {"$not_contains": "a"}}, {"lang": {"$like": "e%"}},
-                  {"$and": [{"lang": "en"}, {"year": {"$gte": 2021}}]},
-                  {"score": 2 ** 60}, {"score": 0.5}, {"year": {"$in": [2020, 2023.5]}}]:
+                  {"$and": [{"lang": "en"}, {"year": {"$gte": 2 ** 60}}]},
+                  {"score": 2 ** 60}, {"score": float(2 ** 60)},
+                  {"year": {"$in": [2020, float(2 ** 54)]}}]:
         assert index.compile(where) is None, where
 
 

@@ -127,3 +127,30 @@ def test_bm25_search_on_any_text_never_crashes(texts, query):
     hits = index.search(query, 5)
     assert len(hits) <= 5 and all(score > 0 for _, score in hits)
     assert len({d for d, _ in hits}) == len(hits)
+
+
+@given(st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 64 - 1))
+def test_ordered_blocks_cover_exactly_the_keys_between(a, b, probe):
+    from retrievekit.filters import _LEVELS, _STEP, _blocks
+
+    lo, hi = min(a, b), max(a, b)
+    blocks = _blocks(lo, hi)
+    assert len(blocks) <= _LEVELS * 2 * (2 ** _STEP - 1)
+    spans = sorted((p << (_STEP * lv), ((p + 1) << (_STEP * lv)) - 1) for lv, p in blocks)
+    assert spans[0][0] == lo and spans[-1][1] == hi  # contiguous, no overlap, no gap
+    assert all(x[1] + 1 == y[0] for x, y in zip(spans, spans[1:]))
+    for n in (probe, lo, hi, lo - 1, hi + 1):
+        if 0 <= n < 2 ** 64:
+            covered = sum(1 for lv, p in blocks if n >> (_STEP * lv) == p)
+            assert covered == (1 if lo <= n <= hi else 0), (lo, hi, n)
+
+
+@given(st.lists(st.one_of(st.integers(-(2 ** 63), 2 ** 63 - 1),
+                          st.floats(allow_nan=False)), min_size=2, max_size=2))
+def test_order_keys_keep_the_order_of_numbers(pair):
+    from retrievekit.filters import _order_key
+
+    x, y = pair
+    if type(x) is type(y):
+        assert (x < y) == (_order_key(x)[1] < _order_key(y)[1])
+        assert (x == y) == (_order_key(x)[1] == _order_key(y)[1])
