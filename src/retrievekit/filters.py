@@ -4,21 +4,20 @@ Each record's user metadata is indexed as terms of one raw field: `key=s:value` 
 `key=b:true` (bool), `key=n:<float>` (int or float: Chroma compares 1 and 1.0 as equal),
 and `key[]=...` for each element of a list (matched by `$contains`, which tells an int
 from a float: `i:1` / `f:1.0`); a term too long for tantivy is indexed as its hash. A
-scalar int or float also gets ordered terms, `r<key hash>i<level><hex>` (`f` for a
-float): the value as an order-keeping unsigned 64-bit number, and its prefixes of 60, 56,
-... 4 bits, so that `$gt`/`$gte`/`$lt`/`$lte` become a set of at most ~500 terms
-(`_ordered`). A filter
-becomes a boolean query over those terms. Chroma semantics kept (checked against Chroma
-itself by a random-filter test): `$ne` and `$nin` also match records that lack the key;
-equality never matches a list; bools are not numbers; a comparison never matches a list
-or a bool; an int compares with a float operand's integer part (Chroma 1.5.9:
-`{"n": {"$lt": 0.7}}` does not find n=0, `{"n": 0.5}` does), a list's int element does not
-(`$contains: 0.5` finds only 0.5).
+scalar int or float also gets ordered terms, `r<key hash>i<level><hex>` (`f` for a float):
+the value as an order-keeping unsigned 64-bit number, and its prefixes of 60, 56, ... 4
+bits, so that `$gt`/`$gte`/`$lt`/`$lte` become a set of at most ~500 terms (`_ordered`). A
+filter becomes a boolean query over those terms. Chroma semantics kept (checked against
+Chroma itself by a random-filter test): `$ne`, `$nin` and `$not_contains` also match
+records that lack the key (and `$not_contains` every scalar); equality never matches a
+list; bools are not numbers; a comparison never matches a list or a bool; an int compares
+with a float operand's integer part (Chroma 1.5.9: `{"n": {"$lt": 0.7}}` does not find
+n=0, `{"n": 0.5}` does), a list's int element does not (`$contains: 0.5` finds only 0.5).
 
-Filters outside this subset (`$not_contains` on lists, operands past 2**53) compile to
-None: the caller then asks Chroma for the matching ids. Every filter is first checked by `validate_where`, stricter than
-Chroma's own check (which lets `{"$in": [1]}`, NaN or lone surrogates through to fail in
-its Rust core as "Invalid where clause").
+Filters outside this subset (operands past 2**53) compile to None: the caller then asks
+Chroma for the matching ids. Every filter is first checked by `validate_where`, stricter
+than Chroma's own check (which lets `{"$in": [1]}`, NaN or lone surrogates through to fail
+in its Rust core as "Invalid where clause").
 """
 
 from __future__ import annotations
@@ -263,6 +262,8 @@ def _clause(where: Any, tv: Any, schema: Any) -> Any:
                 parts.append(_everything_but(_terms(key, arg, tv, schema), tv))
             elif op == "$contains":
                 parts.append(_terms(key, [arg], tv, schema, element=True))
+            elif op == "$not_contains":  # also every record without such a list
+                parts.append(_everything_but(_terms(key, [arg], tv, schema, element=True), tv))
             elif op in _COMPARE:
                 parts.append(_ordered(key, op, arg, tv, schema))
             else:
