@@ -63,18 +63,30 @@ def reciprocal_rank_fusion(
     scores: dict[str, dict[str, float]] = {}
     for name, items in ranked.items():
         w = float(weights.get(name, 1.0))
-        rank = 0
-        seen: set[str] = set()
-        for doc_id, score in items:
-            if doc_id in seen:
-                continue
-            seen.add(doc_id)
-            rank += 1
+        first = _first(items)
+        for rank, doc_id in enumerate(first, start=1):
             total[doc_id] = total.get(doc_id, 0.0) + w / (k + rank)
             ranks.setdefault(doc_id, {})[name] = rank
-            scores.setdefault(doc_id, {})[name] = float(score)
-    order = sorted(total, key=lambda d: (-total[d], min(ranks[d].values()), d))
-    return [Fused(d, total[d], ranks[d], scores[d]) for d in order]
+            scores.setdefault(doc_id, {})[name] = first[doc_id]
+    return _in_order(total, ranks, scores)
+
+
+def _first(items: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """A list's ids in order, each with the score of its first (best) occurrence."""
+    first: dict[str, float] = {}
+    for doc_id, score in items:
+        if doc_id not in first:
+            first[doc_id] = float(score)
+    return first
+
+
+def _in_order(total: dict[str, float], ranks: dict[str, dict[str, int]],
+              scores: dict[str, dict[str, float]]) -> list[Fused]:
+    """Fused entries by score, then by best single rank, then by id (sorted on tuples: a
+    key function per entry cost a third of a fusion)."""
+    keyed = [(-t, min(ranks[d].values()), d) for d, t in total.items()]
+    keyed.sort()
+    return [Fused(d, total[d], ranks[d], scores[d]) for _, _, d in keyed]
 
 
 #: fusion methods: weighted RRF (ranks), and the score-aware ones of LlamaIndex
@@ -116,9 +128,7 @@ def score_fusion(
     ranks: dict[str, dict[str, int]] = {}
     scores: dict[str, dict[str, float]] = {}
     for name, items in ranked.items():
-        first: dict[str, float] = {}
-        for doc_id, score in items:
-            first.setdefault(doc_id, float(score))
+        first = _first(items)
         if not first:
             continue
         w = float(weights.get(name, 1.0))
@@ -127,8 +137,7 @@ def score_fusion(
             total[doc_id] = total.get(doc_id, 0.0) + w * norm
             ranks.setdefault(doc_id, {})[name] = rank
             scores.setdefault(doc_id, {})[name] = first[doc_id]
-    order = sorted(total, key=lambda d: (-total[d], min(ranks[d].values()), d))
-    return [Fused(d, total[d], ranks[d], scores[d]) for d in order]
+    return _in_order(total, ranks, scores)
 
 
 def score_ceiling(method: str, weights: Mapping[str, float], rrf_k: float = 60) -> float:

@@ -38,12 +38,16 @@ def chunk_id(parent_id: str, position: int) -> str:
 
 def chunk_position(record_id: str) -> int:
     """A record's position in its document (0 for a whole document or its first chunk)."""
+    if "#chunk" not in record_id:  # most ids (a search reads 200-300): no regex
+        return 0
     m = _CHUNK_RE.search(record_id)
     return int(m.group()[len("#chunk"):]) if m else 0
 
 
 def parent_of(record_id: str) -> str:
     """The document id of a record id (user ids never end like a chunk id)."""
+    if "#chunk" not in record_id:
+        return record_id
     return _CHUNK_RE.sub("", record_id)
 
 

@@ -475,8 +475,12 @@ def test_subset_vectors_stay_within_their_budget(tmp_path, tiny_embedder, monkey
         assert held()[index.compile(broad).key] is False
 
 
+@pytest.mark.parametrize("where", [{"bucket": 7},
+                                   {"$and": [{"bucket": {"$gt": 6}}, {"bucket": {"$lte": 7}}]}],
+                         ids=["equality", "comparison"])
 @pytest.mark.parametrize("vectors", [True, False], ids=["scanned", "post-filtered"])
-def test_a_remembered_filter_follows_writes(tmp_path, tiny_embedder, monkeypatch, vectors):
+def test_a_remembered_filter_follows_writes(tmp_path, tiny_embedder, monkeypatch, vectors,
+                                            where):
     """A commit carries the subsets to the new snapshot, patched by what it changed: after
     an update that moves a record out of the filter, a new record in it and a delete, the
     filter (remembered) answers exactly from the new state at once: scanned from its held
@@ -495,7 +499,7 @@ def test_a_remembered_filter_follows_writes(tmp_path, tiny_embedder, monkeypatch
     with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
                          embedder=tiny_embedder) as r:
         r.add_documents(docs)
-        where = {"bucket": 7}  # d7, d57, ..., d257: six records, 2%
+        # where: d7, d57, ..., d257: six records, 2%
         q = tiny_embedder.embed_query("a text about a lantern by the harbor")
         for _ in range(3):
             first = r.search("x", k=10, mode="dense", where=where, query_vector=q)
