@@ -85,6 +85,13 @@ class _Calls:
                 self._count -= 1
                 self._done.notify_all()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no other thread's call is under way (reads behind the query path
+        included); False when `timeout` passed first."""
+        mine = getattr(self._mine, "depth", 0)
+        with self._done:
+            return self._done.wait_for(lambda: self._count <= mine, timeout)
+
     def close(self) -> None:
         """Refuse new calls; wait for the other threads' calls under way."""
         if getattr(self._mine, "depth", 0):
@@ -202,11 +209,24 @@ class HybridRetriever:
         engine = LocalEngine(store, self._sparse, self._funnel, FusionSettings(
             cfg.rrf_k, cfg.weights, cfg.funnel_dim, cfg.funnel_candidates,
             by_document=cfg.collapse_chunks, method=cfg.fusion,
-            chunk_penalty=cfg.chunk_penalty))
+            chunk_penalty=cfg.chunk_penalty), background=self._behind)
         self._searcher = Searcher(
             engine, self.embedder.embed_query, self._reranker, dim=self.embedder.dim,
             collapse=cfg.collapse_chunks,
             before=self._follower.catch_up if cfg.store.is_server else None)
+
+    def _behind(self, task: Callable[[], Any]) -> None:
+        """Run `task` in a thread of its own as a call of this retriever (`close` waits
+        for it; once closing, it does not start). A failure is logged, not raised: the
+        query path that started it has its answer already and reads again next time."""
+        def run() -> None:
+            try:
+                with self._calls.entered("read a filter's vectors"):
+                    task()
+            except Exception:
+                logger.debug("a read behind the query path failed", exc_info=True)
+
+        threading.Thread(target=run, name="retrievekit-behind", daemon=True).start()
 
     def _check_truth(self) -> None:
         """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an

@@ -92,11 +92,15 @@ class LocalEngine:
     local BM25 index, fused."""
 
     def __init__(self, store: ChromaStore, sparse: SparseIndex, vectors: FunnelVectors | None,
-                 settings: FusionSettings) -> None:
+                 settings: FusionSettings,
+                 background: Callable[[Callable[[], Any]], None] | None = None) -> None:
         self.store = store
         self.sparse = sparse
         self.vectors = vectors  # full vectors by record id (funnel or local_vectors), or None
         self.settings = settings
+        #: runs a task behind the query path (the retriever's: `close` waits for it); None
+        #: reads a remembered filter's vectors in the search that first needs them
+        self.background = background
 
     def ranked(self, request: Request) -> Ranking:
         lists: dict[str, list[tuple[str, float]]] = {}
@@ -161,6 +165,21 @@ class LocalEngine:
                 and passing * passing <= READ_SCAN * n * len(sparse) \
                 and sparse.can_hold(passing * vec.size * 4):
             subset = sparse.remember(matching)  # read in whole: cheaper than a query
+        if passing is not None and subset is not None and self.vectors is None \
+                and subset.held[0] is None and self.background is not None \
+                and passing * passing > READ_SCAN * n * len(sparse) \
+                and passing >= POST_FILTER_SHARE * len(sparse) \
+                and sparse.can_hold(passing * vec.size * 4):
+            # reading its vectors costs more than this search (~0.5-0.9 s for 18k at 120k
+            # records): read behind it, post-filter by the subset now, scan from then on
+            if sparse.claim(subset):
+                def read(dim: int = vec.size) -> None:
+                    try:
+                        self._vectors_of(sparse, subset, dim)
+                    finally:  # a read that failed may be tried again by the next search
+                        subset.reading = False
+                self.background(read)
+            return self._knn(sparse, vec, n, where, matching, subset, passing)
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)
                 or subset is not None and self.vectors is None

@@ -133,6 +133,10 @@ class Snapshot:
         """The records a compiled filter matches, read and remembered now."""
         return self.filters.remember(matching)
 
+    def claim(self, subset: Subset) -> bool:
+        """Whether the caller is the first to read a subset's vectors (`Subsets.claim`)."""
+        return self.filters.claim(subset)
+
     def can_hold(self, nbytes: int) -> bool:
         """Whether vectors of `nbytes` fit beside the subsets' (`SUBSET_VECTOR_BYTES`)."""
         return self.filters.can_hold(nbytes)

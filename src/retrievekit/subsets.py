@@ -49,7 +49,7 @@ class Subset:
     two snapshots): the `Vectors` read so far, or None, and the ids whose vectors are not
     read yet (records written since)."""
 
-    __slots__ = ("filter", "ids", "members", "held")
+    __slots__ = ("filter", "ids", "members", "held", "reading")
 
     def __init__(self, f: Filter, ids: list[str], vectors: Vectors | None = None,
                  missing: Sequence[str] = ()) -> None:
@@ -57,6 +57,8 @@ class Subset:
         self.ids = ids
         self.members = frozenset(ids)
         self.held: tuple[Vectors | None, tuple[str, ...]] = (vectors, tuple(missing))
+        #: a search started reading its vectors behind the query path (`Subsets.claim`)
+        self.reading = False
 
     @property
     def vectors(self) -> Vectors | None:
@@ -135,6 +137,14 @@ class Subsets:
                 held -= len(self._subsets.popitem(last=False)[1].ids)
             self._subsets[subset.filter.key] = subset
         return subset
+
+    def claim(self, subset: Subset) -> bool:
+        """Whether the caller is the first to read `subset`'s vectors (then it reads them)."""
+        with self._lock:
+            if subset.reading or subset.held[0] is not None:
+                return False
+            subset.reading = True
+            return True
 
     @staticmethod
     def can_hold(nbytes: int) -> bool:

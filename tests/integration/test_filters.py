@@ -726,7 +726,15 @@ def test_a_filter_used_once_before_a_commit_is_remembered_on_its_next_use(tmp_pa
             r.add_documents([{"text": "one more", "id": "more", "metadata": {"bucket": 2}}])
             hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
                             query_vector=q)
-            assert calls["n"] == 1  # remembered on the second use: scanned
+            # remembered on the second use: post-filtered by it while its vectors are read
+            # behind the search (120 of them cost more than the post-filter), then scanned
+            assert calls["n"] == 2
+            np.testing.assert_allclose([h.score for h in hits],
+                                       _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
+            assert r._calls.wait(10)
+            hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
+                            query_vector=q)
+            assert calls["n"] == 2
         finally:
             r.store.collection.query = real
         np.testing.assert_allclose([h.score for h in hits],
@@ -768,3 +776,98 @@ def test_a_commit_during_a_search_does_not_cut_its_filtered_records(tmp_path, ti
             print(bucket, [(h.id, round(h.score,3)) for h in hits], late)
             # its new vector is the query: first in either state
             assert hits[0].id == f"d{bucket}" and hits[0].score > 0.999, (bucket, hits)
+
+
+def _broad_store(tmp_path, tiny_embedder):
+    """300 records, a filter passing 120 of them (40%): on its second use, reading their
+    vectors costs more than a post-filter of 10 candidates (120**2 > READ_SCAN * 10 * 300)."""
+    from retrievekit.pipeline import HybridRetriever
+
+    assert 120 ** 2 > READ_SCAN * 10 * 300 and 120 >= POST_FILTER_SHARE * 300
+    r = HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                        embedder=tiny_embedder)
+    r.add_documents([{"text": f"record {i}", "id": f"d{i}", "metadata": {"bucket": i % 5}}
+                     for i in range(300)])
+    return r, {"bucket": {"$in": [0, 1]}}
+
+
+def test_a_broad_filter_used_again_reads_its_vectors_behind_the_search(tmp_path,
+                                                                       tiny_embedder):
+    """The second use of a filter whose vectors cost more to read than the search itself
+    answers at once (post-filtered by the remembered subset, exactly), while another thread
+    reads the vectors; from then on it is scanned, with no Chroma query. Before, that
+    second search read them itself (0.5-0.9 s for 18k records at 120k)."""
+    import threading
+
+    r, where = _broad_store(tmp_path, tiny_embedder)
+    q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
+    exact = _exact(r, where, q / np.linalg.norm(q), 10)
+    release, readers = threading.Event(), []
+    real_read, real_query = r.store.unit_vectors, r.store.collection.query
+    queries = {"n": 0}
+
+    def unit_vectors(*a, **k):
+        readers.append(threading.current_thread())
+        assert release.wait(20)
+        return real_read(*a, **k)
+
+    def query(*a, **k):
+        queries["n"] += 1
+        return real_query(*a, **k)
+
+    r.store.unit_vectors, r.store.collection.query = unit_vectors, query
+    try:
+        for use in range(2):  # the first use, and the second while its vectors are read
+            hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
+                            query_vector=q)
+            np.testing.assert_allclose([h.score for h in hits], exact, atol=1e-5)
+        assert queries["n"] == 2 and len(readers) == 1
+        assert readers[0] is not threading.current_thread()
+        release.set()
+        assert r._calls.wait(20)
+        hits = r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+        np.testing.assert_allclose([h.score for h in hits], exact, atol=1e-5)
+        assert queries["n"] == 2 and len(readers) == 1  # scanned from the vectors read
+    finally:
+        release.set()
+        r.store.unit_vectors, r.store.collection.query = real_read, real_query
+        r.close()
+
+
+def test_close_waits_for_a_read_behind_the_search(tmp_path, tiny_embedder):
+    """`close` waits for a read that a search started behind itself, and the store is
+    released after it (a new retriever opens it); a read refused or failed is tried again
+    by the next search."""
+    import threading
+
+    from retrievekit.pipeline import HybridRetriever
+
+    r, where = _broad_store(tmp_path, tiny_embedder)
+    q = np.random.default_rng(1).standard_normal(tiny_embedder.dim).astype(np.float32)
+    release, started, reads = threading.Event(), threading.Event(), {"n": 0}
+    real_read = r.store.unit_vectors
+
+    def unit_vectors(*a, **k):
+        reads["n"] += 1
+        if reads["n"] == 1:
+            raise OSError("a read that fails")
+        started.set()
+        assert release.wait(20)
+        return real_read(*a, **k)
+
+    r.store.unit_vectors = unit_vectors
+    for _ in range(2):
+        r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+    assert r._calls.wait(20) and reads["n"] == 1  # failed, and logged
+    r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+    assert started.wait(20) and reads["n"] == 2  # tried again
+    closer = threading.Thread(target=r.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # waiting for the read
+    release.set()
+    closer.join(20)
+    assert not closer.is_alive()
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}},
+                         embedder=tiny_embedder) as again:
+        assert again.count() == 300
