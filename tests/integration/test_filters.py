@@ -28,9 +28,11 @@ def _metadata(rng: random.Random) -> dict:
     if rng.random() < 0.8:
         meta["lang"] = rng.choice(["en", "fr", "de", "EN", "en "])
     if rng.random() < 0.8:
-        meta["year"] = rng.choice([2020, 2021, 2022, 2021.0, 2023.5])
+        meta["year"] = rng.choice([2020, 2021, 2022, 2021.0, 2023.5, 2020.9999999999998,
+                                   2021.0000000000002])
     if rng.random() < 0.5:
-        meta["score"] = rng.choice([0, 1, 1.0, -3, 0.5, -0.5, -0.0, -3.5, 2 ** 60, 1e300])
+        meta["score"] = rng.choice([0, 1, 1.0, -3, 0.5, -0.5, -0.0, -3.5, 2 ** 60, 1e300,
+                                    0.9999999999999999, 0.30000000000000004])
     if rng.random() < 0.6:
         meta["flag"] = rng.choice([True, False])
     if rng.random() < 0.4:
@@ -42,7 +44,8 @@ def _scalar(rng: random.Random, key: str):
     return {"lang": lambda: rng.choice(["en", "fr", "xx", "EN"]),
             "year": lambda: rng.choice([2020, 2021, 2021.0, 2023, 2023.0, 1999, 2023.5,
                                         2021.7]),
-            "score": lambda: rng.choice([0, 1, 1.0, -3, -3.0, True, 0.5, -0.5, -3.5]),
+            "score": lambda: rng.choice([0, 1, 1.0, -3, -3.0, True, 0.5, -0.5, -3.5,
+                                         0.9999999999999999, 0.30000000000000004]),
             "flag": lambda: rng.choice([True, False]),
             "tags": lambda: rng.choice(["a", "b", "z"])}[key]()
 
@@ -56,7 +59,9 @@ def _leaf(rng: random.Random) -> dict:
         return {key: _scalar(rng, key)}
     if op.startswith(("$gt", "$lt")):
         return {key: {op: rng.choice([2020, 2021, 2021.0, 2021.5, 2022.9, 2023.5, -2.5, 0,
-                                      0.5, 1, 1.0, -3, -3.5, -0.0, 1999, 2 ** 53])}}
+                                      0.5, 1, 1.0, -3, -3.5, -0.0, 1999, 2 ** 53,
+                                      # Chroma reads these as 1.0 and 2021.0
+                                      0.9999999999999999, 2020.9999999999998])}}
     if op in ("$in", "$nin"):
         first = _scalar(rng, key)
         same = [v for v in (_scalar(rng, key) for _ in range(3)) if type(v) is type(first)]
@@ -81,10 +86,19 @@ def both():
                                           embedding_function=None)
     col.add(ids=ids, embeddings=[[1.0, 0.0]] * len(ids),
             metadatas=[m or {"_rk_parent": i} for m, i in zip(metas, ids)])
-    index = SparseIndex()
-    index.replace([], [Record(i, i, "text", m) for i, m in zip(ids, metas)])
-    index.commit(1)
+    index = _indexed(col, ids)
     return col, index, ids
+
+
+def _indexed(col, ids):
+    """A BM25 index of the records as Chroma holds them: read back, as the pipeline's
+    index follows Chroma (Chroma moves some floats of 16-17 digits by an ulp or two)."""
+    held = col.get(ids=ids, include=["metadatas"])
+    index = SparseIndex()
+    index.replace([], [Record(i, i, "text", {k: v for k, v in m.items() if k != "_rk_parent"})
+                       for i, m in zip(held["ids"], held["metadatas"])])
+    index.commit(1)
+    return index
 
 
 def test_random_filters_match_chroma_exactly(both):
@@ -154,7 +168,10 @@ TRICKY_WHERE = [{"a": "b=s:c"}, {"a=s:b": "c"}, {"t": {"$contains": "x"}}, {"t[]
                 {"x": {"$nin": [-0.5, 2.5]}}, {"l": {"$contains": 2.5}},
                 {"l": {"$contains": 0.5}}, {"y": 2021.5}, {"a": 0.5},
                 {"l": {"$not_contains": 1}}, {"l": {"$not_contains": 2.5}},
-                {"t": {"$not_contains": "x"}}, {"a": {"$not_contains": "b=s:c"}}]
+                {"t": {"$not_contains": "x"}}, {"a": {"$not_contains": "b=s:c"}},
+                # operands Chroma reads as their neighbours (1.0, 2021.0)
+                {"x": 0.9999999999999999}, {"x": {"$lte": 0.9999999999999999}},
+                {"l": {"$contains": 0.9999999999999999}}, {"y": {"$gte": 2020.9999999999998}}]
 
 
 def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
@@ -163,9 +180,7 @@ def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
     col = client.get_or_create_collection(f"tricky-{uuid.uuid4().hex[:8]}",
                                           embedding_function=None)
     col.add(ids=ids, embeddings=[[1.0, 0.0]] * len(ids), metadatas=TRICKY)
-    index = SparseIndex()
-    index.replace([], [Record(i, i, "text", m) for i, m in zip(ids, TRICKY)])
-    index.commit(1)
+    index = _indexed(col, ids)
     evaluated = 0
     for where in TRICKY_WHERE:
         expected = set(col.get(where=where, include=[])["ids"])
@@ -173,7 +188,7 @@ def test_keys_and_numbers_that_look_alike_match_as_chroma_does():
         if matching is not None:  # None: Chroma evaluates it (numbers past 2**53)
             assert index.reader().keep(ids, matching) == expected, where
             evaluated += 1
-    assert evaluated >= 51
+    assert evaluated >= 55
 
 
 def test_ranges_and_unknown_operators_fall_back_to_chroma(both):
@@ -871,3 +886,26 @@ def test_close_waits_for_a_read_behind_the_search(tmp_path, tiny_embedder):
     with HybridRetriever({"store": {"path": str(tmp_path / "s")}},
                          embedder=tiny_embedder) as again:
         assert again.count() == 300
+
+
+def test_floats_chroma_reads_as_their_neighbours_filter_as_in_chroma(tmp_path, tiny_embedder):
+    """Chroma's JSON parser moves some floats of 16-17 digits by an ulp or two, stored
+    values and filter operands alike (0.9999999999999999 is held and compared as 1.0):
+    through the real write path (the BM25 index follows Chroma) a filter selects what
+    Chroma's own `where` selects, on both sides."""
+    from retrievekit.pipeline import HybridRetriever
+
+    values = [0.9999999999999999, 2020.9999999999998, 9007199254740991.0,
+              4503599627370494.0, 4503599627370495.5, 1, 0, 0.30000000000000004]
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}}, embedder=tiny_embedder) as r:
+        r.add_documents([{"text": f"word{i} common", "id": f"d{i}", "metadata": {"n": v}}
+                         for i, v in enumerate(values)])
+        for where in [{"n": 1}, {"n": {"$gte": 1}}, {"n": {"$lt": 2021}}, {"n": 2021},
+                      {"n": {"$gt": 4503599627370494}}, {"n": 4503599627370495},
+                      {"n": 0.9999999999999999}, {"n": {"$lte": 0.9999999999999999}},
+                      {"n": {"$ne": 2020.9999999999998}}, {"n": 0.30000000000000004}]:
+            chroma = set(r.store.get(where=where, include=[])["ids"])
+            assert r._sparse.compile(where) is not None, where  # evaluated in the index
+            for mode in ("sparse", "dense"):
+                got = {h.id for h in r.search("common", k=10, mode=mode, where=where)}
+                assert got == chroma, (where, mode)
