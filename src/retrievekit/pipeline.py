@@ -152,6 +152,7 @@ class HybridRetriever:
             cfg = cfg.replace(**changes)
         self.config = cfg
         self._calls = _Calls()
+        self._reading = threading.Semaphore()  # reads behind the query path: one at a time
         self._owned_cache = None
         #: what the last add_documents did: records written, unchanged (skipped), removed
         self.last_add_stats: dict[str, int] = {"written": 0, "unchanged": 0, "removed": 0}
@@ -215,18 +216,30 @@ class HybridRetriever:
             collapse=cfg.collapse_chunks,
             before=self._follower.catch_up if cfg.store.is_server else None)
 
-    def _behind(self, task: Callable[[], Any]) -> None:
+    def _behind(self, task: Callable[[], Any]) -> bool:
         """Run `task` in a thread of its own as a call of this retriever (`close` waits
-        for it; once closing, it does not start). A failure is logged, not raised: the
-        query path that started it has its answer already and reads again next time."""
+        for it; once closing, it does not start), one at a time. False when it does not
+        run (another is under way, or no thread could start): the caller asks again on its
+        next search. A failure is logged, not raised: the query path that started it has
+        its answer already."""
+        if not self._reading.acquire(blocking=False):
+            return False
+
         def run() -> None:
             try:
                 with self._calls.entered("read a filter's vectors"):
                     task()
             except Exception:
                 logger.debug("a read behind the query path failed", exc_info=True)
+            finally:
+                self._reading.release()
 
-        threading.Thread(target=run, name="retrievekit-behind", daemon=True).start()
+        try:
+            threading.Thread(target=run, name="retrievekit-behind", daemon=True).start()
+        except RuntimeError:  # no thread to be had (interpreter shutting down, a limit)
+            self._reading.release()
+            return False
+        return True
 
     def _check_truth(self) -> None:
         """Notice a damaged Chroma at open: fewer records than the BM25 index holds (an

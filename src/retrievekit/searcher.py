@@ -93,13 +93,14 @@ class LocalEngine:
 
     def __init__(self, store: ChromaStore, sparse: SparseIndex, vectors: FunnelVectors | None,
                  settings: FusionSettings,
-                 background: Callable[[Callable[[], Any]], None] | None = None) -> None:
+                 background: Callable[[Callable[[], Any]], bool] | None = None) -> None:
         self.store = store
         self.sparse = sparse
         self.vectors = vectors  # full vectors by record id (funnel or local_vectors), or None
         self.settings = settings
-        #: runs a task behind the query path (the retriever's: `close` waits for it); None
-        #: reads a remembered filter's vectors in the search that first needs them
+        #: runs a task behind the query path, or says it did not (the retriever's: `close`
+        #: waits for it); None reads a remembered filter's vectors in the search that first
+        #: needs them
         self.background = background
 
     def ranked(self, request: Request) -> Ranking:
@@ -178,7 +179,8 @@ class LocalEngine:
                         self._vectors_of(sparse, subset, dim)
                     finally:  # a read that failed may be tried again by the next search
                         subset.reading = False
-                self.background(read)
+                if not self.background(read):  # not now: a later search asks again
+                    subset.reading = False
             return self._knn(sparse, vec, n, where, matching, subset, passing)
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)

@@ -909,3 +909,63 @@ def test_floats_chroma_reads_as_their_neighbours_filter_as_in_chroma(tmp_path, t
             for mode in ("sparse", "dense"):
                 got = {h.id for h in r.search("common", k=10, mode=mode, where=where)}
                 assert got == chroma, (where, mode)
+
+
+def test_reads_behind_the_search_run_one_at_a_time_and_need_no_thread(tmp_path,
+                                                                      tiny_embedder,
+                                                                      monkeypatch):
+    """One read behind the query path at a time: a second filter's read waits for a later
+    search (found by an attack: two filters pushing each other's subset out started a
+    thread per search, 37 at once). A thread that cannot start is no error: the search
+    answers, and a later one reads."""
+    import threading
+
+    r, _ = _broad_store(tmp_path, tiny_embedder)
+    a, b = {"bucket": 0}, {"bucket": 1}  # 60 records each: read behind, both remembered
+    q = np.random.default_rng(2).standard_normal(tiny_embedder.dim).astype(np.float32)
+    exact = {k: _exact(r, w, q / np.linalg.norm(q), 10) for k, w in (("a", a), ("b", b))}
+    release, readers = threading.Event(), []
+    real_read, real_start = r.store.unit_vectors, threading.Thread.start
+
+    def unit_vectors(ids, dim):
+        readers.append(sorted(ids)[0])
+        assert release.wait(20)
+        return real_read(ids, dim)
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    def search(where, key):
+        hits = r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+        np.testing.assert_allclose([h.score for h in hits], exact[key], atol=1e-5)
+
+    r.store.unit_vectors = unit_vectors
+    try:
+        search(a, "a")
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        search(a, "a")  # its read cannot start: answered all the same
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        assert readers == []
+        search(a, "a")  # a later search reads
+        search(b, "b")
+        search(b, "b")  # a's read is under way: b's waits
+        search(b, "b")
+        assert len(readers) == 1
+        release.set()
+        assert r._calls.wait(20)
+        search(b, "b")  # now b's
+        assert r._calls.wait(20) and len(readers) == 2
+        queries = {"n": 0}
+        real_query = r.store.collection.query
+
+        def query(*args, **kwargs):
+            queries["n"] += 1
+            return real_query(*args, **kwargs)
+
+        r.store.collection.query = query
+        search(a, "a")
+        search(b, "b")
+        assert queries["n"] == 0  # both scanned from their vectors
+    finally:
+        release.set()
+        r.close()
