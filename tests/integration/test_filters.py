@@ -726,32 +726,19 @@ def test_a_filter_used_once_before_a_commit_is_remembered_on_its_next_use(tmp_pa
         r.add_documents(docs)
         where = {"bucket": {"$in": [0, 1]}}  # 120 records: too many to read on first use
         q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
-        calls = {"n": 0}
-        real = r.store.collection.query
-
-        def query(*a, **k):
-            calls["n"] += 1
-            return real(*a, **k)
-
-        r.store.collection.query = query
-        try:
-            r.search("x", k=10, mode="dense", where=where, candidates=10,
-                            query_vector=q)
-            assert calls["n"] == 1  # the first use: post-filtered HNSW neighbours
-            r.add_documents([{"text": "one more", "id": "more", "metadata": {"bucket": 2}}])
-            hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
-                            query_vector=q)
-            # remembered on the second use: post-filtered by it while its vectors are read
-            # behind the search (120 of them cost more than the post-filter), then scanned
-            assert calls["n"] == 2
-            np.testing.assert_allclose([h.score for h in hits],
-                                       _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
-            assert r._calls.wait(10)
-            hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
-                            query_vector=q)
-            assert calls["n"] == 2
-        finally:
-            r.store.collection.query = real
+        calls = _count_queries(r)
+        r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+        assert calls["n"] == 1  # the first use: post-filtered HNSW neighbours
+        r.add_documents([{"text": "one more", "id": "more", "metadata": {"bucket": 2}}])
+        hits = r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+        # remembered on the second use: post-filtered by it while its vectors are read
+        # behind the search (120 of them cost more than the post-filter), then scanned
+        assert calls["n"] == 2
+        np.testing.assert_allclose([h.score for h in hits],
+                                   _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
+        assert r._calls.wait(10)
+        hits = r.search("x", k=10, mode="dense", where=where, candidates=10, query_vector=q)
+        assert calls["n"] == 2
         np.testing.assert_allclose([h.score for h in hits],
                                    _exact(r, where, q / np.linalg.norm(q), 10), atol=1e-5)
 
@@ -788,9 +775,21 @@ def test_a_commit_during_a_search_does_not_cut_its_filtered_records(tmp_path, ti
             hits = r.search("x", 4, mode="dense", where={"bucket": bucket},
                             query_vector=tiny_embedder.embed_documents([text])[0])
             monkeypatch.setattr(subsets.Subsets, "count", count)
-            print(bucket, [(h.id, round(h.score,3)) for h in hits], late)
             # its new vector is the query: first in either state
             assert hits[0].id == f"d{bucket}" and hits[0].score > 0.999, (bucket, hits)
+
+
+def _count_queries(r) -> dict:
+    """Count `r`'s Chroma nearest-neighbour queries from now on (in the dict's "n")."""
+    calls = {"n": 0}
+    real = r.store.collection.query
+
+    def query(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    r.store.collection.query = query
+    return calls
 
 
 def _broad_store(tmp_path, tiny_embedder):
@@ -818,19 +817,15 @@ def test_a_broad_filter_used_again_reads_its_vectors_behind_the_search(tmp_path,
     q = np.random.default_rng(0).standard_normal(tiny_embedder.dim).astype(np.float32)
     exact = _exact(r, where, q / np.linalg.norm(q), 10)
     release, readers = threading.Event(), []
-    real_read, real_query = r.store.unit_vectors, r.store.collection.query
-    queries = {"n": 0}
+    real_read = r.store.unit_vectors
 
     def unit_vectors(*a, **k):
         readers.append(threading.current_thread())
         assert release.wait(20)
         return real_read(*a, **k)
 
-    def query(*a, **k):
-        queries["n"] += 1
-        return real_query(*a, **k)
-
-    r.store.unit_vectors, r.store.collection.query = unit_vectors, query
+    r.store.unit_vectors = unit_vectors
+    queries = _count_queries(r)
     try:
         for use in range(2):  # the first use, and the second while its vectors are read
             hits = r.search("x", k=10, mode="dense", where=where, candidates=10,
@@ -845,7 +840,6 @@ def test_a_broad_filter_used_again_reads_its_vectors_behind_the_search(tmp_path,
         assert queries["n"] == 2 and len(readers) == 1  # scanned from the vectors read
     finally:
         release.set()
-        r.store.unit_vectors, r.store.collection.query = real_read, real_query
         r.close()
 
 
@@ -955,14 +949,7 @@ def test_reads_behind_the_search_run_one_at_a_time_and_need_no_thread(tmp_path,
         assert r._calls.wait(20)
         search(b, "b")  # now b's
         assert r._calls.wait(20) and len(readers) == 2
-        queries = {"n": 0}
-        real_query = r.store.collection.query
-
-        def query(*args, **kwargs):
-            queries["n"] += 1
-            return real_query(*args, **kwargs)
-
-        r.store.collection.query = query
+        queries = _count_queries(r)
         search(a, "a")
         search(b, "b")
         assert queries["n"] == 0  # both scanned from their vectors
