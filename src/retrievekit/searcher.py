@@ -162,15 +162,15 @@ class LocalEngine:
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
         # how many records the filter passes, counted in the BM25 index: it plans the query
         passing = sparse.count(matching) if matching is not None else None
-        if passing is not None and subset is None and self.vectors is None \
-                and passing * passing <= READ_SCAN * n * len(sparse) \
-                and sparse.can_hold(passing * vec.size * 4):
+        # whether the passing records' vectors, read from Chroma, fit beside the subsets'
+        # and cost less to read than a query (`READ_SCAN`)
+        fits = passing is not None and sparse.can_hold(passing * vec.size * 4)
+        cheap = passing is not None and passing * passing <= READ_SCAN * n * len(sparse)
+        if fits and cheap and subset is None and self.vectors is None:
             subset = sparse.remember(matching)  # read in whole: cheaper than a query
-        if passing is not None and subset is not None and self.vectors is None \
+        if fits and not cheap and subset is not None and self.vectors is None \
                 and subset.held[0] is None and self.background is not None \
-                and passing * passing > READ_SCAN * n * len(sparse) \
-                and passing >= POST_FILTER_SHARE * len(sparse) \
-                and sparse.can_hold(passing * vec.size * 4):
+                and passing >= POST_FILTER_SHARE * len(sparse):
             # reading its vectors costs more than this search (~0.5-0.9 s for 18k at 120k
             # records): read behind it, post-filter by the subset now, scan from then on
             if sparse.claim(subset):
@@ -184,8 +184,7 @@ class LocalEngine:
             return self._knn(sparse, vec, n, where, matching, subset, passing)
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)
-                or subset is not None and self.vectors is None
-                and sparse.can_hold(passing * vec.size * 4)):
+                or subset is not None and self.vectors is None and fits):
             return self._exact(sparse, vec, n, matching, passing, subset)
         if self.settings.funnel_dim is None:
             return self._knn(sparse, vec, n, where, matching, subset, passing)

@@ -36,7 +36,7 @@ class Filter:
     it (the filter as canonical JSON), under which a snapshot remembers what it matched."""
 
     key: str
-    query: Any = field(repr=False)  # a comparison's repr prints its automaton
+    query: Any = field(repr=False)  # a comparison's repr lists its ~480 terms
 
 
 Vectors = tuple[list[str], np.ndarray]  # ids found in Chroma, one unit row each
