@@ -54,9 +54,9 @@ class RetrieverConfig:
             8-bit, the store's hnsw_* settings; ~0.7 KB a record at M=32), whose candidates
             are scored exactly on the copy. Unfiltered and broadly filtered queries walk that
             graph instead of Chroma's; a filter that few records pass (under 5%) is answered
-            by an exact scan over exactly those records instead of Chroma's filtered HNSW
-            query (20-60x slower than an unfiltered one). With a funnel the copy exists
-            anyway and is used for the scans.
+            by an exact scan over exactly those records held in the process, where the
+            default reads their vectors from Chroma (~20 us each). With a funnel the copy
+            exists anyway and is used for the scans.
     """
 
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)

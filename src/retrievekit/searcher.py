@@ -110,20 +110,20 @@ class LocalEngine:
         sparse = self.sparse.reader()  # one state of the BM25 index for the whole search
         matching = None  # the filter, compiled for the BM25 index when it can evaluate it
         subset = None  # what it matches, when the index remembers (a filter used again)
+        allowed = None  # the ids it matches, from Chroma, when only Chroma evaluates it
         if where is not None:
             matching = self.sparse.compile(where)
             if matching is not None:
                 subset = sparse.subset(matching)
+            else:  # both sides use them: Chroma's filtered query can miss hits
+                allowed = frozenset(self.store.get(where=where, include=[])["ids"])
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
-            dense = self._dense(sparse, request.vector, request.n, where, matching, subset,
+            dense = self._dense(sparse, request.vector, request.n, matching, subset, allowed,
                                 stage1)
             lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
                 if self.settings.by_document else dense
         if request.mode in ("hybrid", "sparse"):
-            allowed = None
-            if where is not None and matching is None:  # outside the subset: Chroma says
-                allowed = self.store.get(where=where, include=[])["ids"]
             lists["sparse"] = sparse.search(request.query, request.n_sparse or request.n,
                                             allowed=allowed, matching=matching)
         full = any(len(items) >= (request.n_sparse or request.n if side == "sparse"
@@ -157,16 +157,18 @@ class LocalEngine:
                          zip(got["ids"], got["documents"], got["metadatas"]) if is_live(m))
         return found
 
-    def _dense(self, sparse: Snapshot, vec: np.ndarray, n: int,
-               where: Mapping[str, Any] | None, matching: Filter | None, subset: Subset | None,
+    def _dense(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
+               subset: Subset | None, allowed: frozenset[str] | None,
                stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
-        # how many records the filter passes, counted in the BM25 index: it plans the query
-        passing = sparse.count(matching) if matching is not None else None
+        # how many records the filter passes (None: no filter), counted in the BM25 index
+        # or, for a filter only Chroma evaluates, by the ids it gave (`allowed`)
+        passing = len(allowed) if allowed is not None else \
+            sparse.count(matching) if matching is not None else None
         # whether the passing records' vectors, read from Chroma, fit beside the subsets'
         # and cost less to read than a query (`READ_SCAN`)
         fits = passing is not None and sparse.can_hold(passing * vec.size * 4)
         cheap = passing is not None and passing * passing <= READ_SCAN * n * len(sparse)
-        if fits and cheap and subset is None and self.vectors is None:
+        if fits and cheap and matching is not None and subset is None and self.vectors is None:
             subset = sparse.remember(matching)  # read in whole: cheaper than a query
         if fits and not cheap and subset is not None and self.vectors is None \
                 and subset.held[0] is None and self.background is not None \
@@ -181,41 +183,48 @@ class LocalEngine:
                         subset.reading = False
                 if not self.background(read):  # not now: a later search asks again
                     subset.reading = False
-            return self._knn(sparse, vec, n, where, matching, subset, passing)
+            return self._knn(sparse, vec, n, matching, subset, passing)
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)
                 or subset is not None and self.vectors is None and fits):
-            return self._exact(sparse, vec, n, matching, passing, subset)
+            return self._exact(sparse, vec, n, matching, passing, subset, allowed)
         if self.settings.funnel_dim is None:
-            return self._knn(sparse, vec, n, where, matching, subset, passing)
+            return self._knn(sparse, vec, n, matching, subset, passing, allowed)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
         first = self._knn(sparse, short_vectors(vec, s.funnel_dim)[0],
-                          max(n, s.funnel_candidates or 4 * n), where, matching, subset, passing)
+                          max(n, s.funnel_candidates or 4 * n), matching, subset, passing, allowed)
         sims = self.vectors.similarities([rid for rid, _ in first], vec, cosine=True)
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
         order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
         return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _exact(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter,
-               passing: int, subset: Subset | None) -> list[tuple[str, float]]:
+    def _exact(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
+               passing: int, subset: Subset | None, allowed: frozenset[str] | None
+               ) -> list[tuple[str, float]]:
         """The `n` nearest of the records a filter passes, by an exact scan of their
         vectors: those held in this process (funnel or local_vectors; a selective filter),
-        else those the filter's subset holds, read from Chroma on its first scan. Cosine,
-        as Chroma's space is, also for vectors stored unnormalized."""
+        else those the filter's subset holds, read from Chroma on its first scan."""
         if passing == 0:
             return []
-        if self.vectors is not None:
-            ids = subset.ids if subset is not None else sparse.matching(matching, passing)
-            sims = self.vectors.similarities(ids, vec, cosine=True)
-        else:
+        if self.vectors is None:
             assert subset is not None
-            ids, matrix = self._vectors_of(sparse, subset, vec.size)
-            if not ids:
-                return []
-            sims = matrix @ (vec / max(float(np.linalg.norm(vec)), 1e-12))
+            return self._scanned(*self._vectors_of(sparse, subset, vec.size), vec, n)
+        ids = sorted(allowed) if allowed is not None else subset.ids if subset is not None \
+            else sparse.matching(matching, passing)
+        return self._ranked(ids, self.vectors.similarities(ids, vec, cosine=True), n)
+
+    def _scanned(self, ids: list[str], unit: np.ndarray, vec: np.ndarray, n: int
+                 ) -> list[tuple[str, float]]:
+        """The `n` nearest of `ids` by their L2-normalized vectors `unit`: cosine, as
+        Chroma's space is, also for vectors stored unnormalized."""
+        if not ids:
+            return []
+        return self._ranked(ids, unit @ (vec / max(float(np.linalg.norm(vec)), 1e-12)), n)
+
+    def _ranked(self, ids: list[str], sims: np.ndarray, n: int) -> list[tuple[str, float]]:
         order = _top_after_penalty(ids, sims, n, self.settings.chunk_penalty)
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
@@ -231,28 +240,33 @@ class LocalEngine:
         (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing, dim)
         return sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
 
-    def _knn(self, sparse: Snapshot, vec: np.ndarray, n: int,
-             where: Mapping[str, Any] | None, matching: Filter | None, subset: Subset | None,
-             passing: int | None) -> list[tuple[str, float]]:
-        """The `n` nearest records that pass `where`, planned by how many pass (`passing`,
-        counted by the BM25 index; None when it cannot evaluate the filter)."""
-        if where is not None and passing is not None:
-            total = len(sparse)
+    def _knn(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
+             subset: Subset | None, passing: int | None,
+             allowed: frozenset[str] | None = None) -> list[tuple[str, float]]:
+        """The `n` nearest records that pass the filter, planned by how many pass
+        (`passing`; None: no filter)."""
+        if passing is not None:
+            total = max(len(sparse), passing)  # Chroma's ids may be ahead of the snapshot
             if passing == 0:
                 return []
             if passing >= POST_FILTER_SHARE * total:
-                keep = (lambda ids: subset.members.intersection(ids)) if subset is not None \
+                keep = subset.members.intersection if subset is not None \
+                    else allowed.intersection if allowed is not None \
                     else (lambda ids: sparse.keep(ids, matching))
                 return _post_filtered(lambda m: self._nearest(vec, m), keep,
                                       n, passing / total, total)
-        return self.store.query(vec, n, where) if where is not None else self._nearest(vec, n)
+            # few: their vectors, read from Chroma (~20 us each) and scanned; Chroma's
+            # filtered query costs more (~200 ms at 120k records) and can miss hits
+            ids = sorted(allowed) if allowed is not None else sparse.matching(matching, passing)
+            return self._scanned(*self.store.unit_vectors(ids, vec.size), vec, n)
+        return self._nearest(vec, n)
 
     def _nearest(self, vec: np.ndarray, n: int) -> list[tuple[str, float]]:
         """The `n` nearest records, unfiltered: from the graph in this process when there
         is one (local_vectors), else from Chroma's."""
         if self.vectors is not None and self.vectors.graph is not None:
             return self.vectors.nearest(vec, n)
-        return self.store.query(vec, n, None)
+        return self.store.query(vec, n)
 
 
 def fuse(lists: Mapping[str, list[tuple[str, float]]], settings: FusionSettings
@@ -341,9 +355,10 @@ def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str
 
 
 #: a filter matching at least this share of the records is applied after an unfiltered HNSW
-#: query (over-fetched, widened until enough pass); a more selective one goes to Chroma's
-#: filtered query. At 100k records a 1.5% filter took 75 ms this way against 112 ms through
-#: Chroma's filtered query (docs/benchmarks.md, Filters).
+#: query (over-fetched, widened until enough pass); a more selective one is an exact scan
+#: of its records' vectors, read from Chroma (at most this share of them, ~20 us each).
+#: Chroma's own filtered query is never asked: it costs ~200 ms at 120k records and can
+#: return no neighbours where records match (docs/reliability.md).
 POST_FILTER_SHARE = 0.01
 #: with the vectors in this process (local_vectors, funnel), a filter matching less than
 #: this share is answered by an exact scan of the matching records: reading their ids from
@@ -355,7 +370,8 @@ EXACT_SCAN_SHARE = 0.05
 #: a filter seen for the first time is scanned too when reading its records' vectors from
 #: Chroma (~20 us each) costs less than the plans above: the post-filter fetches ~n / share
 #: neighbours at ~10 us each, so reading wins while passing^2 <= n * total / 2 (2,450
-#: records for 100 candidates at 120k); Chroma's filtered query costs ~90 ms there anyway
+#: records for 100 candidates at 120k); below POST_FILTER_SHARE the scan reads them anyway,
+#: but keeps them only when this holds
 READ_SCAN = 0.5
 
 

@@ -690,15 +690,16 @@ class ChromaStore:
         self.client = self._embedded_client()
         self.collection = self._open_collection()
 
-    def query(self, vector: np.ndarray, n: int, where: Mapping[str, Any] | None = None
-              ) -> list[tuple[str, float]]:
-        """Nearest records by cosine similarity: [(id, similarity)], best first."""
+    def query(self, vector: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """Nearest records by cosine similarity: [(id, similarity)], best first. Unfiltered:
+        Chroma 1.5.9's filtered query can miss matching records (docs/reliability.md), so
+        a filter is applied by the caller (searcher.py)."""
         if n <= 0:
             return []
         with self._guard("run a nearest-neighbour query"):
             res = self.collection.query(
                 query_embeddings=[np.asarray(vector, dtype=np.float32)], n_results=n,
-                where=dict(where) if where else None, include=["distances"])
+                include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
 
