@@ -28,7 +28,7 @@ from .filters import validate_where
 from .funnel import FunnelVectors
 from .graph import GraphSettings
 from .hnsw_repair import repair_if_damaged
-from .records import (DEAD_KEY, PARENT_KEY, SEQ_KEY, check_document_id, from_chroma,
+from .records import (PARENT_KEY, SEQ_KEY, check_document_id, from_chroma, live_where,
                       parent_of, reassemble)
 from .rerank import RerankConfig, Reranker
 from .searcher import FusionSettings, LocalEngine, Searcher
@@ -432,11 +432,9 @@ class HybridRetriever:
     def document_ids(self, where: Mapping[str, Any] | None = None) -> list[str]:
         """Ids of the stored documents (matching a Chroma `where` filter when given)."""
         validate_where(where)
-        live = {DEAD_KEY: {"$ne": True}}  # a replaced document's dead records lack its keys
         # one read of ids only (no page limit): pages by offset skip records when a delete
         # meanwhile shifts them
-        ids = self._store.get(where={"$and": [dict(where), live]} if where else live,
-                              include=[])["ids"]
+        ids = self._store.get(where=live_where(where), include=[])["ids"]
         return list(dict.fromkeys(parent_of(rid) for rid in ids))
 
     @_guarded("read stored vectors")

@@ -86,6 +86,13 @@ def is_live(metadata: Mapping[str, Any] | None) -> bool:
     return not (metadata or {}).get(DEAD_KEY)
 
 
+def live_where(where: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A Chroma `where` for the live records among those `where` matches: a replaced
+    document's dead records (lacking its keys until their delete) match `$ne` and `$nin`."""
+    live = {DEAD_KEY: {"$ne": True}}
+    return {"$and": [dict(where), live]} if where else live
+
+
 @dataclass(frozen=True)
 class Record:
     """One stored record: a whole document or one chunk of it."""

@@ -24,7 +24,8 @@ from .errors import ConfigError, InvalidInputError
 from .filters import validate_where
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
-from .records import CHUNK_KEY, PARENT_KEY, chunk_position, is_live, parent_of, public_metadata
+from .records import (CHUNK_KEY, PARENT_KEY, chunk_position, is_live, live_where, parent_of,
+                      public_metadata)
 from .rerank import Reranker
 from .sparse import Snapshot, SparseIndex
 from .subsets import Filter, Subset
@@ -116,7 +117,7 @@ class LocalEngine:
             if matching is not None:
                 subset = sparse.subset(matching)
             else:  # both sides use them: Chroma's filtered query can miss hits
-                allowed = frozenset(self.store.get(where=where, include=[])["ids"])
+                allowed = frozenset(self.store.get(where=live_where(where), include=[])["ids"])
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
             dense = self._dense(sparse, request.vector, request.n, matching, subset, allowed,

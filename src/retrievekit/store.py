@@ -283,6 +283,13 @@ def chroma_errors(config: StoreConfig, what: str) -> Iterator[None]:
     except Exception as exc:
         if not _is_chroma_failure(exc) or getattr(exc, "retrievekit_caller", False):
             raise  # our bug, or the caller's own iterable failing
+        if "too many SQL variables" in str(exc):  # the request, not the store
+            raise InvalidInputError(
+                f"Chroma could not {what}: the request holds more values than its SQLite "
+                "binds at once. Most likely a where filter with long $in/$nin lists that "
+                "Chroma evaluates (Chroma 1.5.9 takes ~16,000 values in all; the BM25 index "
+                "evaluates longer ones unless an operand is past 2**53): split the search, "
+                "or filter by a coarser key") from exc
         message = explain_failure(config, what, exc)
         kind = StoreFullError if "the disk is full" in message else StoreError
         raise kind(message) from exc

@@ -1005,3 +1005,64 @@ def test_reads_behind_the_search_run_one_at_a_time_and_need_no_thread(tmp_path,
     finally:
         release.set()
         r.close()
+
+
+def test_dead_records_take_no_place_under_a_filter_only_chroma_evaluates(tmp_path,
+                                                                          tiny_embedder):
+    """While a replace is between its upsert and the delete of its stale records, those
+    records are dead and have lost every user key, so a `$ne` filter matches them in
+    Chroma. The ids a filter only Chroma evaluates passes are its live records: dead ones,
+    nearest to a query at their filler vector's direction, would fill the candidates and
+    leave a short page."""
+    import threading
+
+    from retrievekit.pipeline import HybridRetriever
+
+    r = HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000}},
+                        embedder=tiny_embedder)
+    long = " ".join(f"word{j} river stone" for j in range(200))  # several chunks each
+    r.add_documents([{"text": f"doc {i} {long}", "id": f"d{i}", "metadata": {"n": i}}
+                     for i in range(6)])
+    held, entered = threading.Event(), threading.Event()
+    real_delete = r.store.delete
+
+    def delete_later(ids):
+        entered.set()
+        held.wait(30)
+        return real_delete(ids)
+
+    r.store.delete = delete_later
+    replace = threading.Thread(target=r.add_documents,
+                               args=([{"text": "doc 0 short", "id": "d0", "metadata": {"n": 0}}],))
+    replace.start()
+    try:
+        assert entered.wait(30)
+        where = {"n": {"$ne": 2 ** 60}}
+        got = r.store.get(where=where, include=["metadatas"])
+        assert any(m.get("_rk_dead") for m in got["metadatas"])  # the window is open
+        q = np.zeros(tiny_embedder.dim, np.float32)
+        q[0] = 1.0  # the dead records' filler direction (writer.stored_form)
+        for mode in ("dense", "hybrid"):
+            hits = r.search("zzz river", k=6, mode=mode, where=where, candidates=6,
+                            query_vector=q)
+            assert sorted(h.id for h in hits) == [f"d{i}" for i in range(6)], mode
+    finally:
+        held.set()
+        replace.join(30)
+        r.store.delete = real_delete
+        r.close()
+
+
+def test_a_filter_too_long_for_chroma_is_refused_by_name(filtered_store):
+    """Chroma 1.5.9 evaluates a `where` of at most ~16,000 $in/$nin values (SQLite's bound
+    variables): past that it fails with an internal error, which is the request's fault,
+    not the store's. The BM25 index evaluates a longer list itself."""
+    from retrievekit.errors import InvalidInputError
+
+    r = filtered_store
+    too_long = {"bucket": {"$in": [2 ** 60 + i for i in range(20_000)]}}
+    for mode in ("dense", "sparse", "hybrid"):
+        with pytest.raises(InvalidInputError, match=r"where filter with long \$in/\$nin"):
+            r.search("record", k=5, mode=mode, where=too_long)
+    long_compiled = {"bucket": {"$in": list(range(20_000))}}
+    assert len(r.search("record", k=5, where=long_compiled)) == 5
