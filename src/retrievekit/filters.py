@@ -66,6 +66,17 @@ def _bad(name: str, what: str, value: Any, fix: str = "") -> None:
     v.fail(name, what, value, fix, error=InvalidInputError)
 
 
+def may_match_dead(where: Mapping[str, Any]) -> bool:
+    """Whether a (valid) filter can match a dead record, which holds reserved keys only
+    (records.dead_metadata): through `$ne`, `$nin` or `$not_contains`, which match records
+    without the key, or a reserved key. Other filters need no live-records clause."""
+    (key, cond), = where.items()
+    if key in _LOGICAL:
+        return any(may_match_dead(sub) for sub in cond)
+    return key.startswith("_rk_") or isinstance(cond, Mapping) and \
+        next(iter(cond)) in ("$ne", "$nin", "$not_contains")
+
+
 def _check_clause(clause: Any, name: str, depth: int) -> None:
     if depth > _MAX_DEPTH:
         _bad("where", f"at most {_MAX_DEPTH} levels of '$and' / '$or'", f"{depth} levels",

@@ -1066,3 +1066,35 @@ def test_a_filter_too_long_for_chroma_is_refused_by_name(filtered_store):
             r.search("record", k=5, mode=mode, where=too_long)
     long_compiled = {"bucket": {"$in": list(range(20_000))}}
     assert len(r.search("record", k=5, where=long_compiled)) == 5
+
+
+def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
+    """`may_match_dead` decides whether a filter left to Chroma needs its live-records
+    clause (~50 ms at 120k records). Oracle: a Chroma collection holding one dead record
+    (`dead_metadata`) and random filters; every filter that matches it must be flagged,
+    and a filter with none of `$ne`, `$nin`, `$not_contains` or a reserved key never is."""
+    from chromadb.api.types import validate_where as chroma_validate
+
+    from retrievekit.filters import may_match_dead
+    from retrievekit.records import dead_metadata
+
+    client = chromadb.EphemeralClient(settings=Settings(anonymized_telemetry=False))
+    col = client.get_or_create_collection(f"dead-{uuid.uuid4().hex[:8]}",
+                                          embedding_function=None)
+    col.add(ids=["dead"], embeddings=[[1.0, 0.0]],
+            metadatas=[{**dead_metadata("p", {}), "_rk_seq": 3}])
+    rng = random.Random(17)
+    matched = 0
+    for where in [_where(rng) for _ in range(300)] + [{"_rk_parent": "p"}]:
+        try:
+            chroma_validate(where)
+            hit = bool(col.get(where=where, include=[])["ids"])
+        except Exception:
+            continue
+        if hit:
+            matched += 1
+            assert may_match_dead(where), where
+        text = repr(where)
+        if not any(s in text for s in ("$ne", "$nin", "$not_contains", "_rk_")):
+            assert not may_match_dead(where), where
+    assert matched >= 30, matched
