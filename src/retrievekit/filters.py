@@ -69,7 +69,8 @@ def _bad(name: str, what: str, value: Any, fix: str = "") -> None:
 def may_match_dead(where: Mapping[str, Any]) -> bool:
     """Whether a (valid) filter can match a dead record, which holds reserved keys only
     (records.dead_metadata): through `$ne`, `$nin` or `$not_contains`, which match records
-    without the key, or a reserved key. Other filters need no live-records clause."""
+    without the key, or a reserved key. Other filters need no live-records clause
+    (`records.live_where`)."""
     (key, cond), = where.items()
     if key in _LOGICAL:
         return any(may_match_dead(sub) for sub in cond)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import InvalidInputError
+from .filters import may_match_dead
 
 RESERVED_PREFIX = "_rk_"
 PARENT_KEY = "_rk_parent"
@@ -88,9 +89,13 @@ def is_live(metadata: Mapping[str, Any] | None) -> bool:
 
 def live_where(where: Mapping[str, Any] | None) -> dict[str, Any]:
     """A Chroma `where` for the live records among those `where` matches: a replaced
-    document's dead records (lacking its keys until their delete) match `$ne` and `$nin`."""
+    document's dead records (lacking its keys until their delete) match `$ne`, `$nin` and
+    `$not_contains`. A filter that cannot match them is returned as it is (the clause costs
+    ~50 ms at 120k records)."""
     live = {DEAD_KEY: {"$ne": True}}
-    return {"$and": [dict(where), live]} if where else live
+    if not where:
+        return live
+    return {"$and": [dict(where), live]} if may_match_dead(where) else dict(where)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from . import validate as v
 from .config import MODES
 from .errors import ConfigError, InvalidInputError
-from .filters import may_match_dead, validate_where
+from .filters import validate_where
 from .funnel import FunnelVectors, short_vectors
 from .fusion import Fused, reciprocal_rank_fusion, score_fusion
 from .records import (CHUNK_KEY, PARENT_KEY, chunk_position, is_live, live_where, parent_of,
@@ -117,8 +117,7 @@ class LocalEngine:
             if matching is not None:
                 subset = sparse.subset(matching)
             else:  # both sides use them: Chroma's filtered query can miss hits
-                live = live_where(where) if may_match_dead(where) else where  # ~50 ms at 120k
-                allowed = frozenset(self.store.get(where=live, include=[])["ids"])
+                allowed = frozenset(self.store.get(where=live_where(where), include=[])["ids"])
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
             dense = self._dense(sparse, request.vector, request.n, matching, subset, allowed,
