@@ -28,6 +28,7 @@ END_KEY = "_rk_end"
 HASH_KEY = "_rk_hash"
 SEQ_KEY = "_rk_seq"
 DEAD_KEY = "_rk_dead"
+TEXT_KEY = "_rk_text"  # the record's text (store.py: not a Chroma document)
 
 _CHUNK_RE = re.compile(r"#chunk\d+\Z")
 
@@ -132,7 +133,7 @@ def dead_metadata(parent: str, old: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata that overwrites a stale record as dead (Chroma merges metadata on upsert, so
     every other key is set to None, which removes it)."""
     meta: dict[str, Any] = {k: None for k in old}
-    meta.update({PARENT_KEY: parent, DEAD_KEY: True})
+    meta.update({PARENT_KEY: parent, DEAD_KEY: True, TEXT_KEY: None})
     return meta
 
 

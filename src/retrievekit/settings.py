@@ -24,7 +24,9 @@ from .store import ChromaStore
 
 logger = logging.getLogger(__name__)
 
-STORE_FORMAT = 2
+#: 3: texts are metadata strings (store.py); 2: texts are Chroma documents, kept so in a
+#: store made by 2 or upgraded from 1 (rewriting every record would make an open O(n))
+STORE_FORMAT = 3
 _INFORMATIONAL = ("written_with",)
 
 
@@ -76,6 +78,9 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
     check_model_limits(config, embedder)
     ours = index_settings(config, embedder)
     recorded = store.read_settings()
+    if recorded is not None and recorded.get("format") in (1, 2):
+        ours["format"] = 2
+        store.texts_in_metadata = False
     if recorded is None:
         n = store.count()
         if n:
@@ -86,7 +91,7 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
         return False
     upgraded = recorded.get("format") == 1
     if upgraded:  # format 1 had the same records; only the derived BM25 settings changed
-        recorded = {**recorded, "format": STORE_FORMAT, "sparse": ours["sparse"]}
+        recorded = {**recorded, "format": 2, "sparse": ours["sparse"]}
     elif "format" in recorded.get("sparse", {}):  # stores of early v2 builds recorded it
         recorded = {**recorded, "sparse": {k: v for k, v in recorded["sparse"].items()
                                            if k != "format"}}
@@ -102,8 +107,7 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
                     recorded.get("written_with"), ours["written_with"])
     if upgraded:
         store.write_settings({**ours, "written_with": recorded.get("written_with")})
-        logger.warning("store upgraded from format 1 to %d; the BM25 index is rebuilt once",
-                       STORE_FORMAT)
+        logger.warning("store upgraded from format 1 to 2; the BM25 index is rebuilt once")
     return upgraded
 
 

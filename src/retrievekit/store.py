@@ -3,6 +3,11 @@
 Embedded `PersistentClient(path)` by default, `EphemeralClient` for in-memory use, or
 `HttpClient(host, port)` for a Chroma server. Cosine space set explicitly, vectors always
 passed in, writes batched by `get_max_batch_size()`.
+
+A record's text is a metadata string (`TEXT_KEY`), not a Chroma document: Chroma indexes
+every document in an SQLite full-text (trigram) table that nothing here queries, and that
+table was ~44% of a build's writes (docs/design.md, "Where the design stops"). Stores of
+format 2 keep their texts as documents (`texts_in_metadata` False); reads take either.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from . import validate as v
 from .errors import (ConfigError, InvalidInputError, RetrieveKitError, StoreError,
                      StoreFullError, StoreLockedError)
-from .records import PARENT_KEY, RESERVED_PREFIX, parent_of
+from .records import PARENT_KEY, RESERVED_PREFIX, TEXT_KEY, parent_of
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +308,9 @@ class ChromaStore:
             create: make the directory and the collection when missing; with False, a
                 missing store is a `StoreError` and nothing is written (reads, `open`)."""
         self.config = config or StoreConfig()
+        #: where records keep their text: a metadata string (format 3), or Chroma's
+        #: document (stores of format 2; `settings.reconcile` sets it from the record)
+        self.texts_in_metadata = True
         self._lock_file = None
         self._create = create
         #: the directory this store made (removed again by `discard` after a failed setup)
@@ -563,10 +571,15 @@ class ChromaStore:
     def _upsert(self, groups: list[tuple]) -> None:
         ids = [i for g in groups for i in g[0]]
         vectors = np.concatenate([np.asarray(g[1], dtype=np.float32) for g in groups])
+        texts = [t for g in groups for t in g[2]]
+        metas = [dict(m) for g in groups for m in g[3]]
+        extra: dict[str, Any] = {"documents": texts}
+        if self.texts_in_metadata:
+            extra = {}
+            for meta, text in zip(metas, texts):
+                meta.setdefault(TEXT_KEY, text)  # a dead record's None removes it
         with self._guard(f"write {len(ids)} records"):
-            self.collection.upsert(ids=ids, embeddings=vectors,
-                                   documents=[t for g in groups for t in g[2]],
-                                   metadatas=[dict(m) for g in groups for m in g[3]])
+            self.collection.upsert(ids=ids, embeddings=vectors, metadatas=metas, **extra)
 
     def delete(self, ids: Sequence[str]) -> None:
         step = self.max_batch
@@ -577,9 +590,9 @@ class ChromaStore:
     def get(self, ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
             include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
         with self._guard("read records"):
-            return self.collection.get(ids=list(ids) if ids is not None else None,
-                                       where=dict(where) if where else None,
-                                       include=list(include))
+            return lift_texts(self.collection.get(ids=list(ids) if ids is not None else None,
+                                                  where=dict(where) if where else None,
+                                                  include=_reading(include)), include)
 
     def unit_vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], np.ndarray]:
         """The vectors of those of `ids` that Chroma holds, L2-normalized (cosine by dot
@@ -629,8 +642,9 @@ class ChromaStore:
         offset = 0
         while True:
             with self._guard("read records"):
-                batch = self.collection.get(include=list(include), limit=page, offset=offset,
-                                            where=dict(where) if where else None)
+                batch = lift_texts(self.collection.get(
+                    include=_reading(include), limit=page, offset=offset,
+                    where=dict(where) if where else None), include)
             if not batch["ids"]:
                 return
             yield batch
@@ -709,6 +723,30 @@ class ChromaStore:
                 include=["distances"])
         # Chroma's cosine space returns 1 - cos; turned back into similarity here only.
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
+
+
+def _reading(include: Sequence[str]) -> list[str]:
+    """What to ask Chroma for so that `lift_texts` can answer `include`."""
+    out = list(include)
+    return out + ["metadatas"] if "documents" in out and "metadatas" not in out else out
+
+
+def lift_texts(got: dict[str, Any], include: Sequence[str]) -> dict[str, Any]:
+    """A Chroma `get` result as if texts were documents: each record's `TEXT_KEY` moved out
+    of its metadata into `documents` (a record of a format-2 store has its document
+    there already)."""
+    metas = got.get("metadatas")
+    if metas is None:
+        return got
+    texts = got.get("documents") or [None] * len(metas)
+    for i, meta in enumerate(metas):
+        if meta and TEXT_KEY in meta:
+            texts[i] = meta.pop(TEXT_KEY)
+    if "documents" in include:
+        got["documents"] = texts
+    if "metadatas" not in include:
+        got["metadatas"] = None
+    return got
 
 
 def _parts(parents: list[str], sizes: Mapping[str, int], limit: int) -> Iterator[list[str]]:
