@@ -52,6 +52,8 @@ def _records(workdir: Path) -> None:
     """The stores' records, once, into workdir (vectors.npy + records.json)."""
     import chromadb
 
+    from retrievekit.store import lift_texts
+
     ids: list[str] = []
     texts: list[str] = []
     metas: list[Any] = []
@@ -62,7 +64,8 @@ def _records(workdir: Path) -> None:
             col = client.get_collection(c.name)
             if c.name.endswith("-rklog"):  # the change log, not records
                 continue
-            got = col.get(include=["documents", "embeddings", "metadatas"], limit=col.count())
+            got = lift_texts(col.get(include=["documents", "embeddings", "metadatas"],
+                                     limit=col.count()), ["documents", "metadatas"])
             ids += [f"{name}:{i}" for i in got["ids"]]
             texts += got["documents"]
             metas += got["metadatas"]

@@ -133,7 +133,7 @@ def dead_metadata(parent: str, old: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata that overwrites a stale record as dead (Chroma merges metadata on upsert, so
     every other key is set to None, which removes it)."""
     meta: dict[str, Any] = {k: None for k in old}
-    meta.update({PARENT_KEY: parent, DEAD_KEY: True, TEXT_KEY: None})
+    meta.update({PARENT_KEY: parent, DEAD_KEY: True})
     return meta
 
 

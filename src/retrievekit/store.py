@@ -577,7 +577,7 @@ class ChromaStore:
         if self.texts_in_metadata:
             extra = {}
             for meta, text in zip(metas, texts):
-                meta.setdefault(TEXT_KEY, text)  # a dead record's None removes it
+                meta[TEXT_KEY] = text
         with self._guard(f"write {len(ids)} records"):
             self.collection.upsert(ids=ids, embeddings=vectors, metadatas=metas, **extra)
 
@@ -733,15 +733,16 @@ def _reading(include: Sequence[str]) -> list[str]:
 
 def lift_texts(got: dict[str, Any], include: Sequence[str]) -> dict[str, Any]:
     """A Chroma `get` result as if texts were documents: each record's `TEXT_KEY` moved out
-    of its metadata into `documents` (a record of a format-2 store has its document
-    there already)."""
+    of its metadata into `documents`, unless the record has a document (a format-2 store
+    writes its texts there; a `TEXT_KEY` beside it would be stale)."""
     metas = got.get("metadatas")
     if metas is None:
         return got
     texts = got.get("documents") or [None] * len(metas)
     for i, meta in enumerate(metas):
         if meta and TEXT_KEY in meta:
-            texts[i] = meta.pop(TEXT_KEY)
+            text = meta.pop(TEXT_KEY)
+            texts[i] = text if texts[i] is None else texts[i]  # a document wins
     if "documents" in include:
         got["documents"] = texts
     if "metadatas" not in include:
