@@ -52,7 +52,7 @@ def _records(workdir: Path) -> None:
     """The stores' records, once, into workdir (vectors.npy + records.json)."""
     import chromadb
 
-    from retrievekit.store import lift_texts
+    from retrievekit.store import read_lifted
 
     ids: list[str] = []
     texts: list[str] = []
@@ -64,8 +64,8 @@ def _records(workdir: Path) -> None:
             col = client.get_collection(c.name)
             if c.name.endswith("-rklog"):  # the change log, not records
                 continue
-            got = lift_texts(col.get(include=["documents", "embeddings", "metadatas"],
-                                     limit=col.count()), ["documents", "metadatas"])
+            got = read_lifted(col, ["documents", "embeddings", "metadatas"],
+                              limit=col.count())
             ids += [f"{name}:{i}" for i in got["ids"]]
             texts += got["documents"]
             metas += got["metadatas"]

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .persist import write_json
-from .store import ChromaStore, damaged_vectors, lift_texts
+from .store import ChromaStore, damaged_vectors, read_lifted
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,7 @@ def _rebuild(col: Any, vectors: Vectors, state: dict[str, Any],
     first = int(state["done"])
     for s in range(first, len(ids), STEP):
         batch = ids[s:s + STEP]
-        got = lift_texts(col.get(ids=batch, include=["documents", "metadatas"]),
-                         ["documents", "metadatas"])
+        got = read_lifted(col, ["documents", "metadatas"], ids=batch)
         col.upsert(ids=got["ids"], embeddings=vectors(got["documents"], got["metadatas"]))
         state["done"] = s + len(batch)
         note()

@@ -573,11 +573,12 @@ class ChromaStore:
         vectors = np.concatenate([np.asarray(g[1], dtype=np.float32) for g in groups])
         texts = [t for g in groups for t in g[2]]
         metas = [dict(m) for g in groups for m in g[3]]
-        extra: dict[str, Any] = {"documents": texts}
+        extra: dict[str, Any] = {}
         if self.texts_in_metadata:
-            extra = {}
             for meta, text in zip(metas, texts):
                 meta[TEXT_KEY] = text
+        else:
+            extra["documents"] = texts
         with self._guard(f"write {len(ids)} records"):
             self.collection.upsert(ids=ids, embeddings=vectors, metadatas=metas, **extra)
 
@@ -590,9 +591,9 @@ class ChromaStore:
     def get(self, ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
             include: Sequence[str] = ("documents", "metadatas")) -> dict[str, Any]:
         with self._guard("read records"):
-            return lift_texts(self.collection.get(ids=list(ids) if ids is not None else None,
-                                                  where=dict(where) if where else None,
-                                                  include=_reading(include)), include)
+            return read_lifted(self.collection, include,
+                               ids=list(ids) if ids is not None else None,
+                               where=dict(where) if where else None)
 
     def unit_vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], np.ndarray]:
         """The vectors of those of `ids` that Chroma holds, L2-normalized (cosine by dot
@@ -642,9 +643,8 @@ class ChromaStore:
         offset = 0
         while True:
             with self._guard("read records"):
-                batch = lift_texts(self.collection.get(
-                    include=_reading(include), limit=page, offset=offset,
-                    where=dict(where) if where else None), include)
+                batch = read_lifted(self.collection, include, limit=page, offset=offset,
+                                    where=dict(where) if where else None)
             if not batch["ids"]:
                 return
             yield batch
@@ -725,10 +725,13 @@ class ChromaStore:
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
 
 
-def _reading(include: Sequence[str]) -> list[str]:
-    """What to ask Chroma for so that `lift_texts` can answer `include`."""
-    out = list(include)
-    return out + ["metadatas"] if "documents" in out and "metadatas" not in out else out
+def read_lifted(collection: Any, include: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+    """`collection.get(include=include, **kwargs)` with the texts as documents, wherever
+    the records keep them (`lift_texts`)."""
+    ask = list(include)
+    if "documents" in ask and "metadatas" not in ask:
+        ask.append("metadatas")  # a format-3 text is in the metadata
+    return lift_texts(collection.get(include=ask, **kwargs), include)
 
 
 def lift_texts(got: dict[str, Any], include: Sequence[str]) -> dict[str, Any]:
@@ -742,7 +745,8 @@ def lift_texts(got: dict[str, Any], include: Sequence[str]) -> dict[str, Any]:
     for i, meta in enumerate(metas):
         if meta and TEXT_KEY in meta:
             text = meta.pop(TEXT_KEY)
-            texts[i] = text if texts[i] is None else texts[i]  # a document wins
+            if texts[i] is None:
+                texts[i] = text
     if "documents" in include:
         got["documents"] = texts
     if "metadatas" not in include:
