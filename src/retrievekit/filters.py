@@ -69,13 +69,11 @@ def _bad(name: str, what: str, value: Any, fix: str = "") -> None:
 def may_match_dead(where: Mapping[str, Any]) -> bool:
     """Whether a (valid) filter can match a dead record, which holds reserved keys only
     (records.dead_metadata): through `$ne`, `$nin` or `$not_contains`, which match records
-    without the key, or a reserved key. Other filters need no live-records clause
-    (`records.live_where`)."""
+    without the key. Other filters need no live-records clause (`records.live_where`)."""
     (key, cond), = where.items()
     if key in _LOGICAL:
         return any(may_match_dead(sub) for sub in cond)
-    return key.startswith("_rk_") or isinstance(cond, Mapping) and \
-        next(iter(cond)) in ("$ne", "$nin", "$not_contains")
+    return isinstance(cond, Mapping) and next(iter(cond)) in ("$ne", "$nin", "$not_contains")
 
 
 def _check_clause(clause: Any, name: str, depth: int) -> None:
@@ -99,6 +97,10 @@ def _check_clause(clause: Any, name: str, depth: int) -> None:
     elif key.startswith("$"):
         _bad(f"{name} key", "a metadata field, '$and' or '$or'", key,
              f"operators go inside a field: {{'field': {{{key!r}: ...}}}}")
+    elif key.startswith("_rk_"):  # internals: their layout differs between store formats
+        _bad(f"{name} key", "a metadata field of your documents", key,
+             "keys starting with '_rk_' are retrievekit's own bookkeeping, which documents "
+             "cannot hold; filter on your metadata")
     elif isinstance(cond, Mapping):
         if len(cond) != 1:
             _bad(here, "one operator and its operand", cond,
@@ -292,7 +294,7 @@ def _clause(where: Any, tv: Any, schema: Any) -> Any:
             subs = [_clause(c, tv, schema) for c in cond]
             occur = tv.Occur.Must if key == "$and" else tv.Occur.Should
             parts.append(tv.Query.boolean_query([(occur, q) for q in subs]))
-        elif key.startswith(("$", "_rk_")):  # reserved keys are not indexed: Chroma says
+        elif key.startswith("$"):
             raise Unsupported
         elif isinstance(cond, Mapping):
             if len(cond) != 1:

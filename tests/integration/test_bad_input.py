@@ -106,6 +106,9 @@ def test_invalid_where(shared, where, mode):
     ({"$in": [1]}, ["where key", "'$in'", "operators go inside a field"]),
     ({"year": math.nan}, ["where['year']", "finite number"]),
     ({"topic": "caf\udce9"}, ["where['topic']", "lone surrogate"]),
+    # internals: _rk_text is a metadata key at store format 3, a Chroma document at 2
+    ({"$and": [{"topic": "food"}, {"_rk_text": "x"}]},
+     ["where['$and'][1] key", "'_rk_text'", "retrievekit's own bookkeeping"]),
 ])
 def test_filter_that_chroma_would_fail_on_is_named(shared, where, mode, words):
     refused(lambda r: r.search("cats", where=where, mode=mode), shared, words=words)

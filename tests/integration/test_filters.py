@@ -1072,7 +1072,7 @@ def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
     """`may_match_dead` decides whether a filter left to Chroma needs its live-records
     clause (~50 ms at 120k records). Oracle: a Chroma collection holding one dead record
     (`dead_metadata`) and random filters; every filter that matches it must be flagged,
-    and a filter with none of `$ne`, `$nin`, `$not_contains` or a reserved key never is."""
+    and a filter with none of `$ne`, `$nin`, `$not_contains` never is."""
     from chromadb.api.types import validate_where as chroma_validate
 
     from retrievekit.filters import may_match_dead
@@ -1085,7 +1085,7 @@ def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
             metadatas=[{**dead_metadata("p", {}), "_rk_seq": 3}])
     rng = random.Random(17)
     matched = 0
-    for where in [_where(rng) for _ in range(300)] + [{"_rk_parent": "p"}]:
+    for where in [_where(rng) for _ in range(300)]:
         try:
             chroma_validate(where)
             hit = bool(col.get(where=where, include=[])["ids"])
@@ -1095,6 +1095,6 @@ def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
             matched += 1
             assert may_match_dead(where), where
         text = repr(where)
-        if not any(s in text for s in ("$ne", "$nin", "$not_contains", "_rk_")):
+        if not any(s in text for s in ("$ne", "$nin", "$not_contains")):
             assert not may_match_dead(where), where
     assert matched >= 30, matched
