@@ -3,6 +3,7 @@ windows of model tokens, cut at token boundaries of the original text (no re-dec
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -74,6 +75,42 @@ def split_offsets(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int
     return chunks
 
 
-def chunk_id(parent_id: str, position: int) -> str:
-    """The id of chunk `position` of document `parent_id`."""
-    return f"{parent_id}#chunk{position}"
+def token_lengths(tokenizer: Any, texts: Sequence[str], window: int
+                  ) -> list[tuple[int, Sequence[tuple[int, int]] | None]]:
+    """Each text's length in tokens (no special tokens) and, when longer than `window`, the
+    offsets to split it at (`split_offsets`), from one tokenizer pass. A fast tokenizer runs
+    through a private copy of its `tokenizers` backend without truncation or padding
+    (transformers sets those on the shared backend at every call, so it cannot be called
+    bare), which saves transformers' conversion of every encoding to lists: 4.7 against
+    5.4 s for 20k passages here. A slow tokenizer gives no offsets (None): `split_text`
+    refuses it with transformers' own error."""
+    plain = _plain_backend(tokenizer)
+    if plain is not None:
+        out = []
+        for enc in plain.encode_batch(list(texts), add_special_tokens=False):
+            n = len(enc)
+            out.append((n, enc.offsets if n > window else None))
+        return out
+    enc = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False,
+                    return_attention_mask=False, return_token_type_ids=False)
+    return [(len(ids), None) for ids in enc["input_ids"]]
+
+
+_PLAIN: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _plain_backend(tokenizer: Any) -> Any | None:
+    """The fast tokenizer's backend copied, without truncation or padding (None: slow)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) \
+        if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    plain = _PLAIN.get(tokenizer)
+    if plain is None:
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.no_truncation()
+        plain.no_padding()
+        _PLAIN[tokenizer] = plain
+    return plain

@@ -379,12 +379,12 @@ class HybridRetriever:
                   fix="None: one Chroma batch")
         ids: list[str] = []
         if isinstance(documents, Sequence):
-            ids = [d.id for d in _validated(documents)]  # all of it, before any write
+            checked = list(_validated(documents, ids))  # all of it, before any write
             if not ids:
                 return []
             if not self.config.chunking.enabled:
-                self._writer.check(_validated(documents, unique=False))
-            source = _validated(documents, unique=False)
+                self._writer.check(checked)
+            source: Iterable[Document] = _drained(checked)
             total: int | None = len(documents)
         else:
             source = _validated(documents, ids)
@@ -672,6 +672,13 @@ def _validated(documents: Iterable[Any], ids: list[str] | None = None, *,
         if ids is not None:
             ids.append(doc.id)
         yield doc
+
+
+def _drained(items: list[Any]) -> Iterator[Any]:
+    """The items of a list, each let go of by the list as it is handed out."""
+    for i in range(len(items)):
+        item, items[i] = items[i], None
+        yield item
 
 
 def _callers(items: Iterable[Any]) -> Iterator[Any]:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .changelog import ChangeLog, Mark
-from .chunking import ChunkConfig, split_offsets, split_text
+from .chunking import ChunkConfig, split_offsets, split_text, token_lengths
 from .embedding import Embedder
 from .errors import ConfigError, InvalidInputError, StoreFullError
 from .funnel import short_vectors
@@ -87,15 +87,10 @@ def document_records(docs: Sequence[Document], embedder: Embedder, chunking: Chu
     are cut at. `first`: the position of docs[0] in the caller's input (error messages)."""
     tok = embedder.tokenizer
     window, overlap = chunk_window(embedder, chunking)
-    fast = bool(getattr(tok, "is_fast", False))  # offsets need a fast tokenizer
-    enc = tok([d.text for d in docs], add_special_tokens=False, truncation=False,
-              verbose=False, return_offsets_mapping=fast, return_attention_mask=False,
-              return_token_type_ids=False)
-    offsets = enc["offset_mapping"] if fast else [None] * len(docs)
     out: dict[str, list[Record]] = {}
-    for j, (doc, ids, offs) in enumerate(zip(docs, enc["input_ids"], offsets)):
+    lengths = token_lengths(tok, [d.text for d in docs], window)
+    for j, (doc, (n, offs)) in enumerate(zip(docs, lengths)):
         assert doc.id is not None
-        n = len(ids)
         if n <= window:
             out[doc.id] = make_records(doc.id, doc.text, doc.metadata, None)
             continue

@@ -15,6 +15,8 @@ from collections import Counter
 
 import pytest
 
+from retrievekit import writer
+from retrievekit.chunking import token_lengths
 from retrievekit.errors import InvalidInputError
 from retrievekit.pipeline import HybridRetriever
 from retrievekit.records import PARENT_KEY, SEQ_KEY
@@ -178,7 +180,13 @@ def test_each_text_is_tokenized_once_before_encoding(tmp_path, tiny_embedder, mo
                     seen[t] += 1
             return real(self, text, *args, **kwargs)
 
+        def lengths(tokenizer, texts, window):  # its own copy of the tokenizer's backend
+            for t in texts:
+                seen[t] += 1
+            return token_lengths(tokenizer, texts, window)
+
         monkeypatch.setattr(type(tok), "__call__", counting)
+        monkeypatch.setattr(writer, "token_lengths", lengths)
         r.add_documents(docs, batch_records=6)
         assert all(seen[d.text] == 1 for d in docs), [seen[d.text] for d in docs]
         assert r.count() > len(docs)  # the long ones were chunked
