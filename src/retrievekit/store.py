@@ -726,18 +726,14 @@ class ChromaStore:
 
 
 def read_lifted(collection: Any, include: Sequence[str], **kwargs: Any) -> dict[str, Any]:
-    """`collection.get(include=include, **kwargs)` with the texts as documents, wherever
-    the records keep them (`lift_texts`)."""
+    """`collection.get(include=include, **kwargs)` with the texts as documents: each
+    record's `TEXT_KEY` moved out of its metadata into `documents`, unless the record has a
+    document (a format-2 store writes its texts there; a `TEXT_KEY` beside it would be
+    stale)."""
     ask = list(include)
     if "documents" in ask and "metadatas" not in ask:
         ask.append("metadatas")  # a format-3 text is in the metadata
-    return lift_texts(collection.get(include=ask, **kwargs), include)
-
-
-def lift_texts(got: dict[str, Any], include: Sequence[str]) -> dict[str, Any]:
-    """A Chroma `get` result as if texts were documents: each record's `TEXT_KEY` moved out
-    of its metadata into `documents`, unless the record has a document (a format-2 store
-    writes its texts there; a `TEXT_KEY` beside it would be stale)."""
+    got = collection.get(include=ask, **kwargs)
     metas = got.get("metadatas")
     if metas is None:
         return got
