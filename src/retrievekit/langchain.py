@@ -50,6 +50,7 @@ from .adapters import (BUILD_KEYS, CHUNK_ID_KEY, RANKS_KEY, SCORES_KEY,  # noqa:
 from . import validate as v
 from .config import MODES, RetrieverConfig
 from .embedding import Embedder, EmbedderConfig
+from .filters import validate_where
 from .pipeline import HybridRetriever
 from .rerank import Reranker
 from .types import Document, Hit
@@ -174,8 +175,12 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
             raise InvalidInputError(f"documents[{i}] must be a langchain_core Document, got "
                                     f"{type(d).__name__}")
         doc_id = document_id(d)
+        meta = d.metadata
+        if RANKS_KEY in meta:  # a document the retriever returned: drop what it added
+            meta = {k: x for k, x in meta.items()
+                    if k != SCORE_KEY and not (k == ID_KEY and x == doc_id)}
         out.append(Document(text=d.page_content, id=doc_id,
-                            metadata=indexable(d.metadata, doc_id, f"documents[{i}]")))
+                            metadata=indexable(meta, doc_id, f"documents[{i}]")))
     return out
 
 
@@ -256,6 +261,19 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
     def _check_mode(cls, mode: str | None) -> str | None:
         return mode if mode is None else v.choice("mode", mode, MODES, error=InvalidInputError)
 
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _check_rerank(cls, rerank: bool | None) -> bool | None:
+        # before pydantic, which would read "no" or 0 as False
+        return v.boolean("rerank", rerank, optional=True, error=InvalidInputError,
+                         fix="None reranks when a reranker is configured")
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _check_where(cls, where: Any) -> Any:
+        validate_where(where)  # refused now, not at the first search
+        return where
+
     # -- search ------------------------------------------------------------------------------
     def _search_args(self, k: int | None, where: Any, mode: Any, rerank: Any,
                      extra: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -294,9 +312,11 @@ class RetrieveKitRetriever(ClosesOwnRetriever, DocumentIndex):
 
         Ids: ``Document.id`` when set, else a hash of text and metadata (`document_id`).
         Metadata values must be str, int, float, bool or lists of one of those.
-        ``kwargs`` go to `HybridRetriever.add_documents` (e.g. ``progress=False``).
+        ``progress`` and ``batch_records`` go to `HybridRetriever.add_documents`.
         """
-        return self.retriever.add_documents(to_core(documents), **kwargs)
+        options = _write_options(kwargs, ("progress", "batch_records"),
+                                 "ids: set Document.id on each document")
+        return self.retriever.add_documents(to_core(documents), **options)
 
     async def aadd_documents(self, documents: Sequence[LCDocument], **kwargs: Any) -> list[str]:
         docs = list(documents) if isinstance(documents, Iterator) else documents
@@ -419,12 +439,15 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
 
     def add_documents(self, documents: list[LCDocument], **kwargs: Any) -> list[str]:
         """Index LangChain documents; ids from ``ids=`` (None entries allowed), else
-        ``Document.id``, else a hash of text and metadata. Returns the ids."""
+        ``Document.id``, else a hash of text and metadata. Returns the ids.
+
+        ``progress`` and ``batch_records`` go to `HybridRetriever.add_documents`.
+        ``batch_size`` (which LangChain's indexing API passes) is checked and otherwise
+        unused: the add is streamed in bounded batches already (``batch_records``)."""
         ids = kwargs.pop("ids", None)
-        progress = kwargs.pop("progress", None)
-        if kwargs:
-            raise InvalidInputError(f"add_documents takes ids= and progress= only, got "
-                                    f"{sorted(kwargs)}")
+        batch_size = kwargs.pop("batch_size", None)
+        v.integer("batch_size", batch_size, 1, optional=True, error=InvalidInputError)
+        options = _write_options(kwargs, ("progress", "batch_records"))
         docs = to_core(documents)
         if ids is not None:
             ids = _list_arg(ids, "ids")
@@ -433,7 +456,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
                                         "documents; pass one id per document")
             docs = [d if i is None else Document(text=d.text, id=i, metadata=d.metadata)
                     for d, i in zip(docs, ids)]
-        return self.retriever.add_documents(docs, progress=progress)
+        return self.retriever.add_documents(docs, **options)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
         """Delete documents (all their chunks) by id; unknown ids are skipped."""
@@ -451,13 +474,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
 
     # -- search ------------------------------------------------------------------------------
     def _search(self, query: str, k: int, kwargs: dict[str, Any]) -> list[Hit]:
-        unknown = sorted(set(kwargs) - set(_VS_SEARCH))
-        if unknown:
-            raise InvalidInputError(f"unknown search arguments {unknown}; valid: "
-                                    f"{list(_VS_SEARCH)} (filter= is a Chroma where dict)")
-        if "filter" in kwargs and "where" in kwargs:
-            raise InvalidInputError("pass filter= or where= (the same thing), not both")
-        where = kwargs.get("filter", kwargs.get("where"))
+        where = _where(kwargs, _VS_SEARCH)
         return self.retriever.search(query, k, where=where,
                                      mode=kwargs.get("mode") or self.retrieval_mode,
                                      rerank=kwargs.get("rerank"), weights=kwargs.get("weights"))
@@ -475,7 +492,8 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
 
     def _similarity_search_with_relevance_scores(self, query: str, k: int = 4, **kwargs: Any
                                                  ) -> list[tuple[LCDocument, float]]:
-        return [(stored_document(h.document, partial(h)), self.retriever.relevance(h))
+        return [(stored_document(h.document, partial(h)),
+                 self.retriever.relevance(h, weights=kwargs.get("weights")))
                 for h in self._search(query, k, kwargs)]
 
     async def _asimilarity_search_with_relevance_scores(self, query: str, k: int = 4,
@@ -489,12 +507,22 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         """Dense search with a query vector from this store's `embeddings.embed_query`."""
         if kwargs.get("mode", "dense") != "dense":
             raise InvalidInputError("a search by vector is dense; it has no text for BM25")
-        unknown = sorted(set(kwargs) - {"filter", "where", "mode"})
-        if unknown:
-            raise InvalidInputError(f"unknown search arguments {unknown}; valid: filter, where")
-        hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False,
-                                     where=kwargs.get("filter", kwargs.get("where")),
+        where = _where(kwargs, ("filter", "where", "mode"))
+        hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False, where=where,
                                      query_vector=embedding)
+        return [stored_document(h.document, partial(h)) for h in hits]
+
+    def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4,
+                                                fetch_k: int = 20, lambda_mult: float = 0.5,
+                                                **kwargs: Any) -> list[LCDocument]:
+        """`max_marginal_relevance_search` from a query vector (`embeddings.embed_query`):
+        the candidates come from the dense side, which alone can search by vector."""
+        if kwargs.get("mode", "dense") != "dense":
+            raise InvalidInputError("a search by vector is dense; it has no text for BM25")
+        where = _where(kwargs, ("filter", "where", "mode"))
+        hits = self.retriever.search_mmr("(by vector)", k, fetch_k=fetch_k,
+                                         lambda_mult=lambda_mult, where=where, mode="dense",
+                                         query_vector=embedding)
         return [stored_document(h.document, partial(h)) for h in hits]
 
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20,
@@ -502,11 +530,9 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
                                       ) -> list[LCDocument]:
         """`k` documents out of the `fetch_k` best, picked for relevance and diversity
         (`HybridRetriever.search_mmr`; candidates found in the store's retrieval mode)."""
-        unknown = sorted(set(kwargs) - {"filter", "where", "mode"})
-        if unknown:
-            raise InvalidInputError(f"unknown search arguments {unknown}; valid: filter, mode")
+        where = _where(kwargs, ("filter", "where", "mode"))
         hits = self.retriever.search_mmr(query, k, fetch_k=fetch_k, lambda_mult=lambda_mult,
-                                         where=kwargs.get("filter", kwargs.get("where")),
+                                         where=where,
                                          mode=kwargs.get("mode") or self.retrieval_mode)
         return [stored_document(h.document, partial(h)) for h in hits]
 
@@ -536,6 +562,28 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
             store.close()
             raise
         return store
+
+
+def _where(kwargs: Mapping[str, Any], valid: Sequence[str]) -> Any:
+    """The filter of a vector-store search: ``filter=`` (langchain-chroma's name) or
+    ``where=``, not both; any argument outside `valid` is refused."""
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"unknown search arguments {unknown}; valid: {list(valid)} "
+                                "(filter= is a Chroma where dict)")
+    if "filter" in kwargs and "where" in kwargs:
+        raise InvalidInputError("pass filter= or where= (the same thing), not both")
+    return kwargs.get("filter", kwargs.get("where"))
+
+
+def _write_options(kwargs: Mapping[str, Any], valid: Sequence[str], hint: str = ""
+                   ) -> dict[str, Any]:
+    """The keyword arguments of a write that go to `HybridRetriever.add_documents`."""
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"add_documents got unknown arguments {unknown}; valid: "
+                                f"{list(valid)}{'; ' + hint if hint else ''}")
+    return dict(kwargs)
 
 
 def _list_arg(value: Any, name: str) -> list[Any]:

@@ -28,7 +28,8 @@ Indexed nodes (`RetrieveKitRetriever.insert_nodes` / `add_documents`):
     text: ``node.get_content(metadata_mode=MetadataMode.NONE)`` -- the text alone, as the core
     embeds and tokenizes it (LlamaIndex's own vector stores embed metadata with the text).
     metadata, flattened for Chroma: nested dicts become dotted keys (``{"author": {"name":
-    "x"}}`` -> ``{"author.name": "x"}``, filterable as such); None values, empty lists and
+    "x"}}`` -> ``{"author.name": "x"}``, filterable as such; a key excluded from the LLM
+    or embed view, ``"author"``, excludes its dotted keys); None values, empty lists and
     empty dicts are dropped; tuples become lists; any other value that Chroma cannot hold
     (a datetime, a list of dicts, a list of mixed types) raises `InvalidInputError` naming the
     node and the key -- convert it (e.g. ``json.dumps``) or remove it before inserting. The
@@ -234,7 +235,8 @@ def stored_node(doc: Document, extra: Mapping[str, Any] | None = None) -> TextNo
 
 
 def flatten_metadata(metadata: Mapping[str, Any], node_id: str) -> dict[str, Any]:
-    """Metadata Chroma can hold, per the policy in the module doc; raises InvalidInputError."""
+    """Metadata with nested dicts as dotted keys, None values and empty lists dropped (the
+    policy in the module doc; `clean_metadata` checks the rest)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, items: Mapping[Any, Any]) -> None:
@@ -255,7 +257,7 @@ def flatten_metadata(metadata: Mapping[str, Any], node_id: str) -> dict[str, Any
             out[key] = list(v) if isinstance(v, tuple) else v
 
     walk("", metadata)
-    return clean_metadata(out, f"node {node_id!r}")
+    return out
 
 
 def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Document]:
@@ -271,18 +273,22 @@ def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Docume
         if not isinstance(n, BaseNode):
             raise InvalidInputError(f"nodes[{i}] must be a LlamaIndex node or Document, got "
                                     f"{type(n).__name__}")
-        meta = indexable(n.metadata, n.node_id, f"nodes[{i}]")
+        meta = flatten_metadata(indexable(n.metadata, n.node_id, f"nodes[{i}]"), n.node_id)
         source = n.source_node
         if source is not None and source.node_id:
             meta[REF_DOC_KEY] = source.node_id
+        # order and exclusions name the stored (flattened) keys: an excluded "author" hides
+        # "author.name" and "author.email"; result keys need no record
         if len(meta) > 1:
             meta[KEY_ORDER_KEY] = list(meta)
         for field, key in EXCLUDED_KEYS.items():
-            keep = [k for k in getattr(n, field) if k in meta]  # result keys need no record
+            hidden = set(getattr(n, field))
+            keep = [k for k in meta if k in hidden or any(
+                k.startswith(h + ".") for h in hidden if isinstance(h, str))]
             if keep:
                 meta[key] = keep
         out.append(Document(text=n.get_content(metadata_mode=MetadataMode.NONE), id=n.node_id,
-                            metadata=flatten_metadata(meta, n.node_id)))
+                            metadata=clean_metadata(meta, f"node {n.node_id!r}")))
     return out
 
 
@@ -365,6 +371,7 @@ def _as_where(where: Any, name: str) -> dict[str, Any] | None:
     if where is None or isinstance(where, (MetadataFilters, MetadataFilter)):
         return metadata_filters_to_where(where)
     if isinstance(where, Mapping):
+        validate_where(where)  # refused now, not at the first search
         return dict(where) or None
     raise InvalidInputError(f"{name} must be a Chroma where dict (e.g. {{'lang': 'en'}}) or "
                             f"LlamaIndex MetadataFilters, got {type(where).__name__}")

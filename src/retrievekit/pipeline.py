@@ -31,7 +31,7 @@ from .hnsw_repair import repair_if_damaged
 from .records import (PARENT_KEY, SEQ_KEY, check_document_id, from_chroma, live_where,
                       parent_of, reassemble)
 from .rerank import RerankConfig, Reranker
-from .searcher import FusionSettings, LocalEngine, Searcher
+from .searcher import FusionSettings, LocalEngine, Searcher, check_weights
 from .settings import config_from_settings, reconcile
 from .sparse import SparseIndex
 from .store import ChromaStore, chroma_errors, clean_metadata
@@ -479,12 +479,13 @@ class HybridRetriever:
             sparse_candidates=sparse_candidates,
             candidates=candidates if candidates is not None else self.config.candidates)
 
-    def relevance(self, hit: Hit) -> float:
+    def relevance(self, hit: Hit, *, weights: Mapping[str, float] | None = None) -> float:
         """A hit's score mapped to [0, 1], comparable across queries (for score thresholds):
         the cross-encoder's sigmoid score when reranked; in hybrid mode the fused score over
         the best one possible (1: at or above the mean + 3 sd of both sides under dbsf, the
         top of both under relative_score, first on both under RRF); in dense mode the cosine
-        similarity (negative ones as 0).
+        similarity (negative ones as 0). `weights`: those the search that found the hit was
+        given (None: the configured ones), which set the best fused score possible.
 
         Raises:
             InvalidInputError: for a sparse-only hit: BM25 scores have no upper bound, so
@@ -499,7 +500,8 @@ class HybridRetriever:
             return float(s if self._reranker.config.sigmoid else 1 / (1 + np.exp(-s)))
         if "fused" in hit.scores:
             cfg = self.config
-            ceiling = score_ceiling(cfg.fusion, cfg.weights, cfg.rrf_k)
+            used = {**cfg.weights, **(check_weights(weights) if weights is not None else {})}
+            ceiling = score_ceiling(cfg.fusion, used, cfg.rrf_k)
             return min(1.0, max(0.0, hit.scores["fused"] / ceiling)) if ceiling else 0.0
         if "dense" in hit.scores:
             return min(1.0, max(0.0, float(hit.scores["dense"])))
@@ -510,13 +512,14 @@ class HybridRetriever:
     @_guarded("search")
     def search_mmr(self, query: str, k: int = 4, *, fetch_k: int = 20,
                    lambda_mult: float = 0.5, where: Mapping[str, Any] | None = None,
-                   mode: str | None = None) -> list[Hit]:
+                   mode: str | None = None, query_vector: Any = None) -> list[Hit]:
         """Maximal Marginal Relevance: `fetch_k` hits found as by `search` (no reranking),
         then `k` of them picked for relevance to the query and novelty among each other
         (cosine similarity of the stored vectors of the matched chunks; diversity.py).
 
         Args:
             lambda_mult: 1 picks by relevance alone, 0 by diversity alone.
+            query_vector: the query's vector, as for `search` (then `query` is not encoded).
         """
         from .diversity import mmr
         from .funnel import short_vectors
@@ -525,12 +528,14 @@ class HybridRetriever:
             v.integer(name, value, error=InvalidInputError)
         v.number("lambda_mult", lambda_mult, 0, 1, error=InvalidInputError,
                  fix="1 picks by relevance alone, 0 by diversity alone")
-        vec = self.embedder.embed_query(query) if isinstance(query, str) and query.strip() \
+        vec = query_vector if query_vector is not None else \
+            self.embedder.embed_query(query) if isinstance(query, str) and query.strip() \
             else None
         hits = self.search(query, max(fetch_k, k), where=where, mode=mode, rerank=False,
-                           query_vector=vec)
+                           query_vector=vec)  # checks query_vector
         if not hits:
             return []
+        vec = np.asarray(vec, dtype=np.float32)
         chunk_ids = [h.chunk_id or h.id for h in hits]
         got = self._store.get(ids=chunk_ids, include=["embeddings"])
         stored = dict(zip(got["ids"], got["embeddings"]))

@@ -438,7 +438,7 @@ class Searcher:
         v.integer("candidates", candidates, error=InvalidInputError, fix="e.g. 50")
         v.integer("sparse_candidates", sparse_candidates, optional=True, error=InvalidInputError)
         if weights is not None:
-            weights = _check_weights(weights)
+            weights = check_weights(weights)
         reranker = self.reranker if rerank is not False else None
         want = max(k, reranker.config.candidates if reranker else k)
         if self.before is not None:
@@ -498,7 +498,9 @@ class Searcher:
         return hits
 
 
-def _check_weights(weights: Any) -> dict[str, float]:
+def check_weights(weights: Any) -> dict[str, float]:
+    """One search's fusion weights, checked: a dict of 'dense' and/or 'sparse' to numbers
+    >= 0 (the sides it leaves out keep their configured weight)."""
     from .fusion import validate_rrf_params
 
     if not isinstance(weights, Mapping) or set(weights) - {"dense", "sparse"}:

@@ -257,6 +257,12 @@ def test_add_documents_ids_and_metadata(embedder):
             lc.add_documents(LCDocument(page_content="x"))
         with pytest.raises(InvalidInputError, match="documents\\[0\\]"):
             lc.add_documents(["plain str"])
+        for write in (lc.add_documents, lc.upsert):  # ids belong on the documents
+            with pytest.raises(InvalidInputError, match="\\['ids'\\].*set Document.id"):
+                write([LCDocument(page_content="x y")], ids=["x"])
+        with pytest.raises(InvalidInputError, match="\\['batch_size'\\]"):
+            asyncio.run(lc.aadd_documents([LCDocument(page_content="x y")], batch_size=2))
+        assert hr.count() == 3
     finally:
         hr.close()
 
@@ -331,6 +337,32 @@ def test_indexing_api_incremental_and_full_cleanup_keep_both_sides_in_step(embed
         assert sorted(d.page_content for d in lc.get(rm.list_keys())) == sorted([rome, roo])
     finally:
         hr.close()
+
+
+def test_indexing_api_writes_to_the_vector_store(embedder):
+    """index() passes batch_size= to a VectorStore's add_documents: the store takes it
+    (and refuses a bad one by name) instead of refusing the whole call."""
+    from retrievekit.langchain import RetrieveKitVectorStore
+
+    vs = RetrieveKitVectorStore(path=":memory:", collection=f"lci-{uuid.uuid4().hex[:8]}",
+                                embedding=RetrieveKitEmbeddings(embedder))
+    rm = InMemoryRecordManager(namespace=f"rk/{uuid.uuid4().hex}")
+    rm.create_schema()
+    docs = [LCDocument(page_content=t, metadata={"source": s}) for t, s in
+            (("Owls hunt at night.", "a"), ("Bees make honey.", "a"), ("Rust is fast.", "b"))]
+    try:
+        res = index(docs, rm, vs, cleanup="incremental", source_id_key="source",
+                    key_encoder="sha256", batch_size=2)
+        assert res == {"num_added": 3, "num_updated": 0, "num_skipped": 0, "num_deleted": 0}
+        res = index(docs[1:], rm, vs, cleanup="incremental", source_id_key="source",
+                    key_encoder="sha256")
+        assert res["num_deleted"] == 1 and res["num_skipped"] == 2
+        assert vs.retriever.count() == 2 and vs.retriever.verify()["ok"]
+        with pytest.raises(InvalidInputError, match="batch_size"):
+            vs.add_documents([LCDocument(page_content="x y")], batch_size=0)
+        assert vs.retriever.count() == 2
+    finally:
+        vs.close()
 
 
 async def test_async_indexing_api_replaces_changed_source(embedder):
@@ -482,6 +514,17 @@ def test_all_is_pinned():
         assert getattr(mod, name).__module__ == "retrievekit.langchain"
 
 
+def test_fields_are_checked_strictly_at_construction(retriever):
+    """pydantic alone reads rerank="no" as False and takes any dict as a filter."""
+    for bad in ("no", "yes", 0, 1):
+        with pytest.raises(ConfigError, match="rerank"):
+            RetrieveKitRetriever(retriever=retriever, rerank=bad)
+    with pytest.raises(ConfigError, match="\\$bad"):
+        RetrieveKitRetriever(retriever=retriever, where={"$bad": 1})
+    assert RetrieveKitRetriever(retriever=retriever, rerank=False, where={"topic": "food"}
+                                ).invoke("bread")[0].id == "bread"
+
+
 def test_unknown_options_are_refused_with_the_right_name(retriever):
     from retrievekit.errors import ConfigError
     from retrievekit.langchain import RetrieveKitRetriever
@@ -546,6 +589,13 @@ def test_vector_store_modes_and_scores(embedder, corpus_docs):
     assert [s for _, s in rel] == pytest.approx([s / 2 for _, s in hybrid])
     assert all(0 <= s <= 1 for _, s in rel)
     assert [s for _, s in rel] == sorted((s for _, s in rel), reverse=True)
+    for w in ({"dense": 5, "sparse": 5}, {"dense": 0.2, "sparse": 0.2}, {"sparse": 3}):
+        # over the ceiling of the weights the search used: equal ones, the same relevance
+        weighted = vs.similarity_search_with_relevance_scores(q, k=3, weights=w)
+        if w["sparse"] == w.get("dense", 1):
+            assert [(d.id, s) for d, s in weighted] == [(d.id, pytest.approx(s))
+                                                        for d, s in rel]
+        assert all(0 <= s <= 1 for _, s in weighted) and weighted[0][1] > 0.5
     dense_rel = vs.similarity_search_with_relevance_scores(q, k=3, mode="dense")
     assert [s for _, s in dense_rel] == pytest.approx([s for _, s in dense])
     with pytest.raises(InvalidInputError, match="no upper bound"):
@@ -631,8 +681,22 @@ def test_vector_store_refuses_what_it_cannot_honor(embedder, retriever):
         vs.add_documents([LCDocument(page_content="x y"), LCDocument(page_content="z")], ids=["1"])
     with pytest.raises(InvalidInputError, match="by vector is dense"):
         vs.similarity_search_by_vector(vs.embeddings.embed_query("cats"), k=1, mode="hybrid")
-    assert vs.similarity_search_by_vector(vs.embeddings.embed_query("purring cats"), k=1)[0].id \
-        == "cats"
+    cats = vs.embeddings.embed_query("purring cats")
+    assert vs.similarity_search_by_vector(cats, k=1)[0].id == "cats"
+    # every search takes its filter as filter= or where=, never both (a filter=None beside
+    # where= hid the filter from the by-vector and MMR searches)
+    searches = {"similarity_search": lambda **kw: vs.similarity_search("cats", k=8, **kw),
+                "by_vector": lambda **kw: vs.similarity_search_by_vector(cats, k=8, **kw),
+                "mmr": lambda **kw: vs.max_marginal_relevance_search("cats", 8, 8, **kw),
+                "mmr_by_vector": lambda **kw: vs.max_marginal_relevance_search_by_vector(
+                    cats, 8, 8, **kw)}
+    for name, search in searches.items():
+        for key in ("filter", "where"):
+            found = search(**{key: {"topic": "code"}})
+            assert found and {d.metadata["topic"] for d in found} == {"code"}, (name, key)
+        with pytest.raises(InvalidInputError, match="not both"):
+            search(filter=None, where={"topic": "code"})
+    assert vs.max_marginal_relevance_search_by_vector(cats, k=1)[0].id == "cats"
     vs.close()  # not its retriever: still open
     assert retriever.count() == 8
 
@@ -666,9 +730,12 @@ def test_a_retrieved_chunk_is_never_added_in_its_document_s_place(embedder, corp
         vs.add_documents([part])
     whole = [d for d in RetrieveKitRetriever(retriever=vs.retriever, k=8).invoke("cats")
              if d.id == "cats"]
-    vs.add_documents(whole)  # its result keys are dropped: the same document again
+    stored = vs.retriever.get(["cats"])[0]
+    assert {"id", "score"} <= set(whole[0].metadata)
+    vs.add_documents(whole)  # what the search added is dropped: the same document again
+    assert vs.retriever.last_add_stats == {"written": 0, "unchanged": 1, "removed": 0}
     assert vs.retriever.count() == records and vs.retriever.get(["long"])[0].text == long
-    assert vs.get_by_ids(["cats"])[0].page_content == whole[0].page_content
+    assert vs.retriever.get(["cats"]) == [stored]
 
 
 def test_metadata_keys_of_several_types_are_refused_by_name():

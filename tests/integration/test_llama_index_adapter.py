@@ -166,9 +166,9 @@ def test_node_metadata_is_flattened_for_chroma():
         "tags": ("a", "b"), "n": 3, "retrievekit_ranks": {"dense": 1}})
     (doc,) = nodes_to_documents([node])
     assert doc.id == "n1" and doc.text == "hello"
-    assert dict(doc.metadata) == {"author.name": "Ada", "author.born.year": 1815,
-                                  "tags": ["a", "b"], "n": 3,
-                                  "_li_key_order": ["author", "skip", "empty", "tags", "n"]}
+    assert dict(doc.metadata) == {
+        "author.name": "Ada", "author.born.year": 1815, "tags": ["a", "b"], "n": 3,
+        "_li_key_order": ["author.name", "author.born.year", "tags", "n"]}
     assert node.metadata["tags"] == ("a", "b")  # the caller's node is untouched
 
 
@@ -617,6 +617,29 @@ def test_reader_exclusions_survive_the_round_trip(tmp_path, embedder):
         assert not any(k.startswith("_li_") for k in node.metadata)
 
 
+def test_an_excluded_nested_key_stays_hidden_and_inserts_again_unchanged(embedder):
+    """Exclusions name a node's keys before flattening: an excluded "author" hid neither
+    "author.name" nor "author.email" once stored, and inserting the retrieved node again
+    rewrote it (its recorded exclusions and key order named keys no longer there)."""
+    node = TextNode(id_="n1", text="Zebra stripes on the savanna.",
+                    metadata={"author": {"name": "Ann", "email": "ann@secret.example"},
+                              "year": 2020},
+                    excluded_llm_metadata_keys=["author"], excluded_embed_metadata_keys=["year"])
+    with RetrieveKitRetriever.from_defaults(path=":memory:", embedder=embedder,
+                                            collection=f"nx-{uuid.uuid4().hex[:8]}") as r:
+        r.insert_nodes([node])
+        got = r.retrieve("zebra")[0]
+        llm = got.node.get_content(metadata_mode=MetadataMode.LLM)
+        assert "ann@secret.example" not in llm and "Ann" not in llm and "2020" in llm
+        embed = got.node.get_content(metadata_mode=MetadataMode.EMBED)
+        assert "ann@secret.example" in embed and "2020" not in embed
+        assert list(got.node.metadata)[:3] == ["author.name", "author.email", "year"]
+        stored = r.retriever.get(["n1"])
+        r.insert_nodes([got])
+        assert r.retriever.last_add_stats["unchanged"] == 1
+        assert r.retriever.get(["n1"]) == stored
+
+
 def test_fusion_with_another_index_dedups_unsorted_metadata(embedder, corpus_docs):
     """QueryFusionRetriever over retrievekit and a plain VectorStoreIndex of the same nodes:
     one node per document, whatever the order of the metadata keys."""
@@ -655,6 +678,10 @@ def test_filters_set_after_construction_apply(hybrid):
     assert {n.node.node_id for n in r.retrieve("animals")} == {"cats", "dogs"}
     with pytest.raises(InvalidInputError, match="MetadataFilters"):
         r.filters = {"topic": "animals"}
+    before = r.where
+    with pytest.raises(InvalidInputError, match=r"\$bad"):  # when set, not at the search
+        r.where = {"$bad": 1}
+    assert r.where == before
 
 
 def test_a_retrieved_chunk_is_never_inserted_in_its_document_s_place(embedder):
