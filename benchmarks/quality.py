@@ -543,14 +543,15 @@ def _paired(a: Mapping[str, float], b: Mapping[str, float], rounds: int = 5000
     """Mean of a - b over the queries, its standard error, and the two-sided p-value of a
     paired randomization test (signs flipped at random, seed 0)."""
     import random
+    import statistics
 
     diff = [a[q] - b[q] for q in a]
     obs = sum(diff) / len(diff)
-    se = (sum((d - obs) ** 2 for d in diff) / len(diff)) ** 0.5 / len(diff) ** 0.5
+    se = statistics.stdev(diff) / len(diff) ** 0.5  # the sample's sd (n - 1)
     rng = random.Random(0)
     hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diff)) / len(diff)
                >= abs(obs) - 1e-12 for _ in range(rounds))
-    return obs, se, hits / rounds
+    return obs, se, (hits + 1) / (rounds + 1)  # the observed signs count as one round
 
 
 def phase_gap(args: argparse.Namespace) -> None:

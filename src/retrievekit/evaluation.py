@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -68,7 +68,7 @@ METRICS = ("ndcg", "recall", "mrr", "map")
 Qrels = Mapping[str, Mapping[str, int]]
 #: A run: per query, either ``{doc_id: score}`` (ranked by score desc, then doc id) or an
 #: already ranked sequence of doc ids.
-Run = Mapping[str, Union[Mapping[str, float], Sequence[str]]]
+Run = Mapping[Any, Union[Mapping[Any, float], Sequence[Any]]]
 SearchFn = Callable[[str, int], Sequence[Any]]
 
 
@@ -117,7 +117,7 @@ def _readable(path: Path) -> Iterator[None]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with _readable(path), opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+    with _readable(path), opener(path, "rt", encoding="utf-8-sig") as fh:  # type: ignore[operator]
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -229,7 +229,7 @@ _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with _readable(path), open(path, encoding="utf-8") as fh:
+    with _readable(path), open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -269,7 +269,7 @@ def dataset_documents(ds: BeirDataset) -> Iterator[tuple[str, str]]:
 
 def recall_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """Share of the relevant documents found in the top `k` of `ranking`."""
-    rel = _positive(relevant)
+    rel = _positive(relevant, ranking, k)
     if not rel:
         return 0.0
     return sum(1 for d in ranking[:k] if d in rel) / len(rel)
@@ -277,7 +277,7 @@ def recall_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> 
 
 def mrr_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """1 / rank of the first relevant document within the top `k`, else 0."""
-    rel = _positive(relevant)
+    rel = _positive(relevant, ranking, k)
     for i, d in enumerate(ranking[:k], start=1):
         if d in rel:
             return 1.0 / i
@@ -286,7 +286,7 @@ def mrr_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> flo
 
 def ndcg_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """nDCG@k with linear gain (the grade) and log2(rank + 1) discount (trec_eval)."""
-    rel = _positive(relevant)
+    rel = _positive(relevant, ranking, k)
     if not rel:
         return 0.0
     dcg = sum(rel.get(d, 0) / math.log2(i + 1) for i, d in enumerate(ranking[:k], start=1))
@@ -297,7 +297,7 @@ def ndcg_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> fl
 
 def map_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """Average precision at k, divided by all relevant documents (ranx / trec_eval map_cut)."""
-    rel = _positive(relevant)
+    rel = _positive(relevant, ranking, k)
     if not rel:
         return 0.0
     hits = 0
@@ -317,7 +317,14 @@ _METRIC_FNS: dict[str, Callable[[Sequence[str], Mapping[str, int], int], float]]
 }
 
 
-def _positive(relevant: Mapping[str, int]) -> dict[str, int]:
+def _positive(relevant: Mapping[str, int], ranking: Sequence[str], k: int
+              ) -> dict[str, int]:
+    """The relevant documents (grade > 0), once `ranking` and `k` are checked: a document
+    ranked twice would count twice (recall past 1), a cutoff below 1 means nothing."""
+    v.integer("k", k, 1, error=InvalidInputError, fix="e.g. 10")
+    if len(set(ranking)) != len(ranking):
+        raise InvalidInputError(f"ranking lists a document more than once: "
+                                f"{v.shown(list(ranking))}; deduplicate by id first")
     return {d: g for d, g in relevant.items() if g > 0}
 
 
@@ -418,29 +425,35 @@ def _validate_ks_metrics(
     return tuple(dict.fromkeys(ks_t)), tuple(dict.fromkeys(metrics_t))
 
 
-def _rank(qid: str, results: Mapping[str, float] | Sequence[str]) -> list[str]:
-    """Ranked doc ids of one query: score desc then doc id asc, or the given order."""
+def _rank(qid: str, results: Mapping[str, float] | Sequence[Any]) -> list[str]:
+    """Ranked doc ids of one query (ids as str, as in the qrels): score desc then doc id
+    asc, or the given order of ids, ``(doc_id, score)`` pairs or hits."""
     if isinstance(results, Mapping):
+        scores: dict[str, float] = {}
         for doc_id, score in results.items():
             if not isinstance(score, (int, float, np.number)) or math.isnan(score):
                 raise InvalidInputError(
                     f"run[{qid!r}][{doc_id!r}]={score!r}: scores must be real numbers (not NaN)"
                 )
-        return sorted(results, key=lambda d: (-float(results[d]), d))
+            scores[_once(scores, _doc_id(doc_id, qid), qid)] = float(score)
+        return sorted(scores, key=lambda d: (-scores[d], d))
     if isinstance(results, str):
         raise InvalidInputError(
             f"run[{qid!r}] is a string; give a {{doc_id: score}} dict or a list of doc ids"
         )
-    ranking = [str(d) for d in results]
-    seen: set[str] = set()
-    for doc_id in ranking:
-        if doc_id in seen:
-            raise InvalidInputError(
-                f"run[{qid!r}] lists document {doc_id!r} more than once; each document may "
-                "appear once per query (deduplicate by id before evaluating)"
-            )
-        seen.add(doc_id)
-    return ranking
+    seen: dict[str, None] = {}
+    for item in results:
+        seen[_once(seen, _doc_id(item, qid), qid)] = None
+    return list(seen)
+
+
+def _once(seen: Collection[str], doc_id: str, qid: str) -> str:
+    if doc_id in seen:
+        raise InvalidInputError(
+            f"run[{qid!r}] lists document {doc_id!r} more than once; each document may "
+            "appear once per query (deduplicate by id before evaluating; 1 and '1' are one id)"
+        )
+    return doc_id
 
 
 def _check_qrels(qrels: Qrels) -> dict[str, dict[str, int]]:
@@ -497,7 +510,8 @@ def evaluate_run(
     """Score a run against qrels; see the module docstring for the conventions.
 
     Args:
-        run: query id -> ``{doc_id: score}`` or a ranked list of doc ids.
+        run: query id -> ``{doc_id: score}`` or a ranked list of doc ids, ``(doc_id,
+            score)`` pairs or hits; ids are read as str, as the qrels' are (1 is "1").
         qrels: query id -> {doc id -> grade}; grades <= 0 are ignored.
         ks: cutoffs; each metric is computed at each cutoff (``"ndcg@10"`` ...).
         metrics: any of ``"ndcg"``, ``"recall"``, ``"mrr"``, ``"map"``.
@@ -515,13 +529,18 @@ def evaluate_run(
     if ignore_identical_ids:
         _warn_identical_ids(judged)
     names = [f"{m}@{k}" for m in metrics_t for k in ks_t]
-    extra = sum(1 for qid in run if qid not in judged)
+    runs: dict[str, Any] = {}
+    for qid, results in run.items():  # query ids as str, as in the qrels
+        if str(qid) in runs:
+            raise InvalidInputError(f"run has query {qid!r} twice (1 and '1' are one id)")
+        runs[str(qid)] = results
+    extra = sum(1 for qid in runs if qid not in judged)
     if extra:
         logger.info("ignoring %d run queries that have no relevant judgment", extra)
     per_query: dict[str, dict[str, float]] = {}
     missing = 0
     for qid, relevant in judged.items():
-        results = run.get(qid)
+        results = runs.get(qid)
         if results is None:
             missing += 1
             ranking: list[str] = []
@@ -542,17 +561,18 @@ def evaluate_run(
 # --------------------------------------------------------------------------------------
 
 
-def _hit_id(item: Any, qid: str) -> str:
-    """Doc id of one search result: a ``(doc_id, score)`` tuple or an object with ``.id``."""
+def _doc_id(item: Any, qid: str) -> str:
+    """Doc id of one result, as str: an id (str or int), a ``(doc_id, score)`` pair or an
+    object with ``.id`` (a retrievekit Hit)."""
     if isinstance(item, (tuple, list)) and len(item) >= 1:
-        return str(item[0])
-    doc_id = getattr(item, "id", None)
-    if doc_id is None:
-        raise InvalidInputError(
-            f"search_fn returned {item!r} for query {qid!r}; return (doc_id, score) tuples "
-            "or objects with an `id` attribute (retrievekit Hit)"
-        )
-    return str(doc_id)
+        item = item[0]
+    elif not isinstance(item, (str, int, np.integer)):
+        item = getattr(item, "id", None)
+    if isinstance(item, (str, int, np.integer)) and not isinstance(item, bool):
+        return str(item)
+    raise InvalidInputError(
+        f"a result for query {qid!r} is {v.shown(item)}; give doc ids (str or int), "
+        "(doc_id, score) pairs or objects with an `id` attribute (retrievekit Hit)")
 
 
 def evaluate(
@@ -618,7 +638,7 @@ def evaluate(
         start = time.perf_counter()
         results = search_fn(text, fetch)
         latencies[qid] = time.perf_counter() - start
-        ranking = _rank(qid, [_hit_id(item, qid) for item in results])
+        ranking = _rank(qid, results)
         if ignore_identical_ids:
             ranking = [d for d in ranking if d != qid]
         per_query[qid] = _score_query(ranking[:k], relevant, ks_t, metrics_t)

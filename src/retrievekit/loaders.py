@@ -399,7 +399,9 @@ def _jsonl(file: Path, root: Path, text: str, base: dict[str, Any], options: Loa
     missing_field = 0
     fields_seen: set[str] = set()
     file_id = document_id(root, file)
-    for n, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped,
+    # where str.splitlines would cut a record in two
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         records += 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -63,6 +65,13 @@ def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune
         raise InvalidInputError(
             "split='test': tuning on the split the numbers are reported on would overstate "
             "them; tune on a development split (--split dev) and evaluate on test")
+    trying = [dict(s) for s in (settings if settings is not None else grid())]
+    if not trying:
+        raise InvalidInputError("settings=[]: give at least one setting to try, or None for "
+                                "the whole grid")
+    for s in trying:  # refused before anything is encoded, not after the last trial
+        RetrieverConfig.from_dict(s)
+        to_toml(Trial(s, 0.0, 0.0), None, "", split)
     dataset = load_beir(dataset_dir, split=split)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +79,7 @@ def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune
     trials: list[Trial] = []
     embedder = None
     with EmbeddingCache(cache_path / "embeddings.sqlite") as cache:
-        for s in settings or grid():
+        for s in trying:
             with open_eval_retriever(out_dir / "store", dataset.name, model=model,
                                      embedder=embedder, options=dict(s)) as r:
                 embedder = r.embedder
@@ -79,32 +88,62 @@ def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune
                 with r.embedder.using_cache(cache):
                     res = evaluate(lambda q, n: r.search(q, k=n, mode="hybrid"), dataset, k=10,
                                    ks=(10,), metrics=("ndcg", "mrr"), progress=False)
-            trials.append(Trial(dict(s), res.means["ndcg@10"], res.means["mrr@10"]))
+            trials.append(Trial(s, res.means["ndcg@10"], res.means["mrr@10"]))
     ranked = sorted(trials, key=lambda t: (-t.ndcg, -t.mrr, trials.index(t)))
     (out_dir / "tune.json").write_text(json.dumps(
         {"dataset": str(dataset_dir), "split": split, "queries": len(dataset.qrels),
          "trials": [{"settings": t.settings, "ndcg@10": t.ndcg, "mrr@10": t.mrr}
                     for t in ranked]}, indent=2), encoding="utf-8")
-    (out_dir / "tuned.toml").write_text(to_toml(ranked[0], trials[0], dataset.name, split),
+    default = next((t for t in trials if t.settings == DEFAULT), None)
+    (out_dir / "tuned.toml").write_text(to_toml(ranked[0], default, dataset.name, split),
                                         encoding="utf-8")
     return ranked
 
 
-def to_toml(best: Trial, default: Trial, name: str, split: str) -> str:
-    """The chosen settings as TOML for `RetrieverConfig.from_toml`, with the evidence."""
-    s = best.settings
-    w = s["weights"]
-    return (f"# chosen by `retrievekit tune` on {name} ({split} split): hybrid nDCG@10 "
-            f"{best.ndcg:.4f} (library default {default.ndcg:.4f})\n"
-            f'fusion = "{s["fusion"]}"\n'
-            f"candidates = {s['candidates']}\n\n"
-            f"[weights]\ndense = {w['dense']}\nsparse = {w['sparse']}\n")
+def to_toml(best: Trial, default: Trial | None, name: str, split: str) -> str:
+    """Every setting of the chosen trial as TOML for `RetrieverConfig.from_toml`, with the
+    evidence (`default`: the library default's trial, None when it was not tried). Written
+    here rather than by a TOML library (the standard library reads TOML but does not write
+    it): settings are scalars and tables of scalars, and the text is read back and compared
+    before it is returned."""
+    evidence = f"library default {default.ndcg:.4f}" if default is not None \
+        else "the library default was not tried"
+    lines = [f"# chosen by `retrievekit tune` on {name} ({split} split): hybrid nDCG@10 "
+             f"{best.ndcg:.4f} ({evidence})"]
+
+    def table(prefix: str, values: Mapping[str, Any]) -> None:
+        if prefix:
+            lines.extend(["", f"[{prefix}]"])
+        lines.extend(f"{k} = {_toml_scalar(k, x)}" for k, x in values.items()
+                     if not isinstance(x, Mapping))
+        for k, x in values.items():
+            if isinstance(x, Mapping):
+                table(f"{prefix}.{k}" if prefix else k, x)
+
+    table("", best.settings)
+    text = "\n".join(lines) + "\n"
+    if tomllib.loads(text) != json.loads(json.dumps(best.settings)):
+        raise InvalidInputError(f"settings {dict(best.settings)!r} do not round-trip as TOML; "
+                                "use str, int, float, bool and tables of them")
+    return text
+
+
+def _toml_scalar(key: str, value: Any) -> str:
+    if isinstance(value, bool) or isinstance(value, str) or isinstance(value, int) or \
+            isinstance(value, float) and math.isfinite(value):
+        return json.dumps(value)  # true / false, an escaped basic string, a number
+    raise InvalidInputError(f"setting {key}={value!r}: a tuned setting must be a str, int, "
+                            "finite float or bool (or a table of them)")
 
 
 def table(trials: Sequence[Trial]) -> str:
-    lines = ["| fusion | candidates | weights dense:sparse | nDCG@10 | MRR@10 |", "|---|---:|---|---:|---:|"]
+    """The trials as a markdown table; a setting a trial leaves out is the library's."""
+    lines = ["| fusion | candidates | weights dense:sparse | other settings | nDCG@10 | MRR@10 |",
+             "|---|---:|---|---|---:|---:|"]
     for t in trials:
-        s = t.settings
-        lines.append(f"| {s['fusion']} | {s['candidates']} | {s['weights']['dense']}:"
-                     f"{s['weights']['sparse']} | {t.ndcg:.4f} | {t.mrr:.4f} |")
+        s = {**DEFAULT, **t.settings}
+        w = {**DEFAULT["weights"], **s["weights"]}
+        other = ", ".join(f"{k}={x!r}" for k, x in s.items() if k not in DEFAULT)
+        lines.append(f"| {s['fusion']} | {s['candidates']} | {w['dense']}:{w['sparse']} | "
+                     f"{other} | {t.ndcg:.4f} | {t.mrr:.4f} |")
     return "\n".join(lines)

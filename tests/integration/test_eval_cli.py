@@ -253,6 +253,15 @@ def test_tune_picks_on_the_dev_split_and_writes_loadable_toml(beir_dir, tmp_path
     assert (cfg.fusion, cfg.candidates, dict(cfg.weights)) == (
         best["fusion"], best["candidates"], best["weights"])
     assert "best on the dev split" in capsys.readouterr().out
+    # settings of one's own: every key is written, and the default is not claimed
+    from retrievekit.tune import tune
+
+    mine = {"fusion": "rrf", "candidates": 50, "rrf_k": 10}
+    tune(data, out=tmp_path / "mine", settings=[mine], cache_dir=out / "cache", progress=False)
+    text = (tmp_path / "mine" / "tuned.toml").read_text()
+    assert "library default was not tried" in text
+    assert RetrieverConfig.from_toml(tmp_path / "mine" / "tuned.toml") == \
+        RetrieverConfig.from_dict(mine)
     refused = tmp_path / "refused"
     assert main(["tune", str(data), "--split", "test", "--out", str(refused)]) == 2
     assert "tuning on the split" in capsys.readouterr().err and not refused.exists()

@@ -116,6 +116,33 @@ def test_list_run_equals_dict_run() -> None:
     assert a.means == b.means
 
 
+def test_ids_of_any_form_are_the_qrels_ids() -> None:
+    """Qrels ids are read as str; a run's ids were used as given, so int ids, int query
+    keys and (doc_id, score) pairs scored 0 (or raised a TypeError on mixed ids)."""
+    qrels = {"q1": {"1": 1, "2": 2}}
+    want = evaluate_run({"q1": ["2", "1"]}, qrels, ks=(10,)).means
+    assert want["ndcg@10"] == 1.0
+    for run in ({"q1": {2: 0.9, 1: 0.5}}, {"q1": [2, 1]}, {"q1": [("2", 0.9), ("1", 0.5)]},
+                {"q1": {2: 0.9, "1": 0.5}}):
+        assert evaluate_run(run, qrels, ks=(10,)).means == want, run
+    assert evaluate_run({1: ["d1"]}, {1: {"d1": 1}}, ks=(10,)).means["ndcg@10"] == 1.0
+    with pytest.raises(InvalidInputError, match="more than once"):
+        evaluate_run({"q1": {2: 0.9, "2": 0.5}}, qrels)
+    with pytest.raises(InvalidInputError, match="twice"):
+        evaluate_run({1: ["1"], "1": ["2"]}, {"1": {"1": 1}})
+    with pytest.raises(InvalidInputError, match="doc ids"):
+        evaluate_run({"q1": [None]}, qrels)
+
+
+def test_per_query_metrics_refuse_repeats_and_cutoffs_below_one() -> None:
+    for fn in (recall_at_k, mrr_at_k, ndcg_at_k, map_at_k):
+        with pytest.raises(InvalidInputError, match="more than once"):
+            fn(["a", "a"], {"a": 1}, 10)  # recall read 2.0
+        for k in (0, -1, 2.5):
+            with pytest.raises(InvalidInputError, match="k must be"):
+                fn(["a", "b"], {"b": 1}, k)  # ndcg divided by zero; -1 cut the list
+
+
 def test_ties_broken_by_doc_id_ascending() -> None:
     qrels = {"q": {"b": 1}}
     # a and b tie: a comes first, so the relevant b sits at rank 2 whatever the dict order
@@ -264,6 +291,18 @@ def test_load_beir(tmp_path: Path, gz: bool) -> None:
         ("d2", "no title here"),
         ("d3", "Lift\nlift and drag"),
     ]
+
+
+def test_load_beir_reads_files_that_start_with_a_bom(tmp_path: Path) -> None:
+    """Editors on Windows write UTF-8 with a byte order mark; it read as part of the first
+    record (not JSON) or of the header line."""
+    root = _write_beir(tmp_path / "tiny")
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = load_beir(root)
+    assert set(ds.corpus) == {"d1", "d2", "d3"} and set(ds.queries) == {"q1", "q2"}
+    assert ds.qrels == {"q1": {"d1": 2, "d3": 1}, "q2": {"d3": 1}}
 
 
 def test_load_beir_other_split(tmp_path: Path) -> None:

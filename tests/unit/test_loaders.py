@@ -176,6 +176,19 @@ def test_jsonl_records_fields_ids_and_bad_lines(kb):
     assert skips[8].kind == "duplicate"
 
 
+def test_jsonl_lines_end_at_newlines_only(kb):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps with
+    ensure_ascii=False writes them so); splitlines cut such a record in two."""
+    recs = [{"id": "a", "text": "one\u2028still one"}, {"id": "b", "text": "x\x85y\u2029z"},
+            {"id": "c", "text": "plain"}]
+    (kb / "seps.jsonl").write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r\n"
+                                            for r in recs).encode("utf-8"))
+    res = load([str(kb / "seps.jsonl")])
+    docs = by_id(res)
+    assert not res.skipped and set(docs) == {"a", "b", "c"}
+    assert [docs[i].metadata["line"] for i in "abc"] == [1, 2, 3]
+
+
 def test_jsonl_lines_add_documents_would_refuse_are_skipped_alone(kb):
     """A line whose text is only zero-width characters or holds a lone surrogate (a JSON
     escape), or whose id does, stopped the whole index run when it was written ("documents[2]

@@ -1,0 +1,53 @@
+"""`retrievekit tune`'s TOML and table: every setting a trial used, read back as it was.
+
+The whole command (grid, dev split, store) runs in tests/integration/test_eval_cli.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from retrievekit.config import RetrieverConfig
+from retrievekit.errors import ConfigError, InvalidInputError
+from retrievekit.tune import DEFAULT, Trial, grid, table, to_toml, tune
+
+
+@pytest.mark.parametrize("settings", [
+    {"fusion": "rrf", "candidates": 50, "weights": {"dense": 1.0, "sparse": 0.5}, "rrf_k": 10},
+    {"fusion": "dbsf", "candidates": 200},  # no weights: the library's
+    {"fusion": "relative_score", "chunk_penalty": 0.1, "weights": {"sparse": 2.0}},
+])
+def test_the_toml_holds_every_setting_of_the_trial(tmp_path, settings):
+    """Only fusion, candidates and weights were written: an rrf_k the trial was scored
+    with was lost, and a trial without weights raised KeyError after the last trial."""
+    path = tmp_path / "tuned.toml"
+    path.write_text(to_toml(Trial(settings, 0.5, 0.6), None, "set", "dev"), encoding="utf-8")
+    cfg = RetrieverConfig.from_toml(path)
+    assert cfg == RetrieverConfig.from_dict(settings)
+    assert "library default was not tried" in path.read_text()
+    row = table([Trial(settings, 0.5, 0.6)]).splitlines()[-1]
+    assert ("rrf_k=10" in row) == ("rrf_k" in settings) and row.endswith("| 0.5000 | 0.6000 |")
+
+
+def test_what_toml_cannot_hold_is_refused():
+    with pytest.raises(InvalidInputError, match="finite float"):
+        to_toml(Trial({"rrf_k": float("nan")}, 0.5, 0.6), None, "set", "dev")
+
+
+def test_the_default_trial_is_found_by_its_settings(tmp_path):
+    best = Trial({"fusion": "rrf", "candidates": 50}, 0.52, 0.6)
+    text = to_toml(best, Trial(DEFAULT, 0.5, 0.6), "set", "dev")
+    assert "nDCG@10 0.5200 (library default 0.5000)" in text
+    assert grid()[0] == DEFAULT
+
+
+def test_settings_are_refused_before_anything_is_read(tmp_path):
+    """A bad setting raised only after every trial had been encoded and scored."""
+    missing = tmp_path / "no-such-collection"
+    with pytest.raises(ConfigError, match="fusion"):
+        tune(missing, settings=[{"fusion": "bogus"}], out=tmp_path / "out")
+    with pytest.raises(ConfigError, match="rrf_k"):
+        tune(missing, settings=[{"rrf_k": float("inf")}], out=tmp_path / "out")
+    with pytest.raises(InvalidInputError, match="at least one"):
+        tune(missing, settings=[], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
