@@ -116,6 +116,13 @@ def _collection_name(dataset: str, settings: Mapping[str, Any]) -> str:
     return f"eval-{stem}-{digest}"
 
 
+def eval_cache_name(dtype: str) -> str:
+    """The embedding cache file of an evaluation at `dtype`: the cache's keys leave the
+    precision out (a store takes vectors of any), so a run that measures another precision
+    than float32 gets a file of its own, else it would score the float32 passage vectors."""
+    return "embeddings.sqlite" if dtype == "float32" else f"embeddings-{dtype}.sqlite"
+
+
 def open_eval_retriever(store_dir: str | Path, dataset_name: str, *,
                         model: str | None = None, truncate_dim: int | None = None,
                         dtype: str = "float32", sparse: Mapping[str, Any] | None = None,
@@ -146,6 +153,8 @@ def open_eval_retriever(store_dir: str | Path, dataset_name: str, *,
     base = RetrieverConfig.from_dict(cfg)
     identity = {"model": base.embedder.model, "truncate_dim": truncate_dim,
                 "sparse": base.sparse.to_dict(), "chunking": base.chunking.to_dict()}
+    if dtype != "float32":  # its own passage vectors (a store takes any precision's)
+        identity["dtype"] = dtype
     collection = _collection_name(dataset_name, identity)
     if reranker is not None:  # checked before anything is written
         rr: dict[str, Any] = {"model": reranker}
@@ -454,8 +463,9 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_path = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
+    cache_file = cache_path / eval_cache_name(dtype)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with EmbeddingCache(cache_path / "embeddings.sqlite") as cache, \
+    with EmbeddingCache(cache_file) as cache, \
             open_eval_retriever(out_dir / "store", dataset.name, model=model,
                                 truncate_dim=truncate_dim, dtype=dtype, reranker=reranker,
                                 rerank_candidates=rerank_candidates,
@@ -472,7 +482,7 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
                     if retriever.reranker else None,
                     "store": str(out_dir / "store"),
                     "collection": retriever.config.store.collection,
-                    "cache": str(cache_path / "embeddings.sqlite"),
+                    "cache": str(cache_file),
                     "sparse": retriever.config.sparse.to_dict()}
     table = format_table(results, k)
     report: dict[str, Any] = {

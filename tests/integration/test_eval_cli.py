@@ -162,6 +162,22 @@ def test_second_run_reuses_store_and_cache(two_runs):
     assert (out / "cache" / "embeddings.sqlite").is_file()
 
 
+def test_another_precision_encodes_its_own_passage_vectors(beir_dir, tmp_path):
+    """The cache and the store take vectors of any precision: an `--dtype bfloat16` run
+    after a float32 one in the same folder scored the float32 passage vectors."""
+    out = tmp_path / "out"
+    argv = ["eval", str(beir_dir), "--modes", "dense", "--out", str(out), "--threads", "1",
+            "-q"]
+    assert main(argv) == 0
+    fp32 = json.loads((out / "results.json").read_text())
+    assert main(argv + ["--dtype", "bfloat16"]) == 0
+    bf16 = json.loads((out / "results.json").read_text())
+    assert bf16["index"]["encoded"] == len(DOCS) == fp32["index"]["encoded"]
+    assert bf16["settings"]["collection"] != fp32["settings"]["collection"]
+    assert bf16["settings"]["cache"].endswith("embeddings-bfloat16.sqlite")
+    assert (out / "cache" / "embeddings.sqlite").is_file()
+
+
 def test_rerank_without_reranker_is_a_clear_error(beir_dir, tmp_path, capsys):
     code = main(["eval", str(beir_dir), "--modes", "hybrid,rerank", "--out", str(tmp_path), "-q"])
     assert code == 2
