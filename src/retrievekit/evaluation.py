@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -269,37 +269,44 @@ def dataset_documents(ds: BeirDataset) -> Iterator[tuple[str, str]]:
 
 def recall_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """Share of the relevant documents found in the top `k` of `ranking`."""
-    rel = _positive(relevant, ranking, k)
-    if not rel:
-        return 0.0
-    return sum(1 for d in ranking[:k] if d in rel) / len(rel)
+    return _checked(_recall, ranking, relevant, k)
 
 
 def mrr_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
     """1 / rank of the first relevant document within the top `k`, else 0."""
-    rel = _positive(relevant, ranking, k)
+    return _checked(_mrr, ranking, relevant, k)
+
+
+def ndcg_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """nDCG@k with linear gain (the grade) and log2(rank + 1) discount (trec_eval)."""
+    return _checked(_ndcg, ranking, relevant, k)
+
+
+def map_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """Average precision at k, divided by all relevant documents (ranx / trec_eval map_cut)."""
+    return _checked(_map, ranking, relevant, k)
+
+
+# The metrics proper, on a ranking without repeats, the relevant documents (grade > 0, at
+# least one) and k >= 1.
+def _recall(ranking: Sequence[str], rel: Mapping[str, int], k: int) -> float:
+    return sum(1 for d in ranking[:k] if d in rel) / len(rel)
+
+
+def _mrr(ranking: Sequence[str], rel: Mapping[str, int], k: int) -> float:
     for i, d in enumerate(ranking[:k], start=1):
         if d in rel:
             return 1.0 / i
     return 0.0
 
 
-def ndcg_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
-    """nDCG@k with linear gain (the grade) and log2(rank + 1) discount (trec_eval)."""
-    rel = _positive(relevant, ranking, k)
-    if not rel:
-        return 0.0
+def _ndcg(ranking: Sequence[str], rel: Mapping[str, int], k: int) -> float:
     dcg = sum(rel.get(d, 0) / math.log2(i + 1) for i, d in enumerate(ranking[:k], start=1))
     ideal = sorted(rel.values(), reverse=True)[:k]
-    idcg = sum(g / math.log2(i + 1) for i, g in enumerate(ideal, start=1))
-    return dcg / idcg
+    return dcg / sum(g / math.log2(i + 1) for i, g in enumerate(ideal, start=1))
 
 
-def map_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
-    """Average precision at k, divided by all relevant documents (ranx / trec_eval map_cut)."""
-    rel = _positive(relevant, ranking, k)
-    if not rel:
-        return 0.0
+def _map(ranking: Sequence[str], rel: Mapping[str, int], k: int) -> float:
     hits = 0
     total = 0.0
     for i, d in enumerate(ranking[:k], start=1):
@@ -310,22 +317,24 @@ def map_at_k(ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> flo
 
 
 _METRIC_FNS: dict[str, Callable[[Sequence[str], Mapping[str, int], int], float]] = {
-    "ndcg": ndcg_at_k,
-    "recall": recall_at_k,
-    "mrr": mrr_at_k,
-    "map": map_at_k,
+    "ndcg": _ndcg,
+    "recall": _recall,
+    "mrr": _mrr,
+    "map": _map,
 }
 
 
-def _positive(relevant: Mapping[str, int], ranking: Sequence[str], k: int
-              ) -> dict[str, int]:
-    """The relevant documents (grade > 0), once `ranking` and `k` are checked: a document
-    ranked twice would count twice (recall past 1), a cutoff below 1 means nothing."""
+def _checked(metric: Callable[[Sequence[str], Mapping[str, int], int], float],
+             ranking: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """`metric` once `ranking` and `k` are checked (a document ranked twice would count
+    twice, recall past 1; a cutoff below 1 means nothing); 0 without a relevant document."""
+    k = int(k) if isinstance(k, np.integer) else k
     v.integer("k", k, 1, error=InvalidInputError, fix="e.g. 10")
     if len(set(ranking)) != len(ranking):
         raise InvalidInputError(f"ranking lists a document more than once: "
                                 f"{v.shown(list(ranking))}; deduplicate by id first")
-    return {d: g for d, g in relevant.items() if g > 0}
+    rel = {d: g for d, g in relevant.items() if g > 0}
+    return metric(ranking, rel, k) if rel else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -429,31 +438,33 @@ def _rank(qid: str, results: Mapping[str, float] | Sequence[Any]) -> list[str]:
     """Ranked doc ids of one query (ids as str, as in the qrels): score desc then doc id
     asc, or the given order of ids, ``(doc_id, score)`` pairs or hits."""
     if isinstance(results, Mapping):
-        scores: dict[str, float] = {}
         for doc_id, score in results.items():
             if not isinstance(score, (int, float, np.number)) or math.isnan(score):
                 raise InvalidInputError(
                     f"run[{qid!r}][{doc_id!r}]={score!r}: scores must be real numbers (not NaN)"
                 )
-            scores[_once(scores, _doc_id(doc_id, qid), qid)] = float(score)
+        scores = dict(zip(_ids(qid, list(results)), map(float, results.values())))
         return sorted(scores, key=lambda d: (-scores[d], d))
     if isinstance(results, str):
         raise InvalidInputError(
             f"run[{qid!r}] is a string; give a {{doc_id: score}} dict or a list of doc ids"
         )
-    seen: dict[str, None] = {}
-    for item in results:
-        seen[_once(seen, _doc_id(item, qid), qid)] = None
-    return list(seen)
+    return _ids(qid, list(results))
 
 
-def _once(seen: Collection[str], doc_id: str, qid: str) -> str:
-    if doc_id in seen:
-        raise InvalidInputError(
-            f"run[{qid!r}] lists document {doc_id!r} more than once; each document may "
-            "appear once per query (deduplicate by id before evaluating; 1 and '1' are one id)"
-        )
-    return doc_id
+def _ids(qid: str, items: list[Any]) -> list[str]:
+    """The doc ids of one query's results, as str (`_doc_id`), each once."""
+    ids = items if all(type(d) is str for d in items) else [_doc_id(d, qid) for d in items]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        for doc_id in ids:
+            if doc_id in seen:
+                raise InvalidInputError(
+                    f"run[{qid!r}] lists document {doc_id!r} more than once; each document "
+                    "may appear once per query (deduplicate by id before evaluating; 1 and "
+                    "'1' are one id)")
+            seen.add(doc_id)
+    return ids
 
 
 def _check_qrels(qrels: Qrels) -> dict[str, dict[str, int]]:
@@ -489,6 +500,7 @@ def _score_query(
     ks: tuple[int, ...],
     metrics: tuple[str, ...],
 ) -> dict[str, float]:
+    """`ranking` as `_rank` gives it (no repeats), `relevant` as `_check_qrels` (grade > 0)."""
     return {f"{m}@{k}": _METRIC_FNS[m](ranking, relevant, k) for m in metrics for k in ks}
 
 
@@ -564,12 +576,10 @@ def evaluate_run(
 def _doc_id(item: Any, qid: str) -> str:
     """Doc id of one result, as str: an id (str or int), a ``(doc_id, score)`` pair or an
     object with ``.id`` (a retrievekit Hit)."""
-    if isinstance(item, (tuple, list)) and len(item) >= 1:
-        item = item[0]
-    elif not isinstance(item, (str, int, np.integer)):
-        item = getattr(item, "id", None)
-    if isinstance(item, (str, int, np.integer)) and not isinstance(item, bool):
-        return str(item)
+    doc_id = item[0] if isinstance(item, (tuple, list)) and len(item) >= 1 else item \
+        if isinstance(item, (str, int, np.integer)) else getattr(item, "id", None)
+    if isinstance(doc_id, (str, int, np.integer)) and not isinstance(doc_id, bool):
+        return str(doc_id)
     raise InvalidInputError(
         f"a result for query {qid!r} is {v.shown(item)}; give doc ids (str or int), "
         "(doc_id, score) pairs or objects with an `id` attribute (retrievekit Hit)")

@@ -63,6 +63,9 @@ SCORE_KEY = "score"
 #: Metadata key of the document id on documents the retriever returns (unless the document's
 #: own metadata has that key): what `EnsembleRetriever(id_key="id")` dedups by.
 ID_KEY = "id"
+#: Metadata key listing which of `ID_KEY` and `SCORE_KEY` a returned document got from the
+#: search (a key of the document's own is never replaced): added again, it drops just those.
+ADDED_KEY = "retrievekit_added"
 #: Metadata key the reranker writes its score to.
 RELEVANCE_KEY = "relevance_score"
 
@@ -176,18 +179,21 @@ def to_core(docs: Sequence[LCDocument]) -> list[Document]:
                                     f"{type(d).__name__}")
         doc_id = document_id(d)
         meta = d.metadata
-        if RANKS_KEY in meta:  # a document the retriever returned: drop what it added
-            meta = {k: x for k, x in meta.items()
-                    if k != SCORE_KEY and not (k == ID_KEY and x == doc_id)}
+        added = meta.get(ADDED_KEY)
+        if isinstance(added, list):  # a document the retriever returned: drop what it added
+            meta = {k: x for k, x in meta.items() if k != ADDED_KEY and k not in added}
         out.append(Document(text=d.page_content, id=doc_id,
                             metadata=indexable(meta, doc_id, f"documents[{i}]")))
     return out
 
 
 def hit_to_document(hit: Hit) -> LCDocument:
-    """A core `Hit` -> a LangChain `Document` carrying the scores in its metadata."""
-    meta = {ID_KEY: hit.id, **hit.document.metadata, SCORE_KEY: hit.score,
-            **result_metadata(hit)}
+    """A core `Hit` -> a LangChain `Document` carrying the scores in its metadata: the id
+    and the final score where the document's own metadata has no key of that name, and
+    the result keys."""
+    own = hit.document.metadata
+    added = {k: x for k, x in ((ID_KEY, hit.id), (SCORE_KEY, hit.score)) if k not in own}
+    meta = {**own, **added, **result_metadata(hit), ADDED_KEY: list(added)}
     return LCDocument(page_content=hit.document.text, metadata=meta, id=hit.id)
 
 
@@ -505,9 +511,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any
                                     ) -> list[LCDocument]:
         """Dense search with a query vector from this store's `embeddings.embed_query`."""
-        if kwargs.get("mode", "dense") != "dense":
-            raise InvalidInputError("a search by vector is dense; it has no text for BM25")
-        where = _where(kwargs, ("filter", "where", "mode"))
+        where = _vector_where(kwargs)
         hits = self.retriever.search("(by vector)", k, mode="dense", rerank=False, where=where,
                                      query_vector=embedding)
         return [stored_document(h.document, partial(h)) for h in hits]
@@ -517,9 +521,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
                                                 **kwargs: Any) -> list[LCDocument]:
         """`max_marginal_relevance_search` from a query vector (`embeddings.embed_query`):
         the candidates come from the dense side, which alone can search by vector."""
-        if kwargs.get("mode", "dense") != "dense":
-            raise InvalidInputError("a search by vector is dense; it has no text for BM25")
-        where = _where(kwargs, ("filter", "where", "mode"))
+        where = _vector_where(kwargs)
         hits = self.retriever.search_mmr("(by vector)", k, fetch_k=fetch_k,
                                          lambda_mult=lambda_mult, where=where, mode="dense",
                                          query_vector=embedding)
@@ -574,6 +576,13 @@ def _where(kwargs: Mapping[str, Any], valid: Sequence[str]) -> Any:
     if "filter" in kwargs and "where" in kwargs:
         raise InvalidInputError("pass filter= or where= (the same thing), not both")
     return kwargs.get("filter", kwargs.get("where"))
+
+
+def _vector_where(kwargs: Mapping[str, Any]) -> Any:
+    """The filter of a search by vector, which is dense (``mode="dense"`` or none)."""
+    if kwargs.get("mode", "dense") != "dense":
+        raise InvalidInputError("a search by vector is dense; it has no text for BM25")
+    return _where(kwargs, ("filter", "where", "mode"))
 
 
 def _write_options(kwargs: Mapping[str, Any], valid: Sequence[str], hint: str = ""

@@ -273,18 +273,20 @@ def nodes_to_documents(nodes: Sequence[BaseNode | NodeWithScore]) -> list[Docume
         if not isinstance(n, BaseNode):
             raise InvalidInputError(f"nodes[{i}] must be a LlamaIndex node or Document, got "
                                     f"{type(n).__name__}")
-        meta = flatten_metadata(indexable(n.metadata, n.node_id, f"nodes[{i}]"), n.node_id)
+        own = indexable(n.metadata, n.node_id, f"nodes[{i}]")
+        meta = flatten_metadata(own, n.node_id)
         source = n.source_node
         if source is not None and source.node_id:
             meta[REF_DOC_KEY] = source.node_id
         # order and exclusions name the stored (flattened) keys: an excluded "author" hides
-        # "author.name" and "author.email"; result keys need no record
+        # the keys its dict became ("author.name", ...), not a key of its own named
+        # "author.x"; result keys need no record
         if len(meta) > 1:
             meta[KEY_ORDER_KEY] = list(meta)
         for field, key in EXCLUDED_KEYS.items():
-            hidden = set(getattr(n, field))
-            keep = [k for k in meta if k in hidden or any(
-                k.startswith(h + ".") for h in hidden if isinstance(h, str))]
+            hidden = {stored for k in getattr(n, field) if k in own
+                      for stored in flatten_metadata({k: own[k]}, n.node_id)}
+            keep = [k for k in meta if k in hidden]
             if keep:
                 meta[key] = keep
         out.append(Document(text=n.get_content(metadata_mode=MetadataMode.NONE), id=n.node_id,

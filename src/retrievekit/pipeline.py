@@ -535,7 +535,10 @@ class HybridRetriever:
                            query_vector=vec)  # checks query_vector
         if not hits:
             return []
-        vec = np.asarray(vec, dtype=np.float32)
+        # as `search` read it: unit length, taken in float64 (a vector of 1e20s or 1e-25s
+        # overflows or vanishes in float32, and every relevance would be 0)
+        vec = np.asarray(vec, dtype=np.float64)
+        vec = (vec / np.linalg.norm(vec)).astype(np.float32)
         chunk_ids = [h.chunk_id or h.id for h in hits]
         got = self._store.get(ids=chunk_ids, include=["embeddings"])
         stored = dict(zip(got["ids"], got["embeddings"]))

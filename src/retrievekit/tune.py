@@ -24,6 +24,10 @@ from .fusion import METHODS
 _LIBRARY = RetrieverConfig()
 DEFAULT = {"fusion": _LIBRARY.fusion, "candidates": _LIBRARY.candidates,
            "weights": dict(_LIBRARY.weights)}
+#: the settings a trial may change: those of the search, not of what the index holds
+#: (model, chunking, BM25 tokenizer, store), which `retrievekit eval` compares
+QUERY_TIME = ("fusion", "candidates", "weights", "rrf_k", "chunk_penalty", "collapse_chunks",
+              "funnel_candidates")
 CANDIDATES = (50, 100, 200)
 WEIGHTS = ({"dense": 1.0, "sparse": 1.0}, {"dense": 1.0, "sparse": 0.5},
            {"dense": 0.5, "sparse": 1.0})
@@ -70,6 +74,12 @@ def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune
         raise InvalidInputError("settings=[]: give at least one setting to try, or None for "
                                 "the whole grid")
     for s in trying:  # refused before anything is encoded, not after the last trial
+        other = sorted(set(s) - set(QUERY_TIME))
+        if other:
+            raise InvalidInputError(
+                f"settings {other}: tune tries query-time settings ({', '.join(QUERY_TIME)}) "
+                "on one index; settings of the index itself need one each: compare them "
+                "with `retrievekit eval`")
         RetrieverConfig.from_dict(s)
         to_toml(Trial(s, 0.0, 0.0), None, "", split)
     dataset = load_beir(dataset_dir, split=split)
@@ -122,18 +132,26 @@ def to_toml(best: Trial, default: Trial | None, name: str, split: str) -> str:
 
     table("", best.settings)
     text = "\n".join(lines) + "\n"
-    if tomllib.loads(text) != json.loads(json.dumps(best.settings)):
+    try:
+        same = tomllib.loads(text) == json.loads(json.dumps(best.settings))
+    except tomllib.TOMLDecodeError:
+        same = False
+    if not same:
         raise InvalidInputError(f"settings {dict(best.settings)!r} do not round-trip as TOML; "
                                 "use str, int, float, bool and tables of them")
     return text
 
 
 def _toml_scalar(key: str, value: Any) -> str:
-    if isinstance(value, bool) or isinstance(value, str) or isinstance(value, int) or \
-            isinstance(value, float) and math.isfinite(value):
-        return json.dumps(value)  # true / false, an escaped basic string, a number
-    raise InvalidInputError(f"setting {key}={value!r}: a tuned setting must be a str, int, "
-                            "finite float or bool (or a table of them)")
+    if isinstance(value, str) and not any(0xD800 <= ord(c) < 0xE000 for c in value):
+        # a basic string: every character as itself but quotes, backslashes and control
+        # characters, escaped (json.dumps would write astral ones as surrogate pairs)
+        return '"' + "".join(c if c not in '"\\' and ord(c) >= 0x20 and c != "\x7f"
+                             else f"\\u{ord(c):04x}" for c in value) + '"'
+    if isinstance(value, (bool, int)) or isinstance(value, float) and math.isfinite(value):
+        return json.dumps(value)  # true / false, a number
+    raise InvalidInputError(f"setting {key}={value!r}: a tuned setting must be a str "
+                            "(valid Unicode), int, finite float or bool (or a table of them)")
 
 
 def table(trials: Sequence[Trial]) -> str:

@@ -132,6 +132,7 @@ def test_documents_carry_id_metadata_and_the_cores_scores(retriever):
         assert d.metadata["retrievekit_ranks"] == dict(h.ranks)
         assert d.metadata["retrievekit_scores"] == pytest.approx(dict(h.scores))
         assert d.metadata["retrievekit_chunk_id"] == h.id
+        assert d.metadata["retrievekit_added"] == ["id", "score"]
         assert {k: d.metadata[k] for k in ("topic", "lang", "year")} == dict(h.document.metadata)
     assert docs[0].metadata["retrievekit_ranks"]["fused"] == 1
     assert docs[0].metadata["topic"] == "code" and docs[0].metadata["year"] == 2024
@@ -697,6 +698,9 @@ def test_vector_store_refuses_what_it_cannot_honor(embedder, retriever):
         with pytest.raises(InvalidInputError, match="not both"):
             search(filter=None, where={"topic": "code"})
     assert vs.max_marginal_relevance_search_by_vector(cats, k=1)[0].id == "cats"
+    picks = {scale: [d.id for d in vs.max_marginal_relevance_search_by_vector(
+        [x * scale for x in cats], k=4, fetch_k=8)] for scale in (1.0, 1e20, 1e-25)}
+    assert picks[1.0] == picks[1e20] == picks[1e-25]  # float32 overflowed or vanished
     vs.close()  # not its retriever: still open
     assert retriever.count() == 8
 
@@ -736,6 +740,16 @@ def test_a_retrieved_chunk_is_never_added_in_its_document_s_place(embedder, corp
     assert vs.retriever.last_add_stats == {"written": 0, "unchanged": 1, "removed": 0}
     assert vs.retriever.count() == records and vs.retriever.get(["long"])[0].text == long
     assert vs.retriever.get(["cats"]) == [stored]
+    # keys of the document's own named id and score are kept, never replaced or dropped
+    mine = {"id": "owls", "score": 5, "topic": "birds"}
+    vs.add_documents([LCDocument(page_content="Owls hunt at night.", id="owls", metadata=mine)])
+    found, = [d for d in RetrieveKitRetriever(retriever=vs.retriever, k=3).invoke("owls hunt")
+              if d.id == "owls"]
+    assert (found.metadata["id"], found.metadata["score"]) == ("owls", 5)
+    assert found.metadata["retrievekit_added"] == []
+    vs.add_documents([found])
+    assert vs.retriever.last_add_stats["unchanged"] == 1
+    assert vs.retriever.get(["owls"])[0].metadata == mine
 
 
 def test_metadata_keys_of_several_types_are_refused_by_name():

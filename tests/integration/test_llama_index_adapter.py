@@ -638,6 +638,13 @@ def test_an_excluded_nested_key_stays_hidden_and_inserts_again_unchanged(embedde
         r.insert_nodes([got])
         assert r.retriever.last_add_stats["unchanged"] == 1
         assert r.retriever.get(["n1"]) == stored
+        # a key of its own that reads like a nested one is not excluded with its namesake
+        flat = TextNode(id_="n2", text="Zebra herds.", metadata={"a": 1, "a.b": 2, "ab": 3},
+                        excluded_llm_metadata_keys=["a"])
+        r.insert_nodes([flat])
+        node, = [h.node for h in r.retrieve("zebra herds") if h.node.node_id == "n2"]
+        assert [k for k in node.excluded_llm_metadata_keys if not k.startswith("retrievekit")] \
+            == ["a"]
 
 
 def test_fusion_with_another_index_dedups_unsorted_metadata(embedder, corpus_docs):

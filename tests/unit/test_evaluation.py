@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retrievekit.errors import InvalidInputError
@@ -132,6 +133,8 @@ def test_ids_of_any_form_are_the_qrels_ids() -> None:
         evaluate_run({1: ["1"], "1": ["2"]}, {"1": {"1": 1}})
     with pytest.raises(InvalidInputError, match="doc ids"):
         evaluate_run({"q1": [None]}, qrels)
+    with pytest.raises(InvalidInputError, match="is 10.0;"):  # the item, not None
+        evaluate_run({"q1": [10.0]}, qrels)
 
 
 def test_per_query_metrics_refuse_repeats_and_cutoffs_below_one() -> None:
@@ -141,6 +144,7 @@ def test_per_query_metrics_refuse_repeats_and_cutoffs_below_one() -> None:
         for k in (0, -1, 2.5):
             with pytest.raises(InvalidInputError, match="k must be"):
                 fn(["a", "b"], {"b": 1}, k)  # ndcg divided by zero; -1 cut the list
+        assert fn(["b", "a"], {"b": 1}, np.int64(5)) == 1.0
 
 
 def test_ties_broken_by_doc_id_ascending() -> None:

@@ -32,6 +32,17 @@ def test_the_toml_holds_every_setting_of_the_trial(tmp_path, settings):
 def test_what_toml_cannot_hold_is_refused():
     with pytest.raises(InvalidInputError, match="finite float"):
         to_toml(Trial({"rrf_k": float("nan")}, 0.5, 0.6), None, "set", "dev")
+    with pytest.raises(InvalidInputError, match="valid Unicode"):
+        to_toml(Trial({"fusion": "rrf\ud800"}, 0.5, 0.6), None, "set", "dev")
+
+
+@pytest.mark.parametrize("text", ["🔎 query: ", 'a "quoted" \\ back\nslash\x7f\x01', "é"])
+def test_strings_round_trip_as_written(tmp_path, text):
+    """json.dumps wrote a character past U+FFFF as a surrogate pair, which TOML refuses."""
+    path = tmp_path / "t.toml"
+    path.write_text(to_toml(Trial({"embedder": {"query_prefix": text}}, 0.5, 0.6), None, "s",
+                            "dev"), encoding="utf-8")
+    assert RetrieverConfig.from_toml(path).embedder.query_prefix == text
 
 
 def test_the_default_trial_is_found_by_its_settings(tmp_path):
@@ -48,6 +59,10 @@ def test_settings_are_refused_before_anything_is_read(tmp_path):
         tune(missing, settings=[{"fusion": "bogus"}], out=tmp_path / "out")
     with pytest.raises(ConfigError, match="rrf_k"):
         tune(missing, settings=[{"rrf_k": float("inf")}], out=tmp_path / "out")
+    for other in ({"sparse": {"tokenizer": {"stemmer": "porter"}}}, {"chunking": {}},
+                  {"embedder": {"model": "x"}}, {"store": {"path": "elsewhere"}}):
+        with pytest.raises(InvalidInputError, match="query-time"):  # raised mid-run
+            tune(missing, settings=[DEFAULT, {**DEFAULT, **other}], out=tmp_path / "out")
     with pytest.raises(InvalidInputError, match="at least one"):
         tune(missing, settings=[], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
