@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .errors import ConfigError, InvalidInputError
+from .records import parent_of
 from .types import Hit
 
 #: Metadata keys added to each retrieved document / node.
@@ -40,15 +41,14 @@ def partial(hit: Hit) -> dict[str, Any]:
 def indexable(metadata: Mapping[str, Any], doc_id: str, name: str) -> dict[str, Any]:
     """Metadata of a document or node given to be indexed, less the result keys (so a
     retrieved one can be indexed again). One that a search returned as a chunk of a longer
-    document is refused: indexed under the document's id, its chunk's text would replace
-    the whole document."""
+    document is refused under that document's id, where its chunk's text would replace the
+    whole document (under another id it is a document of its own)."""
     chunk = metadata.get(CHUNK_ID_KEY)
-    if chunk is not None and chunk != doc_id:
+    if isinstance(chunk, str) and chunk != doc_id and parent_of(chunk) == doc_id:
         raise InvalidInputError(
             f"{name} {doc_id!r} is the chunk {chunk!r} of that document, as a search returned "
             f"it: its text is that chunk only, and indexing it would replace the whole "
-            f"document; index the document itself, or give this one a new id and drop "
-            f"{CHUNK_ID_KEY!r} from its metadata")
+            f"document; index the document itself, or give this one a new id")
     return {k: v for k, v in metadata.items() if k not in RESULT_KEYS}
 
 

@@ -415,9 +415,9 @@ class EvalResult:
 def _validate_ks_metrics(
     ks: Iterable[int], metrics: Iterable[str]
 ) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    if isinstance(ks, int):
+    if isinstance(ks, (int, np.integer)):
         ks = (ks,)
-    ks_t = tuple(ks)
+    ks_t = tuple(int(k) if isinstance(k, np.integer) else k for k in ks)
     if not ks_t:
         v.fail("ks", "a non-empty list of cutoffs", ks_t, "e.g. ks=(10, 100)",
                error=InvalidInputError)
@@ -468,19 +468,39 @@ def _ids(qid: str, items: list[Any]) -> list[str]:
 
 
 def _check_qrels(qrels: Qrels) -> dict[str, dict[str, int]]:
+    """The judgments with grade > 0 by query, ids as str (checked as a run's are: 1 and "1"
+    are one id, given once)."""
     judged: dict[str, dict[str, int]] = {}
+    queries: set[str] = set()
     for qid, docs in qrels.items():
+        query = _qrels_id(qid, queries, "qrels", "query")
+        rel: dict[str, int] = {}
+        seen: set[str] = set()
         for doc_id, grade in docs.items():
+            doc = _qrels_id(doc_id, seen, f"qrels[{qid!r}]", "document")
             if not (v.is_int(grade) or isinstance(grade, np.integer)):
                 raise InvalidInputError(
                     f"qrels[{qid!r}][{doc_id!r}]={grade!r}: relevance grades must be integers"
                 )
-        rel = {str(d): int(g) for d, g in docs.items() if g > 0}
+            if grade > 0:
+                rel[doc] = int(grade)
         if rel:
-            judged[str(qid)] = rel
+            judged[query] = rel
     if not judged:
         raise InvalidInputError("qrels holds no judgment with grade > 0; nothing to evaluate")
     return judged
+
+
+def _qrels_id(value: Any, seen: set[str], where: str, what: str) -> str:
+    """A qrels id as str, once in `seen` (it is added there)."""
+    if not isinstance(value, (str, int, np.integer)) or isinstance(value, bool):
+        raise InvalidInputError(f"{where} has the {what} id {v.shown(value)}; ids are str or "
+                                "int")
+    key = str(value)
+    if key in seen:
+        raise InvalidInputError(f"{where} has the {what} {value!r} twice (1 and '1' are one id)")
+    seen.add(key)
+    return key
 
 
 def _warn_identical_ids(qrels: Mapping[str, Mapping[str, int]]) -> None:

@@ -9,11 +9,14 @@ Metadata of retrieved documents (`RetrieveKitRetriever`):
     ``id``: the document id (also ``Document.id``), unless the document's own metadata has an
     ``id`` key, which is kept; the document's own metadata; plus
     ``score``: the final score the results are ordered by (rerank, else fused, else the
-    single side's score); ``retrievekit_ranks``: ``{stage: 1-based rank}`` and
-    ``retrievekit_scores``: ``{stage: score}`` for the stages the hit went through ("dense",
-    "sparse", "fused", "rerank"); ``retrievekit_chunk_id``: the stored chunk that matched (the
-    document id when the document was not chunked). These keys overwrite user metadata keys of
-    the same name in the returned copy (never in the store).
+    single side's score), unless the document's own metadata has a ``score`` key, which is
+    kept; ``retrievekit_ranks``: ``{stage: 1-based rank}`` and ``retrievekit_scores``:
+    ``{stage: score}`` for the stages the hit went through ("dense", "sparse", "fused",
+    "rerank"); ``retrievekit_chunk_id``: the stored chunk that matched (the document id when
+    the document was not chunked); ``retrievekit_added``: which of ``id`` and ``score`` the
+    search added. The ``retrievekit_*`` keys overwrite user metadata keys of the same name in
+    the returned copy (never in the store); added again, a document drops them and the keys
+    ``retrievekit_added`` names.
 
 Ids of indexed LangChain documents: ``Document.id`` when set, else a stable hash of the text
 and the metadata (see `document_id`), so re-adding the same document is a no-op and equal
@@ -167,21 +170,27 @@ def document_id(doc: LCDocument) -> str:
     return h.hexdigest()[:32]
 
 
-def to_core(docs: Sequence[LCDocument]) -> list[Document]:
-    """LangChain documents -> core documents (ids per `document_id`); validates the types."""
+def to_core(docs: Sequence[LCDocument], ids: Sequence[str | None] | None = None
+            ) -> list[Document]:
+    """LangChain documents -> core documents, under `ids` where given (None entries and no
+    `ids`: `document_id`); validates the types."""
     if isinstance(docs, (LCDocument, str, bytes, Mapping)) or not isinstance(docs, Iterable):
         raise InvalidInputError(f"documents must be a list of LangChain Documents, got "
                                 f"{v.shown(docs)}; wrap the single document in a list")
+    docs = list(docs)
+    if ids is not None and len(ids) != len(docs):
+        raise InvalidInputError(f"ids has {len(ids)} entries for {len(docs)} documents; pass "
+                                "one id per document")
     out = []
     for i, d in enumerate(docs):
         if not isinstance(d, LCDocument):
             raise InvalidInputError(f"documents[{i}] must be a langchain_core Document, got "
                                     f"{type(d).__name__}")
-        doc_id = document_id(d)
-        meta = d.metadata
-        added = meta.get(ADDED_KEY)
-        if isinstance(added, list):  # a document the retriever returned: drop what it added
-            meta = {k: x for k, x in meta.items() if k != ADDED_KEY and k not in added}
+        doc_id = ids[i] if ids is not None and ids[i] is not None else document_id(d)
+        added = d.metadata.get(ADDED_KEY)
+        searched = set(added) & {ID_KEY, SCORE_KEY} if isinstance(added, list) else set()
+        # a document the retriever returned: drop what the search added
+        meta = {k: x for k, x in d.metadata.items() if k != ADDED_KEY and k not in searched}
         out.append(Document(text=d.page_content, id=doc_id,
                             metadata=indexable(meta, doc_id, f"documents[{i}]")))
     return out
@@ -454,14 +463,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, VectorStore):
         batch_size = kwargs.pop("batch_size", None)
         v.integer("batch_size", batch_size, 1, optional=True, error=InvalidInputError)
         options = _write_options(kwargs, ("progress", "batch_records"))
-        docs = to_core(documents)
-        if ids is not None:
-            ids = _list_arg(ids, "ids")
-            if len(ids) != len(docs):
-                raise InvalidInputError(f"ids has {len(ids)} entries for {len(docs)} "
-                                        "documents; pass one id per document")
-            docs = [d if i is None else Document(text=d.text, id=i, metadata=d.metadata)
-                    for d, i in zip(docs, ids)]
+        docs = to_core(documents, None if ids is None else _list_arg(ids, "ids"))
         return self.retriever.add_documents(docs, **options)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:

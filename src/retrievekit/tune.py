@@ -118,8 +118,9 @@ def to_toml(best: Trial, default: Trial | None, name: str, split: str) -> str:
     before it is returned."""
     evidence = f"library default {default.ndcg:.4f}" if default is not None \
         else "the library default was not tried"
-    lines = [f"# chosen by `retrievekit tune` on {name} ({split} split): hybrid nDCG@10 "
-             f"{best.ndcg:.4f} ({evidence})"]
+    shown = "".join(c if c.isprintable() else "?" for c in f"{name} ({split} split)")
+    lines = [f"# chosen by `retrievekit tune` on {shown}: hybrid nDCG@10 {best.ndcg:.4f} "
+             f"({evidence})"]  # a comment: any character a folder name may hold, printable
 
     def table(prefix: str, values: Mapping[str, Any]) -> None:
         if prefix:

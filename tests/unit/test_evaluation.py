@@ -137,6 +137,20 @@ def test_ids_of_any_form_are_the_qrels_ids() -> None:
         evaluate_run({"q1": [10.0]}, qrels)
 
 
+def test_qrels_ids_are_checked_as_a_run_s() -> None:
+    """Qrels merged 1 and "1" silently (one query lost, or the later grade kept) and read
+    bytes ids as "b'd1'" (every metric 0); a run refuses all three."""
+    with pytest.raises(InvalidInputError, match="query '1' twice"):
+        evaluate_run({"1": ["d1"]}, {1: {"d1": 1}, "1": {"d2": 1}})
+    with pytest.raises(InvalidInputError, match="document '1' twice"):
+        evaluate_run({"q": ["1"]}, {"q": {1: 3, "1": 1}})
+    with pytest.raises(InvalidInputError, match="ids are str or int"):
+        evaluate_run({"q": ["d1"]}, {"q": {b"d1": 1}})
+    assert evaluate_run({"q": ["d1"]}, {"q": {"d1": np.int64(2)}}, ks=np.int64(10)).means[
+        "ndcg@10"] == 1.0
+    assert evaluate_run({"q": ["d1"]}, {"q": {"d1": 1}}, ks=[np.int64(5)]).means["ndcg@5"] == 1.0
+
+
 def test_per_query_metrics_refuse_repeats_and_cutoffs_below_one() -> None:
     for fn in (recall_at_k, mrr_at_k, ndcg_at_k, map_at_k):
         with pytest.raises(InvalidInputError, match="more than once"):

@@ -45,6 +45,14 @@ def test_strings_round_trip_as_written(tmp_path, text):
     assert RetrieverConfig.from_toml(path).embedder.query_prefix == text
 
 
+def test_a_collection_name_of_any_characters_is_a_comment():
+    """A folder name with a newline broke the comment line, after every trial had run."""
+    import tomllib
+
+    text = to_toml(Trial({"fusion": "rrf"}, 0.5, 0.6), None, "odd\nname\r\x00🔎", "dev")
+    assert tomllib.loads(text) == {"fusion": "rrf"} and "odd?name??🔎 (dev split)" in text
+
+
 def test_the_default_trial_is_found_by_its_settings(tmp_path):
     best = Trial({"fusion": "rrf", "candidates": 50}, 0.52, 0.6)
     text = to_toml(best, Trial(DEFAULT, 0.5, 0.6), "set", "dev")
