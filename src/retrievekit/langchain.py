@@ -608,8 +608,9 @@ def _list_arg(value: Any, name: str) -> list[Any]:
 class RetrieveKitReranker(BaseDocumentCompressor):
     """Cross-encoder reranking of any retriever's documents (a `BaseDocumentCompressor`).
 
-    Returns new documents, best first, with the score in ``metadata["relevance_score"]``;
-    the input documents are not changed.
+    Returns new documents, best first, with the cross-encoder's score in
+    ``metadata["relevance_score"]`` (also when a blend, ``weight`` < 1, orders them); the
+    input documents are not changed.
 
     Args:
         reranker: a ready `retrievekit.rerank.Reranker`, or
@@ -657,7 +658,7 @@ class RetrieveKitReranker(BaseDocumentCompressor):
         ranked = self.reranker.rank(query, [d.page_content for d in docs], top_n=self.top_n,
                                     threshold=self.score_threshold)
         return [LCDocument(page_content=docs[r.index].page_content, id=docs[r.index].id,
-                           metadata={**docs[r.index].metadata, RELEVANCE_KEY: r.score})
+                           metadata={**docs[r.index].metadata, RELEVANCE_KEY: r.rerank_score})
                 for r in ranked]
 
     async def acompress_documents(self, documents: Sequence[LCDocument], query: str,

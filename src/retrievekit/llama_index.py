@@ -659,28 +659,48 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
         return await asyncio.to_thread(self.query, query, **kwargs)
 
     def _hits(self, q: VectorStoreQuery, kwargs: Mapping[str, Any]) -> list[Hit]:
-        if q.node_ids:
-            raise InvalidInputError("VectorStoreQuery.node_ids is not supported; restrict by "
-                                    "doc_ids or metadata filters instead")
-        where = metadata_filters_to_where(q.filters)
-        if q.doc_ids:
-            by_doc = {REF_DOC_KEY: {"$in": list(q.doc_ids)}}
-            where = by_doc if where is None else {"$and": [where, by_doc]}
-        k = q.similarity_top_k
-        text = q.query_str
+        """The hits of `q`; with `q.node_ids` (which `VectorStoreIndex` passes when it keeps
+        the nodes itself: all of them), those of the search that are among them, the search
+        widened until `similarity_top_k` are or it has no more."""
         try:
             query_mode = VectorStoreQueryMode(q.mode)
         except ValueError:
             raise InvalidInputError(f"vector_store_query_mode must be one of "
                                     f"{[m.value for m in VectorStoreQueryMode]}, got {q.mode!r}"
                                     ) from None
+        want = (q.hybrid_top_k or q.similarity_top_k) if query_mode in _HYBRID_MODES \
+            else q.similarity_top_k
+        if not q.node_ids:
+            return self._searched(q, kwargs, query_mode, want)
+        allowed = set(q.node_ids)
+        n = want
+        while True:
+            hits = self._searched(q, kwargs, query_mode, n)
+            kept = [h for h in hits if h.id in allowed]
+            if len(kept) >= want or len(hits) < n:
+                return kept[:want]
+            n *= 4
+
+    def _searched(self, q: VectorStoreQuery, kwargs: Mapping[str, Any],
+                  query_mode: VectorStoreQueryMode, k: int) -> list[Hit]:
+        """The `k` best hits of `q` in `query_mode`."""
+        where = metadata_filters_to_where(q.filters)
+        if q.doc_ids:
+            by_doc = {REF_DOC_KEY: {"$in": list(q.doc_ids)}}
+            where = by_doc if where is None else {"$and": [where, by_doc]}
+        text = q.query_str
         if query_mode == VectorStoreQueryMode.MMR:
+            # VectorIndexRetriever passes the threshold among its vector_store_kwargs
+            threshold = q.mmr_threshold if q.mmr_threshold is not None \
+                else kwargs.get("mmr_threshold", 0.5)
+            by_vector = text is None and q.query_embedding is not None
             return self._retriever.search_mmr(
-                text, k, fetch_k=kwargs.get("mmr_prefetch_k") or 4 * k, where=where,
-                lambda_mult=0.5 if q.mmr_threshold is None else q.mmr_threshold,
-                mode=self.default_mode)
+                "(by vector)" if by_vector else text, k,
+                fetch_k=max(kwargs.get("mmr_prefetch_k") or 4 * k, k), where=where,
+                lambda_mult=threshold, mode="dense" if by_vector else self.default_mode,
+                query_vector=q.query_embedding if by_vector else None)
         if query_mode in _HYBRID_MODES:
-            mode, k = "hybrid", q.hybrid_top_k or k
+            mode = "hybrid"
         elif query_mode in _SPARSE_MODES:
             mode = "sparse"
         elif query_mode == VectorStoreQueryMode.DEFAULT:
@@ -703,7 +723,8 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
             text, vector = "(by vector)", q.query_embedding
         return self._retriever.search(
             text, k, where=where, mode=mode, weights=weights, query_vector=vector,
-            sparse_candidates=q.sparse_top_k if mode == "hybrid" else None)
+            sparse_candidates=q.sparse_top_k if mode == "hybrid" else None,
+            rerank=False if vector is not None else None)  # no text to rerank by
 
 
 # -- reranker --------------------------------------------------------------------------------
@@ -714,9 +735,10 @@ class RetrieveKitReranker(BaseNodePostprocessor):
     """Cross-encoder reranking of any retriever's nodes (a LlamaIndex node postprocessor).
 
     Returns new `NodeWithScore` objects, best first, scored by the cross-encoder (0..1 with
-    the default sigmoid); their nodes are copies whose metadata gains the "rerank" stage in
-    ``retrievekit_ranks`` / ``retrievekit_scores``. The input nodes and scores are left as
-    they were. Emits LlamaIndex's `ReRankStartEvent` / `ReRankEndEvent` and the RERANKING
+    the default sigmoid; the blend's score when ``weight`` < 1 orders them); their nodes
+    are copies whose metadata gains the "rerank" stage (the cross-encoder's rank and score)
+    and, with a blend, the "blend" stage in ``retrievekit_ranks`` / ``retrievekit_scores``.
+    The input nodes and scores are left as they were. Emits LlamaIndex's `ReRankStartEvent` / `ReRankEndEvent` and the RERANKING
     callback event.
 
     Args:
@@ -816,7 +838,10 @@ class RetrieveKitReranker(BaseNodePostprocessor):
         meta[RANKS_KEY] = {**(ranks if isinstance(ranks, Mapping) else {}),
                            "rerank": ranked.rerank_rank}
         meta[SCORES_KEY] = {**(scores if isinstance(scores, Mapping) else {}),
-                            "rerank": ranked.score}
+                            "rerank": ranked.rerank_score}
+        if ranked.blend_rank is not None:  # the order, and the node's score, are the blend's
+            meta[RANKS_KEY]["blend"] = ranked.blend_rank
+            meta[SCORES_KEY]["blend"] = ranked.score
         if self.keep_retrieval_score:
             meta[RETRIEVAL_SCORE_KEY] = src.score
         hidden = [RANKS_KEY, SCORES_KEY]

@@ -377,6 +377,31 @@ def test_reranker_orders_by_cross_encoder_and_leaves_inputs_alone(hybrid, tiny_c
     assert [n.node.node_id for n in ends[0].nodes] == [n.node.node_id for n in out]
 
 
+def test_a_blend_keeps_the_cross_encoder_s_own_score(tiny_cross_encoder_path):
+    """With weight < 1 the "rerank" score was the blend's (~0.016), not the cross-encoder's."""
+    core = Reranker(model=tiny_cross_encoder_path, weight=0.5)
+    texts = ["cats purr", "rust is safe", "tea is green", "bread rises"]
+    nodes = [NodeWithScore(node=TextNode(id_=f"n{i}", text=t), score=1.0 - i / 10)
+             for i, t in enumerate(texts)]
+    ranked = {r.index: r for r in core.rank("cats", texts)}
+    out = RetrieveKitReranker(reranker=core).postprocess_nodes(nodes, query_str="cats")
+    for n in out:
+        r = ranked[int(n.node.node_id[1:])]
+        assert n.node.metadata["retrievekit_scores"] == pytest.approx(
+            {"rerank": r.rerank_score, "blend": r.score})
+        assert n.node.metadata["retrievekit_ranks"] == {"rerank": r.rerank_rank,
+                                                        "blend": r.blend_rank}
+        assert n.score == pytest.approx(r.score)
+    langchain = pytest.importorskip("retrievekit.langchain")
+    from langchain_core.documents import Document as LCDocument
+
+    docs = langchain.RetrieveKitReranker(reranker=core, top_n=None).compress_documents(
+        [LCDocument(page_content=t, id=f"n{i}") for i, t in enumerate(texts)], "cats")
+    assert [d.metadata["relevance_score"] for d in docs] == pytest.approx(
+        [ranked[int(d.id[1:])].rerank_score for d in docs])
+    assert [d.id for d in docs] == [n.node.node_id for n in out]  # ordered by the blend
+
+
 def test_reranker_threshold_and_errors(tiny_cross_encoder_path):
     core = Reranker(model=tiny_cross_encoder_path)
     nodes = [NodeWithScore(node=TextNode(id_=f"n{i}", text=t), score=None) for i, t in
@@ -578,6 +603,44 @@ def test_vector_store_filters_doc_ids_and_node_management(embedder, corpus_docs)
         vs.query(VectorStoreQuery(query_str="x", mode="svm"))
     with pytest.raises(InvalidInputError, match="alpha"):
         vs.query(VectorStoreQuery(query_str="x", mode="hybrid", alpha=2.0))
+    vs.close()
+
+
+def test_vector_store_takes_what_llama_index_s_own_retriever_passes(embedder, corpus_docs,
+                                                                    tiny_cross_encoder_path):
+    """VectorStoreIndex passes node_ids (all of them) when it keeps the nodes itself, and
+    mmr_threshold among vector_store_kwargs; a query with an embedding and no text was
+    reranked for the text "(by vector)"; MMR refused a query with no text."""
+    from llama_index.core import StorageContext
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder, reranker=tiny_cross_encoder_path)
+    nodes = [TextNode(id_=d.id, text=d.text, metadata=dict(d.metadata)) for d in corpus_docs]
+    storage = StorageContext.from_defaults(vector_store=vs)
+    index = VectorStoreIndex(nodes, storage_context=storage, embed_model=vs.embed_model,
+                             store_nodes_override=True)
+    got = index.as_retriever(similarity_top_k=3).retrieve("sourdough starter")
+    assert [n.node.node_id for n in got] == vs.query(VectorStoreQuery(
+        query_str="sourdough starter", similarity_top_k=3)).ids  # what all of them give
+    few = vs.query(VectorStoreQuery(query_str="animals", similarity_top_k=2,
+                                    node_ids=["tea", "rust", "cats"]))
+    assert set(few.ids) <= {"tea", "rust", "cats"} and len(few.ids) == 2
+    q = "programming languages"
+    picks = {}
+    for t in (0.0, 1.0):
+        direct = vs.query(VectorStoreQuery(query_str=q, similarity_top_k=3, mmr_threshold=t,
+                                           mode="mmr")).ids
+        via = index.as_retriever(similarity_top_k=3, vector_store_query_mode="mmr",
+                                 vector_store_kwargs={"mmr_threshold": t}).retrieve(q)
+        assert [n.node.node_id for n in via] == direct
+        picks[t] = direct
+    assert picks[0.0] != picks[1.0]  # else the comparison above proves nothing
+    vec = vs.embed_model.get_query_embedding("purring cats")
+    dense = [h.id for h in vs.client.search("purring cats", 3, mode="dense", rerank=False,
+                                            query_vector=vec)]
+    assert vs.query(VectorStoreQuery(query_embedding=vec, similarity_top_k=3)).ids == dense
+    mmr = vs.query(VectorStoreQuery(query_embedding=vec, similarity_top_k=3, mode="mmr"))
+    assert mmr.ids[0] == dense[0] and len(mmr.ids) == 3
     vs.close()
 
 
