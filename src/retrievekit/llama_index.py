@@ -77,6 +77,7 @@ from .embedding import DEFAULT_MODEL, Embedder, EmbedderConfig
 from .filters import validate_where
 from .pipeline import HybridRetriever
 from .prefixes import Prefixes
+from .records import parent_of
 from .rerank import DEFAULT_RERANKER, Ranked, RerankConfig, Reranker
 from .store import clean_metadata
 from .types import Document, Hit
@@ -672,18 +673,29 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
             else q.similarity_top_k
         if not q.node_ids:
             return self._searched(q, kwargs, query_mode, want)
+        # widened without the reranker (which returns at most its candidates, so a short
+        # page would not mean the store has no more), then reranked as a search would be
+        reranker = self._retriever.reranker
+        if q.query_str is None or query_mode == VectorStoreQueryMode.MMR:
+            reranker = None
+        enough = want if reranker is None else max(want, reranker.config.candidates)
         allowed = set(q.node_ids)
-        n = want
+        n = enough
         while True:
-            hits = self._searched(q, kwargs, query_mode, n)
-            kept = [h for h in hits if h.id in allowed]
-            if len(kept) >= want or len(hits) < n:
-                return kept[:want]
+            hits = self._searched(q, kwargs, query_mode, n, rerank=False)
+            kept = [h for h in hits if parent_of(h.id) in allowed]  # chunks when uncollapsed
+            if len(kept) >= enough or len(hits) < n:
+                break
             n *= 4
+        if reranker is not None:
+            kept = reranker.rerank(q.query_str, kept[:enough])
+        return kept[:want]
 
     def _searched(self, q: VectorStoreQuery, kwargs: Mapping[str, Any],
-                  query_mode: VectorStoreQueryMode, k: int) -> list[Hit]:
-        """The `k` best hits of `q` in `query_mode`."""
+                  query_mode: VectorStoreQueryMode, k: int, rerank: bool | None = None
+                  ) -> list[Hit]:
+        """The `k` best hits of `q` in `query_mode` (`rerank` as for `search`; never for a
+        query without text)."""
         where = metadata_filters_to_where(q.filters)
         if q.doc_ids:
             by_doc = {REF_DOC_KEY: {"$in": list(q.doc_ids)}}
@@ -691,8 +703,8 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
         text = q.query_str
         if query_mode == VectorStoreQueryMode.MMR:
             # VectorIndexRetriever passes the threshold among its vector_store_kwargs
-            threshold = q.mmr_threshold if q.mmr_threshold is not None \
-                else kwargs.get("mmr_threshold", 0.5)
+            threshold = next((t for t in (q.mmr_threshold, kwargs.get("mmr_threshold"))
+                              if t is not None), 0.5)
             by_vector = text is None and q.query_embedding is not None
             return self._retriever.search_mmr(
                 "(by vector)" if by_vector else text, k,
@@ -724,7 +736,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
         return self._retriever.search(
             text, k, where=where, mode=mode, weights=weights, query_vector=vector,
             sparse_candidates=q.sparse_top_k if mode == "hybrid" else None,
-            rerank=False if vector is not None else None)  # no text to rerank by
+            rerank=False if vector is not None else rerank)  # no text to rerank by
 
 
 # -- reranker --------------------------------------------------------------------------------
@@ -746,7 +758,8 @@ class RetrieveKitReranker(BaseNodePostprocessor):
         reranker: a ready `retrievekit.rerank.Reranker` to share its model (e.g.
             ``HybridRetriever.reranker``); then `model` must be left out or agree.
         top_n: keep at most this many (None: the reranker's own ``top_n``, by default all).
-        threshold: drop nodes scoring below it (None: the reranker's own ``threshold``).
+        threshold: drop nodes whose cross-encoder score is below it (None: the reranker's own
+            ``threshold``).
         metadata_mode: which view of the node is scored; "none" (default) scores the text
             alone, as the core does; "embed" also scores the metadata, as LlamaIndex's
             `SentenceTransformerRerank` does.
@@ -842,6 +855,9 @@ class RetrieveKitReranker(BaseNodePostprocessor):
         if ranked.blend_rank is not None:  # the order, and the node's score, are the blend's
             meta[RANKS_KEY]["blend"] = ranked.blend_rank
             meta[SCORES_KEY]["blend"] = ranked.score
+        else:  # an earlier rerank's blend is no longer the order
+            meta[RANKS_KEY].pop("blend", None)
+            meta[SCORES_KEY].pop("blend", None)
         if self.keep_retrieval_score:
             meta[RETRIEVAL_SCORE_KEY] = src.score
         hidden = [RANKS_KEY, SCORES_KEY]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import datetime
 import re
 import subprocess
@@ -377,6 +378,18 @@ def test_reranker_orders_by_cross_encoder_and_leaves_inputs_alone(hybrid, tiny_c
     assert [n.node.node_id for n in ends[0].nodes] == [n.node.node_id for n in out]
 
 
+def test_node_ids_keep_the_chunks_of_an_uncollapsed_search(embedder):
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    vs = _vector_store(embedder, config={"collapse_chunks": False})
+    long = " ".join(f"Sentence {i} tells of harbours, tides and cargo." for i in range(120))
+    vs.add([TextNode(id_="long", text=long), TextNode(id_="short", text="Cargo ships.")])
+    got = vs.query(VectorStoreQuery(query_str="cargo tides", similarity_top_k=3,
+                                    node_ids=["long"]))
+    assert len(got.ids) == 3 and all(i.startswith("long#chunk") for i in got.ids)
+    vs.close()
+
+
 def test_a_blend_keeps_the_cross_encoder_s_own_score(tiny_cross_encoder_path):
     """With weight < 1 the "rerank" score was the blend's (~0.016), not the cross-encoder's."""
     core = Reranker(model=tiny_cross_encoder_path, weight=0.5)
@@ -400,6 +413,10 @@ def test_a_blend_keeps_the_cross_encoder_s_own_score(tiny_cross_encoder_path):
     assert [d.metadata["relevance_score"] for d in docs] == pytest.approx(
         [ranked[int(d.id[1:])].rerank_score for d in docs])
     assert [d.id for d in docs] == [n.node.node_id for n in out]  # ordered by the blend
+    again = RetrieveKitReranker(reranker=Reranker(model=tiny_cross_encoder_path)
+                                ).postprocess_nodes(out, query_str="cats")
+    assert all("blend" not in n.node.metadata["retrievekit_ranks"] and "blend" not in
+               n.node.metadata["retrievekit_scores"] for n in again)  # not this one's order
 
 
 def test_reranker_threshold_and_errors(tiny_cross_encoder_path):
@@ -625,6 +642,12 @@ def test_vector_store_takes_what_llama_index_s_own_retriever_passes(embedder, co
     few = vs.query(VectorStoreQuery(query_str="animals", similarity_top_k=2,
                                     node_ids=["tea", "rust", "cats"]))
     assert set(few.ids) <= {"tea", "rust", "cats"} and len(few.ids) == 2
+    # past the reranker's candidates (it returns no more than those: a short page is no
+    # sign that the store has no more), and the chunks of an uncollapsed search
+    vs.client.reranker.config = replace(vs.client.reranker.config, candidates=2)
+    last = vs.client.search("animals", 8, mode="dense", rerank=False)[-1].id
+    assert vs.query(VectorStoreQuery(query_str="animals", similarity_top_k=1,
+                                     node_ids=[last])).ids == [last]
     q = "programming languages"
     picks = {}
     for t in (0.0, 1.0):
