@@ -598,7 +598,8 @@ def _doc_id(item: Any, qid: str) -> str:
     object with ``.id`` (a retrievekit Hit)."""
     doc_id = item[0] if isinstance(item, (tuple, list)) and len(item) >= 1 else item \
         if isinstance(item, (str, int, np.integer)) else getattr(item, "id", None)
-    if isinstance(doc_id, (str, int, np.integer)) and not isinstance(doc_id, bool):
+    # str() of anything but what would read as another id: None, bools, floats, bytes
+    if doc_id is not None and not isinstance(doc_id, (bool, float, bytes, np.floating)):
         return str(doc_id)
     raise InvalidInputError(
         f"a result for query {qid!r} is {v.shown(item)}; give doc ids (str or int), "

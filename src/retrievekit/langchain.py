@@ -188,7 +188,8 @@ def to_core(docs: Sequence[LCDocument], ids: Sequence[str | None] | None = None
                                     f"{type(d).__name__}")
         doc_id = ids[i] if ids is not None and ids[i] is not None else document_id(d)
         added = d.metadata.get(ADDED_KEY)
-        searched = set(added) & {ID_KEY, SCORE_KEY} if isinstance(added, list) else set()
+        searched = {x for x in added if x in (ID_KEY, SCORE_KEY)} \
+            if isinstance(added, list) else set()
         # a document the retriever returned: drop what the search added
         meta = {k: x for k, x in d.metadata.items() if k != ADDED_KEY and k not in searched}
         out.append(Document(text=d.page_content, id=doc_id,

@@ -706,9 +706,11 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
             threshold = next((t for t in (q.mmr_threshold, kwargs.get("mmr_threshold"))
                               if t is not None), 0.5)
             by_vector = text is None and q.query_embedding is not None
+            prefetch = v.integer("mmr_prefetch_k", kwargs.get("mmr_prefetch_k"), optional=True,
+                                 error=InvalidInputError, fix="None fetches 4 x k")
             return self._retriever.search_mmr(
                 "(by vector)" if by_vector else text, k,
-                fetch_k=max(kwargs.get("mmr_prefetch_k") or 4 * k, k), where=where,
+                fetch_k=max(prefetch or 4 * k, k), where=where,
                 lambda_mult=threshold, mode="dense" if by_vector else self.default_mode,
                 query_vector=q.query_embedding if by_vector else None)
         if query_mode in _HYBRID_MODES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -390,6 +391,9 @@ def _pdf_text(file: Path) -> tuple[str, dict[str, Any]]:
     return "\n\n".join(p.strip() for p in pages if p.strip()), {"pages": len(pages)}
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _jsonl(file: Path, root: Path, text: str, base: dict[str, Any], options: LoadOptions
            ) -> tuple[list[tuple[Document, int | None]], list[Skipped]]:
     field_name = options.text_field
@@ -399,9 +403,9 @@ def _jsonl(file: Path, root: Path, text: str, base: dict[str, Any], options: Loa
     missing_field = 0
     fields_seen: set[str] = set()
     file_id = document_id(root, file)
-    # lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085 unescaped,
-    # where str.splitlines would cut a record in two
-    for n, line in enumerate(text.split("\n"), 1):
+    # lines end at "\r\n", "\r" or "\n" only: JSON strings may hold U+2028, U+2029 and
+    # U+0085 unescaped, where str.splitlines would cut a record in two
+    for n, line in enumerate(_LINE_END.split(text), 1):
         if not line.strip():
             continue
         records += 1

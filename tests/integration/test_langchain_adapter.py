@@ -751,9 +751,10 @@ def test_a_retrieved_chunk_is_never_added_in_its_document_s_place(embedder, corp
     assert vs.retriever.last_add_stats["unchanged"] == 1
     assert vs.retriever.get(["owls"])[0].metadata == mine
     # retrievekit_added is retrievekit's own key: it drops at most id and score
-    odd = {"retrievekit_added": ["topic"], "topic": "insects"}
-    vs.add_documents([LCDocument(page_content="Bees make honey.", id="bees", metadata=odd)])
-    assert vs.retriever.get(["bees"])[0].metadata == {"topic": "insects"}
+    for odd in ({"retrievekit_added": ["topic"], "topic": "insects"},
+                {"retrievekit_added": [["x"]], "topic": "insects"}):  # the second: TypeError
+        vs.add_documents([LCDocument(page_content="Bees make honey.", id="bees", metadata=odd)])
+        assert vs.retriever.get(["bees"])[0].metadata == {"topic": "insects"}
     # a whole retrieved document under another id is a document of its own, not a chunk
     copy = LCDocument(page_content=found.page_content, metadata=found.metadata, id="owls-2")
     vs.add_documents([copy])

@@ -664,6 +664,9 @@ def test_vector_store_takes_what_llama_index_s_own_retriever_passes(embedder, co
     assert vs.query(VectorStoreQuery(query_embedding=vec, similarity_top_k=3)).ids == dense
     mmr = vs.query(VectorStoreQuery(query_embedding=vec, similarity_top_k=3, mode="mmr"))
     assert mmr.ids[0] == dense[0] and len(mmr.ids) == 3
+    with pytest.raises(InvalidInputError, match="mmr_prefetch_k"):  # was a TypeError
+        vs.query(VectorStoreQuery(query_str="x", similarity_top_k=3, mode="mmr"),
+                 mmr_prefetch_k="10")
     vs.close()
 
 

@@ -135,6 +135,10 @@ def test_ids_of_any_form_are_the_qrels_ids() -> None:
         evaluate_run({"q1": [None]}, qrels)
     with pytest.raises(InvalidInputError, match="is 10.0;"):  # the item, not None
         evaluate_run({"q1": [10.0]}, qrels)
+    import uuid  # ids of other types read as their str, as before
+
+    u = uuid.UUID(int=7)
+    assert evaluate_run({"q1": [(u, 0.9)]}, {"q1": {str(u): 1}}, ks=(10,)).means["ndcg@10"] == 1
 
 
 def test_qrels_ids_are_checked_as_a_run_s() -> None:

@@ -187,6 +187,9 @@ def test_jsonl_lines_end_at_newlines_only(kb):
     docs = by_id(res)
     assert not res.skipped and set(docs) == {"a", "b", "c"}
     assert [docs[i].metadata["line"] for i in "abc"] == [1, 2, 3]
+    (kb / "mac.jsonl").write_bytes(b'{"id": "m1", "text": "a"}\r{"id": "m2", "text": "b"}\r')
+    mac = load([str(kb / "mac.jsonl")])  # old Mac line ends, as splitlines read them
+    assert not mac.skipped and [by_id(mac)[i].metadata["line"] for i in ("m1", "m2")] == [1, 2]
 
 
 def test_jsonl_lines_add_documents_would_refuse_are_skipped_alone(kb):
