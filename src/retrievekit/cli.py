@@ -131,6 +131,22 @@ def _show(path: Path | str) -> str:
         return str(p)
 
 
+def _tree_roots(r: Any, scopes: Sequence[Any]) -> dict[Path, Path]:
+    """For each file named alone that the store holds through a directory above it, that
+    directory (its `root`): read through it again, the file keeps its ids, and `--prune`
+    keeps its documents, where its own folder would give it new ids beside the old."""
+    roots: dict[Path, Path] = {}
+    for scope in scopes:
+        if scope.is_dir:
+            continue
+        ids = r.document_ids(where=scope.where)
+        for doc in r.get(ids[:1]):
+            root = Path(str(doc.metadata.get("root", "")))
+            if root != scope.path.parent and root in scope.path.parents:
+                roots[scope.path] = root
+    return roots
+
+
 def _stale(r: Any, scopes: Sequence[Any]) -> list[str]:
     """Documents recorded under the paths given that this run did not produce, except those
     of files that are still there but could not be read this time."""
@@ -192,6 +208,9 @@ def cmd_index(args: argparse.Namespace) -> int:
                                 f"store was created at {_label(args)}") from exc
     try:
         with r:
+            roots = _tree_roots(r, loaded.scopes)
+            if roots:  # files named alone that a tree indexed: read through that tree
+                loaded = load(args.paths, options, roots)
             before = r.count()
             if loaded.documents:
                 r.add_documents(loaded.documents, progress=not args.quiet and sys.stderr.isatty())

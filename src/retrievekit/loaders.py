@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from . import validate
 from .errors import InvalidInputError, RetrieveKitError
@@ -149,9 +149,14 @@ def document_id(root: Path, file: Path) -> str:
     return f"{root.name}/{rel}" if root.name else rel
 
 
-def load(paths: Sequence[str | os.PathLike[str]], options: LoadOptions | None = None
-         ) -> LoadResult:
+def load(paths: Sequence[str | os.PathLike[str]], options: LoadOptions | None = None,
+         roots: Mapping[Path, Path] | None = None) -> LoadResult:
     """Read the files under `paths` (files or directories) into documents.
+
+    Args:
+        roots: for a file named in `paths` (resolved as `resolve_file` does), the directory
+            to read it through, when not its own folder: the root it was indexed through
+            before, so that it keeps its ids.
 
     Raises:
         InvalidInputError: a path does not exist.
@@ -169,7 +174,7 @@ def load(paths: Sequence[str | os.PathLike[str]], options: LoadOptions | None = 
             found: Iterable[tuple[Path, Skipped | None]] = _walk(root, options, exclude)
         elif p.is_file():
             file = resolve_file(p)
-            root = file.parent
+            root = (roots or {}).get(file, file.parent)
             scope = Scope(file, False)
             found = [(file, None)]
         else:

@@ -103,6 +103,30 @@ def test_three_spellings_one_set_of_ids_prune_and_delete(tmp_path, capsys, monke
     assert search_ids(store, "bread", capsys) == []
 
 
+def test_a_file_named_alone_keeps_the_id_its_tree_gave_it(tmp_path, capsys, monkeypatch):
+    """Read through its own folder, it got the id guide/bread.txt beside the tree's
+    kb/guide/bread.txt, and --prune deleted the tree's (the next index of the tree wrote it
+    back beside the stray one)."""
+    kb = tmp_path / "kb"
+    (kb / "guide").mkdir(parents=True)
+    (kb / "guide" / "bread.txt").write_text("Sourdough bread rises with a wild yeast starter.")
+    (kb / "tea.md").write_text("Green tea has less caffeine than coffee.")
+    store = str(tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    index_json(["kb", "--store", store], capsys)
+    (kb / "guide" / "bread.txt").write_text("Rye bread is dense and sour.")
+    alone = index_json(["kb/guide/bread.txt", "--store", store, "--prune"], capsys)
+    assert alone["pruned"] == [] and alone["records_after"] == 2
+    assert search_ids(store, "rye bread", capsys, k=2)[0] == "kb/guide/bread.txt"
+    again = index_json(["kb", "--store", store, "--prune"], capsys)
+    assert again["records_after"] == 2 and again["records_written"] == 0
+    # never indexed through a tree: its own folder, as before
+    (tmp_path / "solo").mkdir()
+    (tmp_path / "solo" / "a.md").write_text("A page of its own about kites.")
+    assert index_json(["solo/a.md", "--store", store], capsys)["records_after"] == 3
+    assert "solo/a.md" in search_ids(store, "kites", capsys)
+
+
 def test_delete_by_file_path_and_jsonl_records(tmp_path, capsys):
     kb = tmp_path / "kb"
     kb.mkdir()
