@@ -213,8 +213,7 @@ class LocalEngine:
         if self.vectors is None:
             assert subset is not None
             return self._scanned(*self._vectors_of(sparse, subset, vec.size), vec, n)
-        ids = sorted(allowed) if allowed is not None else subset.ids if subset is not None \
-            else sparse.matching(matching, passing)
+        ids = _passing_ids(sparse, matching, passing, subset, allowed)
         return self._ranked(ids, self.vectors.similarities(ids, vec, cosine=True), n)
 
     def _scanned(self, ids: list[str], unit: np.ndarray, vec: np.ndarray, n: int
@@ -255,12 +254,21 @@ class LocalEngine:
                     else allowed.intersection if allowed is not None \
                     else (lambda ids: sparse.keep(ids, matching))
                 return _post_filtered(lambda m: self._nearest(vec, m), keep,
-                                      n, passing / total, total)
+                                      n, passing / total, total,
+                                      lambda: self._read_scan(sparse, vec, n, matching,
+                                                              passing, subset, allowed))
             # few: their vectors, read from Chroma (~20 us each) and scanned; Chroma's
             # filtered query costs more (~200 ms at 120k records) and can miss hits
-            ids = sorted(allowed) if allowed is not None else sparse.matching(matching, passing)
-            return self._scanned(*self.store.unit_vectors(ids, vec.size), vec, n)
+            return self._read_scan(sparse, vec, n, matching, passing, None, allowed)
         return self._nearest(vec, n)
+
+    def _read_scan(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
+                   passing: int, subset: Subset | None, allowed: frozenset[str] | None
+                   ) -> list[tuple[str, float]]:
+        """The `n` nearest of the records the filter passes, by their vectors read from
+        Chroma and scanned."""
+        ids = _passing_ids(sparse, matching, passing, subset, allowed)
+        return self._scanned(*self.store.unit_vectors(ids, vec.size), vec, n)
 
     def _nearest(self, vec: np.ndarray, n: int) -> list[tuple[str, float]]:
         """The `n` nearest records, unfiltered: from the graph in this process when there
@@ -376,24 +384,38 @@ EXACT_SCAN_SHARE = 0.05
 READ_SCAN = 0.5
 
 
+def _passing_ids(sparse: Snapshot, matching: Filter | None, passing: int,
+                 subset: Subset | None, allowed: frozenset[str] | None) -> list[str]:
+    """The ids of the records a filter passes: those Chroma gave (`allowed`), the ones its
+    subset remembers, or read from the BM25 index."""
+    if allowed is not None:
+        return sorted(allowed)
+    return subset.ids if subset is not None else sparse.matching(matching, passing)
+
+
 def _post_filtered(query: Callable[[int], list[tuple[str, float]]],
                    keep: Callable[[list[str]], Collection[str]], n: int, share: float,
-                   total: int) -> list[tuple[str, float]]:
+                   total: int, scan: Callable[[], list[tuple[str, float]]]
+                   ) -> list[tuple[str, float]]:
     """The best `n` records that pass the filter, from unfiltered nearest-neighbour lists:
     ask for enough that n pass at the filter's share (`overfetch`) of the `total` records
-    the filter was counted on, and double until n pass, every passing record was found, or
-    the index has no more to give. Exact with respect to the index: a passing record nearer
-    than the n-th one returned would have been in the list. The index may hold more than
-    `total` (a write in Chroma that the count's snapshot does not have yet): asking it for
-    `total` neighbours is then not the whole collection."""
+    the filter was counted on, and double until n pass or every passing record was found.
+    Exact with respect to the index: a passing record nearer than the n-th one returned
+    would have been in the list. The index may hold more than `total` (a write in Chroma
+    that the count's snapshot does not have yet): asking it for `total` neighbours is then
+    not the whole collection. When the index has no more to give and passing records are
+    still missing (HNSW graphs can leave a record unreachable, more often after updates),
+    the answer is the exact `scan` of the passing records' vectors."""
     fetch = overfetch(n, share, total)
     wanted = min(n, round(share * total))
     while True:
         found = query(fetch)
         passed = keep([rid for rid, _ in found])
         out = [(rid, s) for rid, s in found if rid in passed]
-        if len(out) >= wanted or len(found) < fetch:
+        if len(out) >= wanted:
             return out[:n]
+        if len(found) < fetch:
+            return scan()
         fetch = min(total, 2 * fetch) if fetch < total else 2 * fetch
 
 

@@ -603,6 +603,42 @@ def test_a_remembered_filter_follows_writes(tmp_path, tiny_embedder, monkeypatch
             assert calls["query"] == 3 and calls["get"] == []
 
 
+def test_a_record_the_graph_cannot_reach_is_still_found(tmp_path, tiny_embedder,
+                                                      monkeypatch):
+    """An HNSW graph can leave a record unreachable (more often after updates): a query for
+    every neighbour then returns fewer than asked, without it. A post-filtered search that
+    meets such a short list with passing records missing answers by an exact scan of the
+    passing records, so the filtered answer keeps every record it should have."""
+    from retrievekit import subsets
+    from retrievekit.pipeline import HybridRetriever
+
+    monkeypatch.setattr(subsets, "SUBSET_VECTOR_BYTES", 0)  # no held vectors: post-filter
+    docs = [{"text": f"record {i} " + WORDS[i % len(WORDS)], "id": f"d{i}",
+             "metadata": {"bucket": i % 50}} for i in range(300)]
+    where = {"bucket": 7}  # six records, 2%: above POST_FILTER_SHARE
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}},
+                         embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        q = tiny_embedder.embed_query("a text about a lantern by the harbor")
+        real_query = r.store.collection.query
+
+        def query(*a, **k):  # the graph never reaches d157
+            got = real_query(*a, **k)
+            keep = [j for j, rid in enumerate(got["ids"][0]) if rid != "d157"]
+            return {**got, "ids": [[got["ids"][0][j] for j in keep]],
+                    "distances": [[got["distances"][0][j] for j in keep]]}
+
+        r.store.collection.query = query
+        try:
+            for _ in range(3):  # asked once, then remembered
+                hits = r.search("x", k=10, mode="dense", where=where, query_vector=q)
+                assert {h.id for h in hits} == {f"d{i}" for i in range(7, 300, 50)}
+                np.testing.assert_allclose([h.score for h in hits], _exact(r, where, q, 10),
+                                           atol=1e-5)
+        finally:
+            r.store.collection.query = real_query
+
+
 def test_local_vectors_follow_writes_and_reopen_without_encoding(tmp_path, tiny_embedder):
     """The local copy is a derived index: it follows updates and deletes, survives a reopen,
     and is rebuilt from the vectors Chroma holds (no text encoded again) when lost."""
@@ -656,13 +692,22 @@ def test_post_filtering_widens_until_k_pass():
         asked.append(m)
         return ranked[:m]
 
+    def scan():
+        raise AssertionError("the index gave every passing record")
+
     out = _post_filtered(query, lambda ids: {i for i in ids if int(i[1:]) >= 900}, 5, 0.1,
-                         1000)
+                         1000, scan)
     assert [rid for rid, _ in out] == ["r900", "r901", "r902", "r903", "r904"]
     assert asked == [166, 332, 664, 1000]
     # fewer than n pass in the whole collection: all of them, after asking for everything
-    out = _post_filtered(query, lambda ids: {"r999"}, 5, 0.001, 1000)
+    out = _post_filtered(query, lambda ids: {"r999"}, 5, 0.001, 1000, scan)
     assert out == [("r999", ranked[999][1])] and asked[-1] == 1000
+    # the index cannot reach a passing record (a graph's unreachable node) and has no more
+    # to give: the exact scan answers, not the short list
+    reachable = ranked[:998] + ranked[999:]
+    out = _post_filtered(lambda m: reachable[:m], lambda ids: {i for i in ids if i >= "r995"},
+                         5, 0.005, 1000, lambda: [("r998", 0.5)])
+    assert out == [("r998", 0.5)]
 
 
 @pytest.mark.parametrize("share,n", [(0.15, 100), (0.01, 100), (0.5, 100), (0.1, 5),
