@@ -280,7 +280,7 @@ class Embedder(ModelEngines):
             return self._onnx_engine().encode([prefix + t for t in texts],
                                               batch_size=self.config.batch_size, progress=show)
         return self._torch_engine().encode(
-            texts, prompt=prefix or None, batch_size=self.config.batch_size,
+            texts, prompt=prefix, batch_size=self.config.batch_size,
             show_progress_bar=show, convert_to_numpy=True, normalize_embeddings=False)
 
     def embed_queries(self, queries: Sequence[str], *, progress: bool | None = None) -> np.ndarray:

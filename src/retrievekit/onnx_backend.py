@@ -578,7 +578,7 @@ def _check(spec: _Spec, folder: Path, record: dict[str, Any], ref_model: Any,
         runner = OnnxEmbedder(folder, variant, record, num_threads, None)
         for prefix in dict.fromkeys(spec.prefixes):
             texts = list(EMBED_PROBES)
-            ref = ref_model.encode(texts, prompt=prefix or None, batch_size=4,
+            ref = ref_model.encode(texts, prompt=prefix, batch_size=4,
                                    convert_to_numpy=True, normalize_embeddings=False,
                                    show_progress_bar=False)
             got = runner.encode([prefix + t for t in texts], batch_size=4)

@@ -40,8 +40,12 @@ class Prefixes:
 
 
 def _from_prompts(prompts: dict[str, str], keys: tuple[str, ...]) -> str | None:
+    """The first non-empty prompt under `keys`. An empty one is not a choice the model made:
+    sentence-transformers 6 fills `{"query": "", "document": ""}` into every model's
+    prompts and writes them on save, so an empty prompt would hide a prompt the model ships
+    under another key (nomic's `search_query`) and the table (bge, e5)."""
     for key in keys:
-        if key in prompts:
+        if prompts.get(key):
             return prompts[key]
     return None
 

@@ -51,3 +51,20 @@ def test_truncate_then_normalize():
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), [1.0, 1.0], rtol=1e-6)
     raw = truncate_and_normalize(v, 2, False)
     np.testing.assert_array_equal(raw, v[:, :2])
+
+
+def test_empty_shipped_prompts_are_unset():
+    """sentence-transformers 6 writes {"query": "", "document": ""} into every model it
+    saves and loads: those empty prompts must not hide the table or a prompt the model
+    ships under another key."""
+    defaults = {"query": "", "document": ""}
+    p = resolve_prefixes("BAAI/bge-small-en-v1.5", model_prompts=defaults)
+    assert (p.query, p.query_source) == (
+        "Represent this sentence for searching relevant passages: ", "table")
+    nomic = {**defaults, "search_query": "search_query: ",
+             "search_document": "search_document: "}
+    p = resolve_prefixes("nomic-ai/nomic-embed-text-v1.5", model_prompts=nomic)
+    assert (p.query, p.document, p.query_source) == ("search_query: ", "search_document: ",
+                                                      "model")
+    p = resolve_prefixes("intfloat/e5-base-v2", model_prompts={"query": "", "document": "D: "})
+    assert (p.query, p.document) == ("query: ", "D: ")
