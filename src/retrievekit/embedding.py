@@ -213,11 +213,11 @@ class Embedder(ModelEngines):
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what the vectors mean (recorded in stores and cache keys)."""
-        p = self.prefixes
+        p, dim = self.prefixes, self.dim  # the model loaded first: a hub model's snapshot
         return {
             "model": self.config.model,
             "model_hash": model_fingerprint(self.resolved),
-            "dim": self.dim,
+            "dim": dim,
             "truncate_dim": self.config.truncate_dim,
             "normalize": self.config.normalize,
             "query_prefix": p.query,

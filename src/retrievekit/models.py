@@ -120,16 +120,27 @@ def _hash_dir(path: str, stamp: tuple) -> str:
 
 
 def model_fingerprint(resolved: ResolvedModel) -> str:
-    """A short content hash of a local model's files, or "" for a hub model.
-
-    Recorded in the store so that swapping the weights behind the same name is noticed.
-    """
-    if not resolved.is_local:
+    """A short content hash of a model's files: a local model's folder, or a hub model's
+    snapshot in the local Hugging Face cache (the revision a load of it reads; "" when none
+    is cached). Recorded in the store and in embedding cache keys, so that other weights
+    behind the same name (a new revision on the hub) are noticed."""
+    root = Path(resolved.load_from) if resolved.is_local else hub_snapshot(resolved.load_from)
+    if root is None:
         return ""
-    root = Path(resolved.load_from)
     stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
                          for f in root.glob("*") if f.is_file()))
     return _hash_dir(str(root), stamp)
+
+
+def hub_snapshot(repo: str) -> Path | None:
+    """The local snapshot of hub model `repo` that loading it reads, or None when it is not
+    cached (never a download)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not downloaded, not a repo id, or no hub client
+        return None
 
 
 def read_model_prompts(path: str) -> dict[str, str]:

@@ -148,19 +148,9 @@ def _beside_model_ok(model_dir: Path) -> bool:
 
 
 def content_key(resolved: ResolvedModel) -> str | None:
-    """The content hash that names a model's cache folder, or None when it cannot be known.
-
-    A hub model is hashed through its local Hugging Face snapshot when one is present.
-    """
-    if resolved.is_local:
-        return model_fingerprint(resolved) or None
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(resolved.load_from, local_files_only=True)
-    except Exception:  # not downloaded, or no hub client: no stable name for the export
-        return None
-    return model_fingerprint(ResolvedModel(resolved.name, str(path), "path")) or None
+    """The content hash that names a model's cache folder, or None when it cannot be known
+    (a hub model not in the local Hugging Face cache)."""
+    return model_fingerprint(resolved) or None
 
 
 def cache_dir_for(resolved: ResolvedModel, key: str) -> Path:

@@ -95,6 +95,11 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
     elif "format" in recorded.get("sparse", {}):  # stores of early v2 builds recorded it
         recorded = {**recorded, "sparse": {k: v for k, v in recorded["sparse"].items()
                                            if k != "format"}}
+    unhashed = recorded.get("embedder", {}).get("model_hash") == "" \
+        and bool(ours["embedder"]["model_hash"])
+    if unhashed:  # made before hub models were hashed: this snapshot is taken on trust, once
+        recorded = {**recorded, "embedder": {**recorded["embedder"],
+                                             "model_hash": ours["embedder"]["model_hash"]}}
     diffs = diff(recorded, ours)
     if diffs:
         lines = "; ".join(f"{k}: store has {a!r}, this retriever has {b!r}" for k, a, b in diffs)
@@ -105,8 +110,9 @@ def reconcile(store: ChromaStore, config: RetrieverConfig, embedder: Embedder) -
     if recorded.get("written_with") != ours["written_with"]:
         logger.info("store written with %s, read with %s (vectors stay compatible)",
                     recorded.get("written_with"), ours["written_with"])
-    if upgraded:
+    if upgraded or unhashed:
         store.write_settings({**ours, "written_with": recorded.get("written_with")})
+    if upgraded:
         logger.warning("store upgraded from format 1 to 2; the BM25 index is rebuilt once")
     return upgraded
 

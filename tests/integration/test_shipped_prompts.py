@@ -50,3 +50,76 @@ def test_an_empty_prefix_overrides_the_models_default_prompt(tiny_model, tmp_pat
         ["hello world", "query: hello world"], prompt="", normalize_embeddings=True)
     np.testing.assert_allclose(got, plain[0], atol=1e-5)
     assert float(got @ plain[1]) < 0.999
+
+
+_HUB_CHILD = r"""
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from retrievekit.cache import EmbeddingCache
+from retrievekit.embedding import Embedder
+from retrievekit.errors import StoreMismatchError
+from retrievekit.pipeline import HybridRetriever
+phase, store, cache = sys.argv[1], sys.argv[2], sys.argv[3]
+e = Embedder(model="org/tiny", batch_size=8, dtype="float32")
+assert e.resolved.source == "hub", e.resolved
+out = {"hash": e.identity()["model_hash"]}
+e.cache = EmbeddingCache(cache)
+out["cached"] = e.embed_documents(["hello world"])[0].tolist()
+e.cache = None
+out["fresh"] = e.embed_documents(["hello world"])[0].tolist()
+try:
+    with HybridRetriever({"store": {"path": store}}, embedder=e) as r:
+        if phase == "first":
+            r.add_documents([{"text": "hello world", "id": "a"}])
+            # as a store made before hub models were hashed recorded it
+            old = r.store.read_settings()
+            old["embedder"]["model_hash"] = ""
+            r.store.write_settings(old)
+    out["opened"] = True
+except StoreMismatchError as exc:
+    out["opened"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_a_hub_models_new_revision_is_noticed(tiny_model, tmp_path):
+    """A hub model is hashed through its snapshot in the local Hugging Face cache: when the
+    cache moves to a revision with other weights, the embedding cache does not serve the
+    old weights' vectors and the store refuses the new ones; a store recorded before hub
+    models were hashed opens (and records the hash) once."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    hub = tmp_path / "hf"
+    repo = hub / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    shutil.copytree(tiny_model, repo / "snapshots" / ("a" * 40))
+    shutil.copytree(tiny_model, repo / "snapshots" / ("b" * 40))
+    weights = repo / "snapshots" / ("b" * 40) / "model.safetensors"
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+
+    def child(phase: str, revision: str) -> dict:
+        (repo / "refs" / "main").write_text(revision * 40)
+        got = subprocess.run([sys.executable, "-c", _HUB_CHILD, phase, str(tmp_path / "s"),
+                              str(tmp_path / "cache.sqlite")], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert got.returncode == 0, got.stderr[-3000:]
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
+    first = child("first", "a")
+    assert first["hash"] and first["opened"] is True
+    again = child("again", "a")  # the unhashed record: taken on trust, then recorded
+    assert again["hash"] == first["hash"] and again["opened"] is True
+    moved = child("moved", "b")
+    assert moved["hash"] != first["hash"]
+    np.testing.assert_allclose(moved["cached"], moved["fresh"], atol=1e-6)
+    assert float(np.dot(moved["fresh"], first["fresh"])) < 0.99
+    assert "model_hash" in moved["opened"]
