@@ -71,8 +71,25 @@ def split_offsets(text: str, offsets: Sequence[tuple[int, int]], max_tokens: int
                        len(text) if end == len(offsets) else offsets[end][0]))
         if end == len(offsets):
             break
-        start += step
+        start = _word_start(offsets, start + step, start + 1)
     return chunks
+
+
+#: how far back a chunk's start may move to reach the first token of its word
+_WORD_BACK = 16
+
+
+def _word_start(offsets: Sequence[tuple[int, int]], start: int, floor: int) -> int:
+    """`start`, moved back to the first token of its word: a chunk that starts on a word
+    piece ("##cript") re-tokenizes it on its own into more tokens ("cr", "##ip", "##t"),
+    and a chunk of the full window then runs past what the model reads, its last words
+    unseen. A token glued to the one before (no character between them) continues its
+    word. Not past `floor` nor more than `_WORD_BACK` tokens (a text with no spaces, CJK):
+    then `start` as it was."""
+    s = start
+    while s > floor and start - s < _WORD_BACK and offsets[s][0] == offsets[s - 1][1]:
+        s -= 1
+    return s if offsets[s][0] != offsets[s - 1][1] else start
 
 
 def token_lengths(tokenizer: Any, texts: Sequence[str], window: int

@@ -233,6 +233,7 @@ class Embedder(ModelEngines):
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInputError(f"texts[{i}] must be str, got {type(t).__name__}")
+            v.utf8(f"texts[{i}]", t, error=InvalidInputError)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         cache = self.cache
@@ -291,6 +292,7 @@ class Embedder(ModelEngines):
         """Embed one query; returns a 1-d float32 vector."""
         if not isinstance(query, str):
             raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+        v.utf8("query", query, error=InvalidInputError)
         return self._encode([query], self.prefixes.query, False)[0]
 
     def embed_documents(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:

@@ -493,6 +493,17 @@ class _Stages:
         self.bar.close()
 
 
+_PROMPT_LEFT_OUT = "the model's pooling leaves prompt tokens out, which the exported " \
+    "graph cannot see"
+
+
+def _pools_prompt(model: Any) -> bool:
+    """Whether a sentence-transformers model's pooling reads the prompt's tokens (the
+    exported graph always does; `include_prompt=False` leaves them out)."""
+    pooling = next((m for m in model if hasattr(m, "include_prompt")), None)
+    return pooling is None or bool(pooling.include_prompt)
+
+
 def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None,
                       stages: _Stages) -> dict[str, Any]:
     """Export (fp32) or quantize (int8) the variant into `folder` and check it against torch.
@@ -506,14 +517,13 @@ def _export_and_check(spec: _Spec, folder: Path, num_threads: int | None,
     if variant.kind == "embed":
         hf_tok = ref_model.tokenizer
         first = ref_model[0]
-        pooling = next((m for m in ref_model if hasattr(m, "include_prompt")), None)
-        if pooling is not None and not pooling.include_prompt and any(spec.prefixes):
-            raise OnnxUnavailable("the model's pooling leaves prompt tokens out, which the "
-                                  "exported graph cannot see")
+        if any(spec.prefixes) and not _pools_prompt(ref_model):
+            raise OnnxUnavailable(_PROMPT_LEFT_OUT)
         tok = _tokenizer_record(hf_tok, getattr(first, "do_lower_case", False))
         dim_fn = getattr(ref_model, "get_embedding_dimension", None) or \
             ref_model.get_sentence_embedding_dimension
-        record_extra = {"dim": int(dim_fn()), "max_length": int(ref_model.max_seq_length)}
+        record_extra = {"dim": int(dim_fn()), "max_length": int(ref_model.max_seq_length),
+                        "include_prompt": _pools_prompt(ref_model)}
         module = ref_model
 
         def forward(m: Any, features: dict[str, Any]) -> Any:
@@ -697,6 +707,12 @@ def load(kind: str, resolved: ResolvedModel, label: str, *, reference: Callable[
     record = _prepare(_Spec(variant, label, reference_once, tuple(prefixes), max_length),
                       folder, num_threads, **how)
     _require_ok(record, folder / f"{variant.stem}.json")
+    if kind == "embed" and any(prefixes):  # an export may be checked without prefixes
+        pools = record.get("include_prompt")
+        if pools is None:  # an export recorded before it was recorded
+            pools = _pools_prompt(reference_once())
+        if not pools:
+            raise OnnxUnavailable(_PROMPT_LEFT_OUT)
     path = folder / f"{variant.stem}.onnx"
     try:
         intact = _sha256(path) == record.get("sha256")

@@ -33,7 +33,7 @@ from .filters import compile_where, metadata_terms
 from .persist import write_json
 from .records import Record
 from .subsets import Filter, Subset, Subsets
-from .tokenize import Tokenizer, TokenizerConfig
+from .tokenize import TOKENIZER_VERSION, Tokenizer, TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ class SparseIndex:
         format or another stemmer version rebuilds it from Chroma on open (the store itself
         opens; its tokenizer settings are the same)."""
         return {"format": FORMAT_VERSION, **self.describe(self.config),
-                "stemmer_version": self.tokenizer.stemmer_version}
+                "stemmer_version": self.tokenizer.stemmer_version,
+                "tokenizer_version": TOKENIZER_VERSION}
 
     def _schema(self):
         tv = _tantivy()

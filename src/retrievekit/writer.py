@@ -58,16 +58,26 @@ _TOKENIZE_GROUP = 256
 _LONG_ADD = 256
 
 
+#: the fewest tokens of a passage a model must read beside the document prefix
+MIN_WINDOW = 8
+
+
 def chunk_window(embedder: Embedder, chunking: ChunkConfig) -> tuple[int, int]:
     """(window, overlap) in model tokens: chunking.max_tokens, else the model's length less
     special tokens and the document prefix; the overlap at most half the window.
 
     Raises:
         ConfigError: chunking.max_tokens past what the model reads (the rest of each such
-            chunk would be cut off unseen)."""
+            chunk would be cut off unseen), or a document prefix that leaves the model
+            fewer than `MIN_WINDOW` tokens of a passage."""
     tok = embedder.tokenizer
     prefix = len(tok(embedder.prefixes.document, add_special_tokens=False)["input_ids"])
     reads = embedder.max_seq_length - 2 - prefix
+    if reads < MIN_WINDOW:
+        raise ConfigError(
+            f"embedder.document_prefix is {prefix} tokens long: the model reads "
+            f"{embedder.max_seq_length} tokens, which leaves {reads} for a passage (at least "
+            f"{MIN_WINDOW} are needed); use a shorter document_prefix")
     window = reads if chunking.max_tokens is None else chunking.max_tokens
     if window > reads:
         raise ConfigError(

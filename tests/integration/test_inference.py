@@ -354,3 +354,32 @@ def test_reranker_max_length_is_honoured(small_cross_encoder, monkeypatch):
                            max_length=32)
     np.testing.assert_allclose(short_onnx.score("q", [long, "tea"]),
                                short_torch.score("q", [long, "tea"]), atol=1e-6)
+
+
+def test_an_export_checked_without_prefixes_is_not_served_for_a_prompt_it_pools(
+        tiny_model, tmp_path, monkeypatch):
+    """A model whose pooling leaves the prompt's tokens out (`include_prompt: false`) has an
+    export checked without prefixes: the same export is not served to an embedder with a
+    prefix (the graph pools the prompt's tokens; its vectors would not be torch's), also
+    when its record is from before the export recorded this."""
+    monkeypatch.setenv("RETRIEVEKIT_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "no-prompt-pooling"
+    shutil.copytree(tiny_model, model)
+    pooling = model / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "include_prompt": False}))
+    plain = Embedder(model=str(model), backend="onnx", dtype="float32")
+    assert plain.engine_for(1) == "onnx"
+    records = list((tmp_path / "cache").rglob("embed-fp32.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["include_prompt"] is False
+    for old in (False, True):
+        if old:  # as an export recorded before include_prompt was
+            rec = json.loads(records[0].read_text())
+            rec.pop("include_prompt")
+            records[0].write_text(json.dumps(rec))
+        prefixed = Embedder(model=str(model), backend="onnx", dtype="float32",
+                            query_prefix="query: ")
+        assert prefixed.engine_for(1) == "torch"
+        torch_side = Embedder(model=str(model), backend="torch", dtype="float32",
+                              query_prefix="query: ")
+        np.testing.assert_allclose(prefixed.embed_query("hello world"),
+                                   torch_side.embed_query("hello world"), atol=1e-5)

@@ -50,6 +50,29 @@ def test_tokenizer_defaults_and_unicode():
     assert Tokenizer(PLAIN)("snake_case x-ray 3.14") == ["snake", "case", "x", "ray", "3", "14"]
 
 
+def test_words_keep_their_combining_marks():
+    """Words of scripts written with combining marks (Devanagari, Tamil, vocalized Arabic)
+    stay whole, and a decomposed (NFD) spelling gives the composed one's token: `re`'s \\w
+    has no marks, which cut these words into consonants that matched each other."""
+    import unicodedata
+
+    tok = Tokenizer(PLAIN)
+    assert tok("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert tok("தமிழ் மொழி") == ["தமிழ்", "மொழி"]
+    assert tok("مُحَمَّد") == ["مُحَمَّد"]
+    assert tok(unicodedata.normalize("NFD", "Café Résumé")) == ["café", "résumé"]
+    assert tok("ﬁle ＡＢＣ") == ["file", "abc"]  # NFKC: ligatures, full-width letters
+
+
+def test_stopwords_match_in_any_case_without_lowercasing():
+    """With lowercase=False, a stopword list (lowercased or not) still removes "The" and
+    "Of": the list was lowercased and the tokens were not, so capitals passed."""
+    cased = Tokenizer(TokenizerConfig(lowercase=False, stopwords=("The", "Of"), stemmer=None))
+    assert cased("The Lord Of the Rings") == ["Lord", "Rings"]
+    en = Tokenizer(TokenizerConfig(lowercase=False, stemmer=None))
+    assert en("The Lord of The Rings") == ["Lord", "Rings"]
+
+
 @pytest.mark.parametrize("query", ["alpha gamma", "delta kappa", "theta iota mu", "omega",
                                    "delta delta beta", "unknownword"])
 def test_parity_with_rank_bm25(query):
@@ -137,6 +160,24 @@ def test_persisted_index_reopens_without_rebuild(tmp_path):
     other = SparseIndex(SparseConfig(), tmp_path / "sparse")
     assert other.watermark == -1 and len(other) == 0
     other.close()
+
+
+def test_an_index_of_other_tokenizer_rules_is_rebuilt(tmp_path):
+    """An index made by other tokenizer rules (a state without this TOKENIZER_VERSION, as
+    every index before version 2) is dropped on open, for its owner to rebuild: its
+    tokens would not be the ones queries are cut into now."""
+    import json
+
+    ix = _index(DOCS, directory=tmp_path / "sparse")
+    ix.commit(7)
+    ix.close()
+    state = tmp_path / "sparse" / "state.json"
+    data = json.loads(state.read_text())
+    data["signature"].pop("tokenizer_version")
+    state.write_text(json.dumps(data))
+    back = SparseIndex(SparseConfig(tokenizer=PLAIN), tmp_path / "sparse")
+    assert back.watermark == -1 and len(back) == 0
+    back.close()
 
 
 def test_damaged_state_file_means_rebuild(tmp_path):

@@ -1,5 +1,6 @@
-"""Prefixes with the prompts a model ships, as sentence-transformers 6 saves and loads them
-(real models on disk: the tiny random-weight one, copied and edited)."""
+"""The embedder's side: prefixes with the prompts a model ships (as sentence-transformers 6
+saves and loads them), a hub model's weights hashed, and texts or prefixes it cannot encode
+refused (real models on disk: the tiny random-weight one, copied and edited)."""
 from __future__ import annotations
 
 import json
@@ -123,3 +124,36 @@ def test_a_hub_models_new_revision_is_noticed(tiny_model, tmp_path):
     np.testing.assert_allclose(moved["cached"], moved["fresh"], atol=1e-6)
     assert float(np.dot(moved["fresh"], first["fresh"])) < 0.99
     assert "model_hash" in moved["opened"]
+
+
+def test_a_document_prefix_the_window_cannot_hold_is_a_config_error(tiny_model, tmp_path):
+    """A document prefix that leaves the model (128 tokens) no room for the passage is
+    refused with the parameter and the fix, before anything is written."""
+    import pytest
+
+    from retrievekit.embedding import Embedder
+    from retrievekit.errors import ConfigError
+    from retrievekit.pipeline import HybridRetriever
+
+    e = Embedder(model=tiny_model, batch_size=8,
+                 document_prefix="Represent this document for retrieval: " * 40)
+    with HybridRetriever({"store": {"path": str(tmp_path / "s")}}, embedder=e) as r:
+        with pytest.raises(ConfigError, match="document_prefix.*shorter"):
+            r.add_documents([{"text": "short text", "id": "a"}])
+        assert r.count() == 0
+
+
+def test_a_text_that_is_not_utf8_is_refused(tiny_embedder, tmp_path):
+    """A lone surrogate cannot be encoded (or cached): an InvalidInputError that names the
+    text, with or without an embedding cache."""
+    import pytest
+
+    from retrievekit.cache import EmbeddingCache
+    from retrievekit.errors import InvalidInputError
+
+    for cache in (None, EmbeddingCache(str(tmp_path / "c.sqlite"))):
+        with tiny_embedder.using_cache(cache):
+            with pytest.raises(InvalidInputError, match=r"texts\[1\]"):
+                tiny_embedder.embed_documents(["fine", "bad \ud800 text"])
+            with pytest.raises(InvalidInputError, match="query"):
+                tiny_embedder.embed_query("bad \ud800")
