@@ -46,6 +46,9 @@ class Request:
     weights: Mapping[str, float] | None = None
     #: the sparse side's candidates when they differ from `n`
     n_sparse: int | None = None
+    #: how many of the dense list's first entries must be exact after the chunk penalty
+    #: (the hits asked for; None: all `n`)
+    k: int | None = None
 
     def widened(self, total: int) -> "Request":
         """The same request with twice the candidates per side (at most `total`)."""
@@ -121,7 +124,7 @@ class LocalEngine:
         if request.mode in ("hybrid", "dense"):
             assert request.vector is not None
             dense = self._dense(sparse, request.vector, request.n, matching, subset, allowed,
-                                stage1)
+                                stage1, request.k)
             lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
                 if self.settings.by_document else dense
         if request.mode in ("hybrid", "sparse"):
@@ -160,7 +163,8 @@ class LocalEngine:
 
     def _dense(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
                subset: Subset | None, allowed: frozenset[str] | None,
-               stage1: dict[str, tuple[int, float]]) -> list[tuple[str, float]]:
+               stage1: dict[str, tuple[int, float]], k: int | None = None
+               ) -> list[tuple[str, float]]:
         # how many records the filter passes (None: no filter), counted in the BM25 index
         # or, for a filter only Chroma evaluates, by the ids it gave (`allowed`)
         passing = len(allowed) if allowed is not None else \
@@ -184,13 +188,13 @@ class LocalEngine:
                         subset.reading = False
                 if not self.background(read):  # not now: a later search asks again
                     subset.reading = False
-            return self._knn(sparse, vec, n, matching, subset, passing)
+            return self._knn(sparse, vec, n, matching, subset, passing, k=k)
         if passing is not None and (
                 self.vectors is not None and passing < EXACT_SCAN_SHARE * len(sparse)
                 or subset is not None and self.vectors is None and fits):
             return self._exact(sparse, vec, n, matching, passing, subset, allowed)
         if self.settings.funnel_dim is None:
-            return self._knn(sparse, vec, n, matching, subset, passing, allowed)
+            return self._knn(sparse, vec, n, matching, subset, passing, allowed, k)
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
@@ -242,9 +246,21 @@ class LocalEngine:
 
     def _knn(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
              subset: Subset | None, passing: int | None,
-             allowed: frozenset[str] | None = None) -> list[tuple[str, float]]:
+             allowed: frozenset[str] | None = None, k: int | None = None
+             ) -> list[tuple[str, float]]:
         """The `n` nearest records that pass the filter, planned by how many pass
-        (`passing`; None: no filter)."""
+        (`passing`; None: no filter); with a chunk penalty, the `n` nearest after it, the
+        first `k` of them exact (`_penalty_safe`)."""
+        penalty = self.settings.chunk_penalty if self.settings.by_document else 0.0
+        if not penalty:
+            return self._knn_raw(sparse, vec, n, matching, subset, passing, allowed)
+        return _penalty_safe(lambda m: self._knn_raw(sparse, vec, m, matching, subset,
+                                                     passing, allowed),
+                             n, n if k is None else min(k, n), penalty)
+
+    def _knn_raw(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
+                 subset: Subset | None, passing: int | None,
+                 allowed: frozenset[str] | None) -> list[tuple[str, float]]:
         if passing is not None:
             total = max(len(sparse), passing)  # Chroma's ids may be ahead of the snapshot
             if passing == 0:
@@ -384,6 +400,40 @@ EXACT_SCAN_SHARE = 0.05
 READ_SCAN = 0.5
 
 
+def _penalty_safe(top: Callable[[int], list[tuple[str, float]]], n: int, k: int,
+                  penalty: float) -> list[tuple[str, float]]:
+    """The `n` records `_prefer_first_chunks` ranks first (a later chunk loses `penalty`),
+    best raw cosine first, from lists of the nearest by raw cosine (`top(m)`: m or fewer
+    when there are no more): a first chunk just past the raw n-th can pass a later chunk
+    inside. Widened (doubled) until the next record's raw cosine cannot reach the score of
+    the k-th document in the penalized order, so the first `k` documents are exact; the
+    tail past them may miss such a record (the hits asked for are exact, the rest are
+    fusion candidates)."""
+    m = n
+    while True:
+        found = top(m + 1)
+        head = found[:m]
+        if len(head) <= n and len(found) <= m:
+            return head
+        scored = [s - penalty if chunk_position(rid) else s for rid, s in head]
+        order = sorted(range(len(head)), key=lambda i: (-scored[i], i))[:n]
+        if len(found) <= m or found[m][1] < _kth_document_score(head, scored, order, k):
+            return [head[i] for i in sorted(order)]
+        m *= 2
+
+
+def _kth_document_score(head: list[tuple[str, float]], scored: list[float],
+                        order: list[int], k: int) -> float:
+    """The penalized score at which the `k`-th document first appears in `order` (the
+    last one's when fewer documents are there)."""
+    seen: set[str] = set()
+    for i in order:
+        seen.add(parent_of(head[i][0]))
+        if len(seen) >= k:
+            return scored[i]
+    return scored[order[-1]]
+
+
 def _passing_ids(sparse: Snapshot, matching: Filter | None, passing: int,
                  subset: Subset | None, allowed: frozenset[str] | None) -> list[str]:
     """The ids of the records a filter passes: those Chroma gave (`allowed`), the ones its
@@ -475,7 +525,7 @@ class Searcher:
             sparse_candidates = max(sparse_candidates, want)
         request = Request(query, vec, mode, n, dict(where) if where else None, weights,
                           None if sparse_candidates is None
-                          else min(sparse_candidates, total()))
+                          else min(sparse_candidates, total()), want)
         while True:
             ranking = self.engine.ranked(request)
             hits = self._hits(ranking, want)

@@ -1143,3 +1143,38 @@ def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
         if not any(s in text for s in ("$ne", "$nin", "$not_contains")):
             assert not may_match_dead(where), where
     assert matched >= 30, matched
+
+
+def test_the_chunk_penalty_is_applied_before_the_neighbour_list_is_cut(tmp_path,
+                                                                       tiny_embedder):
+    """A later chunk loses `chunk_penalty`: a document whose first chunk sits just past the
+    raw n-th neighbour outranks penalized later chunks inside the list, so the unfiltered
+    and post-filtered plans widen their lists until it cannot, and answer as the exact
+    scan does (documents were missing when k was near the candidates)."""
+    from retrievekit.pipeline import HybridRetriever
+    from retrievekit.records import chunk_position, parent_of
+
+    words = ["river", "stone", "cloud", "engine", "garden", "signal", "copper", "lantern"]
+    rng = np.random.default_rng(0)
+    docs = [{"id": f"d{i}", "text": " ".join(rng.choice(words, 40 if i % 2 else 6)),
+             "metadata": {"g": i % 5 != 0}} for i in range(60)]  # every other one chunked
+    with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000},
+                          "chunking": {"max_tokens": 16, "overlap_tokens": 4},
+                          "candidates": 10}, embedder=tiny_embedder) as r:
+        r.add_documents(docs)
+        got = r.store.get(include=["embeddings"])
+        unit = {rid: np.asarray(v) / np.linalg.norm(v)
+                for rid, v in zip(got["ids"], got["embeddings"])}
+        g = {d["id"]: d["metadata"]["g"] for d in docs}
+        for seed in range(40):
+            q = np.random.default_rng(seed).normal(size=tiny_embedder.dim).astype(np.float32)
+            q /= np.linalg.norm(q)
+            for where in (None, {"g": True}):
+                best: dict[str, float] = {}
+                for rid, v in unit.items():
+                    if where is None or g[parent_of(rid)]:
+                        s = float(v @ q) - (0.05 if chunk_position(rid) else 0.0)
+                        best[parent_of(rid)] = max(best.get(parent_of(rid), -9.0), s)
+                want = sorted(best.values(), reverse=True)[:10]
+                hits = r.search("x", k=10, mode="dense", query_vector=q, where=where)
+                np.testing.assert_allclose([h.score for h in hits], want, atol=1e-4)
