@@ -23,7 +23,7 @@ pytestmark = pytest.mark.server
 
 CONFIG = {"chunking": {"max_tokens": 24, "overlap_tokens": 4}}
 OLD = " ".join(f"Sentence {i} of the old version talks about wombats and burrows."
-               for i in range(12))
+               for i in range(14))
 LONG = " ".join(f"Line {i} of the long version is about quokkas on Rottnest island."
                 for i in range(8))
 SHORT = "The short version: pangolins have scales."
