@@ -107,6 +107,11 @@ class LocalEngine:
         #: needs them
         self.background = background
 
+    @property
+    def _penalty(self) -> float:
+        """What a later chunk loses when documents are fused (`_prefer_first_chunks`)."""
+        return self.settings.chunk_penalty if self.settings.by_document else 0.0
+
     def ranked(self, request: Request) -> Ranking:
         lists: dict[str, list[tuple[str, float]]] = {}
         stage1: dict[str, tuple[int, float]] = {}
@@ -125,8 +130,7 @@ class LocalEngine:
             assert request.vector is not None
             dense = self._dense(sparse, request.vector, request.n, matching, subset, allowed,
                                 stage1, request.k)
-            lists["dense"] = _prefer_first_chunks(dense, self.settings.chunk_penalty) \
-                if self.settings.by_document else dense
+            lists["dense"] = _prefer_first_chunks(dense, self._penalty)
         if request.mode in ("hybrid", "sparse"):
             lists["sparse"] = sparse.search(request.query, request.n_sparse or request.n,
                                             allowed=allowed, matching=matching)
@@ -198,13 +202,13 @@ class LocalEngine:
         # stage 1 on the short vectors in Chroma, stage 2 exact cosine on the full ones
         s = self.settings
         assert s.funnel_dim is not None
-        first = self._knn(sparse, short_vectors(vec, s.funnel_dim)[0],
-                          max(n, s.funnel_candidates or 4 * n), matching, subset, passing, allowed)
-        sims = self.vectors.similarities([rid for rid, _ in first], vec, cosine=True)
+        first = self._knn_raw(sparse, short_vectors(vec, s.funnel_dim)[0],
+                              max(n, s.funnel_candidates or 4 * n), matching, subset, passing,
+                              allowed)
+        ids = [rid for rid, _ in first]
         for r, (rid, s1) in enumerate(first, start=1):
             stage1[rid] = (r, s1)
-        order = sorted(range(len(first)), key=lambda i: (-float(sims[i]), i))[:n]
-        return [(first[i][0], float(sims[i])) for i in order if np.isfinite(sims[i])]
+        return self._ranked(ids, self.vectors.similarities(ids, vec, cosine=True), n)
 
     def _exact(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
                passing: int, subset: Subset | None, allowed: frozenset[str] | None
@@ -229,7 +233,7 @@ class LocalEngine:
         return self._ranked(ids, unit @ (vec / max(float(np.linalg.norm(vec)), 1e-12)), n)
 
     def _ranked(self, ids: list[str], sims: np.ndarray, n: int) -> list[tuple[str, float]]:
-        order = _top_after_penalty(ids, sims, n, self.settings.chunk_penalty)
+        order = _top_after_penalty(ids, sims, n, self._penalty)
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
     def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int
@@ -251,12 +255,11 @@ class LocalEngine:
         """The `n` nearest records that pass the filter, planned by how many pass
         (`passing`; None: no filter); with a chunk penalty, the `n` nearest after it, the
         first `k` of them exact (`_penalty_safe`)."""
-        penalty = self.settings.chunk_penalty if self.settings.by_document else 0.0
-        if not penalty:
+        if not self._penalty:
             return self._knn_raw(sparse, vec, n, matching, subset, passing, allowed)
         return _penalty_safe(lambda m: self._knn_raw(sparse, vec, m, matching, subset,
                                                      passing, allowed),
-                             n, n if k is None else min(k, n), penalty)
+                             n, n if k is None else min(k, n), self._penalty)
 
     def _knn_raw(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
                  subset: Subset | None, passing: int | None,

@@ -1145,12 +1145,15 @@ def test_only_filters_that_may_match_a_dead_record_need_the_live_clause():
     assert matched >= 30, matched
 
 
+@pytest.mark.parametrize("funnel", [None, {"funnel_dim": 16, "funnel_candidates": 500}],
+                         ids=["hnsw", "funnel"])
 def test_the_chunk_penalty_is_applied_before_the_neighbour_list_is_cut(tmp_path,
-                                                                       tiny_embedder):
+                                                                       tiny_embedder, funnel):
     """A later chunk loses `chunk_penalty`: a document whose first chunk sits just past the
     raw n-th neighbour outranks penalized later chunks inside the list, so the unfiltered
     and post-filtered plans widen their lists until it cannot, and answer as the exact
-    scan does (documents were missing when k was near the candidates)."""
+    scan does (documents were missing when k was near the candidates); the funnel's second
+    stage (every record a first-stage candidate here) cuts after the penalty too."""
     from retrievekit.pipeline import HybridRetriever
     from retrievekit.records import chunk_position, parent_of
 
@@ -1160,11 +1163,10 @@ def test_the_chunk_penalty_is_applied_before_the_neighbour_list_is_cut(tmp_path,
              "metadata": {"g": i % 5 != 0}} for i in range(60)]  # every other one chunked
     with HybridRetriever({"store": {"path": str(tmp_path / "s"), "hnsw_ef_search": 1000},
                           "chunking": {"max_tokens": 16, "overlap_tokens": 4},
-                          "candidates": 10}, embedder=tiny_embedder) as r:
+                          "candidates": 10, **(funnel or {})}, embedder=tiny_embedder) as r:
         r.add_documents(docs)
-        got = r.store.get(include=["embeddings"])
-        unit = {rid: np.asarray(v) / np.linalg.norm(v)
-                for rid, v in zip(got["ids"], got["embeddings"])}
+        got = r.store.get(include=["documents"])  # full vectors (Chroma's are short)
+        unit = dict(zip(got["ids"], tiny_embedder.embed_documents(got["documents"])))
         g = {d["id"]: d["metadata"]["g"] for d in docs}
         for seed in range(40):
             q = np.random.default_rng(seed).normal(size=tiny_embedder.dim).astype(np.float32)
