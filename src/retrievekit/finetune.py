@@ -413,7 +413,12 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
         "mode": cfg.mode, "queries": len(grouped), "pairs": len(pairs), "examples": 0,
         "skipped_no_positive_in_store": 0, "skipped_positive_below_depth": 0,
         "skipped_too_few_negatives": 0,
-        "dropped_relevant": 0, "dropped_skip_top": 0, "dropped_margin": 0}
+        "dropped_relevant": 0, "dropped_skip_top": 0, "dropped_margin": 0,
+        "dropped_same_text": 0}
+    # ids as str, as the pairs' (int query keys found nothing: judged documents became
+    # negatives)
+    judged = {str(q): {str(d) for d, g in (docs or {}).items() if g > 0}
+              for q, docs in qrels.items()}
     k = cfg.skip_top + cfg.depth
     k_search = max(k, cfg.positive_depth or 0)
     n_cand = max(cfg.candidates or 0, k_search)
@@ -423,8 +428,9 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
     examples: list[TrainingExample] = []
     for qid in tqdm(list(grouped), desc="mine hard negatives", unit="q", disable=not show):
         text = queries[qid]
-        relevant = {str(d) for d, g in (qrels.get(qid) or {}).items() if g > 0}
-        relevant.update(grouped[qid])
+        # the query's own document too (a BEIR corpus may hold one under the query's id,
+        # which the evaluation leaves out)
+        relevant = judged.get(qid, set()) | set(grouped[qid]) | {qid}
         qvec = retriever.embedder.embed_query(text)
         hits = retriever.search(text, k=k_search, mode=cfg.mode, rerank=False,
                                 candidates=n_cand, query_vector=qvec)
@@ -461,6 +467,9 @@ def mine_hard_negatives(retriever: HybridRetriever, queries: Mapping[str, str],
                     stats["dropped_margin"] += 1
                     continue
                 if did not in texts:
+                    continue
+                if texts[did].strip() in (texts[pos].strip(), text.strip()):
+                    stats["dropped_same_text"] += 1  # labelled relevant and not at once
                     continue
                 chosen.append((rank, did))
                 if len(chosen) == cfg.num_negatives:
@@ -962,6 +971,14 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     if kind not in ("embedder", "reranker"):
         raise InvalidInputError(f"kind={kind!r}: choose 'embedder' or 'reranker'")
     v.integer("rerank_candidates", rerank_candidates, error=InvalidInputError)
+    if split == eval_split:
+        raise InvalidInputError(
+            f"split={split!r} is the evaluation split (eval_split): a model trained on the "
+            "queries it is judged on overstates the gain; train on another split (train)")
+    if tune_split is not None and tune_split == split and kind == "reranker":
+        raise InvalidInputError(
+            f"tune_split={tune_split!r} is the training split: the reranker weight would be "
+            "chosen on the queries it trained on; use another split (dev) or None for 1.0")
     if tune_split is not None and tune_split == eval_split:
         raise InvalidInputError(
             f"tune_split={tune_split!r} is the evaluation split: choosing the reranker weight "
@@ -985,7 +1002,8 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_dir = out_dir / "store"
-    model_dir = out_dir / "model"
+    model_dir = out_dir / "model"  # the kept model; an earlier run's stays until one wins
+    trained_dir = out_dir / "model.new"  # this run's, until the decision
     new_store_dir = out_dir / "store-finetuned"
     new_cache_dir = out_dir / "cache-finetuned"
     timings: dict[str, float] = {}
@@ -995,7 +1013,11 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     if eval_ds.corpus.keys() != train_ds.corpus.keys():  # pragma: no cover - one corpus file
         raise InvalidInputError("the train and eval splits must share one corpus")
     evaluated = sample_queries(eval_ds, max_eval_queries)
-    pairs = pairs_from_qrels(train_ds.qrels, max_pairs=max_pairs,
+    # a query judged in both splits is not trained on: the gain is measured on queries
+    # the model did not see
+    shared = set(map(str, train_ds.qrels)) & set(map(str, eval_ds.qrels))
+    train_qrels = {q: d for q, d in train_ds.qrels.items() if str(q) not in shared}
+    pairs = pairs_from_qrels(train_qrels, max_pairs=max_pairs,
                              max_pairs_per_query=max_pairs_per_query, seed=training.seed)
     corpus = dict(dataset_documents(train_ds))
     if eval_dims is not None:
@@ -1031,7 +1053,9 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
             say(f"mined {len(mined.examples)} training rows from {len(pairs)} pairs of split "
                 f"{split!r} ({mining.mode}, {mining.num_negatives} negatives, skip_top="
                 f"{mining.skip_top}, margin={mining.margin}) -> "
-                f"{out_dir / 'hard_negatives.jsonl'}")
+                f"{out_dir / 'hard_negatives.jsonl'}" + (
+                    f"; {len(shared)} queries judged in split {eval_split!r} too were left "
+                    "out" if shared else ""))
             t0 = time.perf_counter()
             base_modes = ["dense"] if kind == "embedder" else ["hybrid"]
             res = _evaluate(r, evaluated, base_modes, progress)
@@ -1048,11 +1072,11 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     # 2. train
     t0 = time.perf_counter()
     trainer = train_embedder if kind == "embedder" else train_reranker
-    trainer(mined.examples, model_dir, base=base_model, config=training, overwrite=True,
+    trainer(mined.examples, trained_dir, base=base_model, config=training, overwrite=True,
             progress=progress)
     timings["train_s"] = round(time.perf_counter() - t0, 1)
     say(f"trained {kind} from {base_model} on {len(mined.examples)} rows in "
-        f"{timings['train_s']:.0f}s -> {model_dir}")
+        f"{timings['train_s']:.0f}s -> {trained_dir}")
 
     # 3. measure the new model the same way
     t0 = time.perf_counter()
@@ -1063,7 +1087,7 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
             shutil.rmtree(stale, ignore_errors=True)
         with EmbeddingCache(new_cache_dir / "embeddings.sqlite") as cache:
             for dim in [None, *eval_dims]:
-                with open_eval_retriever(new_store_dir, train_ds.name, model=str(model_dir),
+                with open_eval_retriever(new_store_dir, train_ds.name, model=str(trained_dir),
                                          truncate_dim=dim, dtype=dtype) as r:
                     index_dataset(r, train_ds, cache=cache, progress=progress)
                     res = _evaluate(r, evaluated, ["dense"], progress)
@@ -1075,7 +1099,7 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     else:
         from .rerank import Reranker
 
-        reranker = Reranker(model=str(model_dir), candidates=rerank_candidates,
+        reranker = Reranker(model=str(trained_dir), candidates=rerank_candidates,
                             max_length=training.max_seq_length, device=training.device,
                             dtype=dtype)
         rrf_k = reranker.config.rrf_k
@@ -1106,8 +1130,8 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
         after.update(_run_rows(runs.run(weight, rrf_k), evaluated.qrels, "hybrid", after_pq))
         reranker_alone = _run_rows(runs.run(1.0, rrf_k), evaluated.qrels, "hybrid")
         criterion = "hybrid ndcg@10"
-        if model_dir.exists():  # the chosen weight travels with the model
-            info_path = model_dir / TRAINING_INFO_FILE
+        if trained_dir.exists():  # the chosen weight travels with the model
+            info_path = trained_dir / TRAINING_INFO_FILE
             info = json.loads(info_path.read_text(encoding="utf-8"))
             info["recommended_weight"] = weight
             info["weight_tuning"] = tuning
@@ -1117,8 +1141,15 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     gain = after[criterion] - before[criterion]
     p_value = paired_p_value(before_pq, after_pq)
     decision = "keep" if gain > min_gain else "discard"
-    if decision == "discard" and not keep_discarded:
+    if decision == "keep":  # replaces the model an earlier run kept
         shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(trained_dir, model_dir)
+    elif keep_discarded:  # beside a kept one, never over it
+        model_dir = out_dir / "model-discarded"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(trained_dir, model_dir)
+    else:
+        shutil.rmtree(trained_dir, ignore_errors=True)
     after_label = "fine-tuned" if kind == "embedder" else "+ fine-tuned reranker"
     table = format_comparison(before, after, "base" if kind == "embedder" else "hybrid alone",
                               after_label)
@@ -1127,8 +1158,9 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
         "eval_split": eval_split, "eval_queries": len(evaluated.qrels),
         "base": base_model, "first_stage": first_stage, "dtype": dtype,
         "base_dtype": base_dtype,
-        "model_dir": str(model_dir) if model_dir.exists() else None,
-        "mining": {**asdict(mining), **mined.stats}, "training": training.to_dict(),
+        "model_dir": str(model_dir) if decision == "keep" or keep_discarded else None,
+        "mining": {**asdict(mining), **mined.stats, "eval_queries_left_out": len(shared)},
+        "training": training.to_dict(),
         "before": before, "after": after, "criterion": criterion, "gain": gain,
         "p_value": p_value, "min_gain": min_gain, "decision": decision, "timings": timings}
     if kind == "reranker":
@@ -1198,8 +1230,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     margin = args.margin if args.margin is not None else (None if rr else 0.05)
     mining = MiningConfig(
         mode=args.mine_mode or ("hybrid" if rr else "dense"),
-        num_negatives=args.num_negatives or (3 if rr else 1),
-        depth=args.mine_depth or (args.rerank_candidates if rr else 100),
+        num_negatives=(3 if rr else 1) if args.num_negatives is None else args.num_negatives,
+        depth=(args.rerank_candidates if rr else 100) if args.mine_depth is None
+        else args.mine_depth,
         skip_top=args.skip_top, margin=None if args.no_margin else margin,
         positive_depth=None if args.positive_depth == 0 else (
             args.positive_depth or (args.rerank_candidates if rr else None)),

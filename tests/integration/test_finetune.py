@@ -128,6 +128,31 @@ def test_mining_never_returns_a_positive_and_scores_match_the_embedder(mining_re
         assert list(ex.negative_ids) == [d for d in ranked if d not in relevant][:2]
 
 
+def test_mining_never_takes_a_judged_or_identical_document_as_a_negative(tiny_embedder,
+                                                                         tmp_path):
+    """A negative is never a document the qrels judge relevant (also when the qrels' query
+    keys are ints), the query's own document (a BEIR corpus entry under the query's id,
+    which the evaluation leaves out), nor a text equal to the positive's or the query's."""
+    from retrievekit.pipeline import HybridRetriever
+
+    docs = {**DOCS, "dup": DOCS["d-cat"], "t1": TRAIN["t1"][0], "7": "a note about cats"}
+    with HybridRetriever(path=str(tmp_path / "s"), embedder=tiny_embedder) as r:
+        r.add_documents([{"id": d, "text": t} for d, t in docs.items()])
+        cfg = MiningConfig(num_negatives=len(docs) - 4, margin=None, depth=len(docs),
+                           sampling="top")
+        res = mine_hard_negatives(r, {"t1": TRAIN["t1"][0]}, {"t1": {"d-cat": 1}},
+                                  pairs=[("t1", "d-cat")], corpus=docs, config=cfg)
+        (ex,) = res.examples
+        assert not {"dup", "t1", "d-cat"} & set(ex.negative_ids)
+        assert res.stats["dropped_same_text"] == 1
+        # int query keys: the judged d-lion is never a negative of query 7
+        res = mine_hard_negatives(r, {"7": "big cats of Africa"},
+                                  {7: {"d-cat": 1, "d-lion": 1}}, pairs=[(7, "d-cat")],
+                                  corpus=docs, config=cfg)
+        (ex,) = res.examples
+        assert not {"d-lion", "7", "d-cat"} & set(ex.negative_ids)
+
+
 def test_mining_respects_skip_top_and_margin(mining_retriever):
     plain = mine_hard_negatives(mining_retriever, _queries(), _qrels(), corpus=DOCS,
                                 config=MiningConfig(num_negatives=1, margin=None))
@@ -347,6 +372,10 @@ def test_finetune_refuses_tuning_on_the_evaluation_split(beir_dir, tmp_path):
 
     with pytest.raises(InvalidInputError, match="tune_split='test' is the evaluation split"):
         run_finetune("reranker", beir_dir, out=tmp_path / "x", tune_split="test")
+    with pytest.raises(InvalidInputError, match="split='test' is the evaluation split"):
+        run_finetune("embedder", beir_dir, out=tmp_path / "x", split="test")
+    with pytest.raises(InvalidInputError, match="tune_split='train' is the training split"):
+        run_finetune("reranker", beir_dir, out=tmp_path / "x", tune_split="train")
     with pytest.raises(InvalidInputError, match="blend_weights"):
         run_finetune("reranker", beir_dir, out=tmp_path / "x", blend_weights=(1.0, 1.5))
     assert not (tmp_path / "x").exists()
@@ -379,3 +408,39 @@ def test_reranked_runs_blend_and_tune_by_hand():
     qrels = {"q": {"a": 1}}
     weight, by_weight = _tune_weight(runs, qrels, (1.0, 0.5, 0.2), 60)
     assert weight == 0.2 and by_weight["0.2"] == 1.0 and by_weight["1"] < 1.0
+
+
+def test_a_later_run_never_deletes_the_model_an_earlier_one_kept(beir_dir, tiny_model,
+                                                                 tmp_path, capsys):
+    """A run trains into `model.new` and replaces `model` only when it keeps its own: a
+    discarded second run into the same folder leaves the first run's model as it was. A
+    test query that the train qrels judge too is left out of training, and counted."""
+    import hashlib
+    import shutil
+
+    from retrievekit.cli import main
+
+    data = tmp_path / "beir"
+    shutil.copytree(beir_dir, data)
+    with open(data / "qrels" / "train.tsv", "a") as fh:
+        fh.write("s1\td-lion\t1\n")  # a test query in the training qrels
+    out = tmp_path / "ft"
+    args = ["finetune", "embedder", "--data", str(data), "--out", str(out), "--base",
+            tiny_model, "--max-steps", "1", "--batch-size", "4", "--max-seq-length",
+            "32", "--no-margin", "--device", "cpu", "-q"]
+
+    def weights() -> str:
+        return hashlib.sha256((out / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+    assert main([*args, "--min-gain", "-1"]) == 0  # kept whatever it scores
+    first = json.loads((out / "report.json").read_text())
+    assert first["decision"] == "keep" and first["mining"]["eval_queries_left_out"] == 1
+    assert "s1" not in {e.query_id for e in load_examples(out / "hard_negatives.jsonl")}
+    kept = weights()
+    assert main([*args, "--min-gain", "1", "--seed", "7"]) == 0  # discarded whatever
+    second = json.loads((out / "report.json").read_text())
+    assert second["decision"] == "discard" and second["model_dir"] is None
+    assert weights() == kept and not (out / "model.new").exists()
+    capsys.readouterr()
+    assert main([*args, "--num-negatives", "0"]) != 0  # 0 is refused, not the default
+    assert "num_negatives" in capsys.readouterr().err
