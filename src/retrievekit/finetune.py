@@ -263,6 +263,21 @@ class TrainingExample:
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise InvalidInputError(f"{where}: query, positive and negatives must be "
                                     "non-empty strings")
+        if not negatives:
+            raise InvalidInputError(f"{where}: 'negatives' is empty; give at least one (a row "
+                                    "without would leave every row's negatives unused)")
+        if any(n.strip() == data["positive"].strip() for n in negatives):
+            raise InvalidInputError(f"{where}: a negative is the positive's text; drop it")
+        ids = data.get("negative_ids") or ()
+        if ids and len(ids) != len(negatives):
+            raise InvalidInputError(f"{where}: {len(ids)} negative_ids for {len(negatives)} "
+                                    "negatives; give one id a negative, or none")
+        for key in ("positive_score", "negative_scores"):
+            got = data.get(key)
+            values = got if isinstance(got, (list, tuple)) else [] if got is None else [got]
+            if not all(x is None or v.is_number(x) for x in values):
+                raise InvalidInputError(f"{where}: {key}={got!r} must be numbers (None where "
+                                        "unknown)")
         return cls(query_id=str(data.get("query_id", "")), query=data["query"],
                    positive_id=str(data.get("positive_id", "")), positive=data["positive"],
                    negative_ids=tuple(str(x) for x in data.get("negative_ids") or ()),
@@ -521,6 +536,10 @@ def _check_examples(examples: Sequence[TrainingExample]) -> int:
             raise InvalidInputError(f"examples[{i}] must be a TrainingExample, got "
                                     f"{type(ex).__name__}")
     n = min(len(ex.negatives) for ex in examples)
+    if n == 0:
+        i = next(i for i, ex in enumerate(examples) if not ex.negatives)
+        raise InvalidInputError(f"examples[{i}] has no negatives: every row's would go unused "
+                                "(rows train with as many as the poorest has); drop it")
     if n < max(len(ex.negatives) for ex in examples):
         logger.warning("examples carry different numbers of negatives; using the first %d of "
                        "each row", n)

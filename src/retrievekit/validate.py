@@ -36,6 +36,14 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool (numpy scalars included)."""
+    try:
+        return not isinstance(value, (bool, str, bytes)) and math.isfinite(value)
+    except TypeError:
+        return False
+
+
 def integer(name: str, value: Any, minimum: int = 1, maximum: int | None = None, *,
             optional: bool = False, fix: str = "",
             error: type[RetrieveKitError] = ConfigError) -> Any:

@@ -309,6 +309,29 @@ def test_training_rejects_empty_examples(tmp_path):
         train_embedder([], tmp_path / "x")
 
 
+@pytest.mark.parametrize("row, words", [
+    ({"negatives": []}, "'negatives' is empty"),
+    ({"negatives": ["pos text"]}, "the positive's text"),
+    ({"negatives": ["a", "b"], "negative_ids": ["x"]}, "1 negative_ids for 2"),
+    ({"positive_score": "high"}, "positive_score='high'"),
+    ({"negative_scores": [0.1, "x"]}, "negative_scores"),
+])
+def test_training_rows_that_contradict_themselves_are_refused(tmp_path, row, words):
+    """A row without negatives (it left every row's unused), with the positive as a
+    negative, ids that do not pair with the negatives, or scores that are not numbers."""
+    base = {"query": "q text", "positive": "pos text", "negatives": ["neg text"]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**base, **row}) + "\n")
+    with pytest.raises(InvalidInputError, match=words):
+        load_examples(path)
+    with pytest.raises(InvalidInputError, match="has no negatives"):
+        train_embedder([TrainingExample.from_dict(base),
+                        TrainingExample(query_id="", query="q", positive_id="", positive="p",
+                                        negative_ids=(), negatives=())],
+                       tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
