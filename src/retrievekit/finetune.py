@@ -932,6 +932,20 @@ def _tune_weight(runs: _RerankedRuns, qrels: Mapping[str, Mapping[str, int]],
     return float(best), by_weight
 
 
+def _check_dims(model: str, matryoshka_dims: Sequence[int], eval_dims: Sequence[int]
+                ) -> None:
+    """Refuse dimensions past the base model's before anything is indexed or written (they
+    were refused only after indexing, mining and the base's evaluation)."""
+    from .embedding import Embedder
+
+    dim = Embedder(model=model).model_dim
+    for name, dims in (("training.matryoshka_dims", matryoshka_dims),
+                       ("eval_dims", eval_dims)):
+        if dims and max(int(d) for d in dims) > dim:
+            raise ConfigError(f"{name}={list(dims)}: the largest must be <= the dimension "
+                              f"of {model!r} ({dim})")
+
+
 def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathLike[str],
                  split: str = "train", eval_split: str = "test", base: str | None = None,
                  retriever_model: str | None = None, max_pairs: int | None = None,
@@ -1018,6 +1032,8 @@ def run_finetune(kind: str, data: str | os.PathLike[str], *, out: str | os.PathL
     base_model = base or DEFAULT_MODEL
     first_stage = base_model if kind == "embedder" else (retriever_model or DEFAULT_MODEL)
     base_dtype = base_dtype or dtype
+    if kind == "embedder" and (training.matryoshka_dims or eval_dims):
+        _check_dims(base_model, training.matryoshka_dims or (), eval_dims or ())
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store_dir = out_dir / "store"

@@ -390,7 +390,7 @@ def test_cli_finetune_reranker_compares_hybrid_with_and_without(beir_dir, tmp_pa
         assert report["after_weight_1"] == report["after"]
 
 
-def test_finetune_refuses_tuning_on_the_evaluation_split(beir_dir, tmp_path):
+def test_finetune_refuses_tuning_on_the_evaluation_split(beir_dir, tmp_path, tiny_model):
     from retrievekit.finetune import run_finetune
 
     with pytest.raises(InvalidInputError, match="tune_split='test' is the evaluation split"):
@@ -399,6 +399,14 @@ def test_finetune_refuses_tuning_on_the_evaluation_split(beir_dir, tmp_path):
         run_finetune("embedder", beir_dir, out=tmp_path / "x", split="test")
     with pytest.raises(InvalidInputError, match="tune_split='train' is the training split"):
         run_finetune("reranker", beir_dir, out=tmp_path / "x", tune_split="train")
+    # dimensions past the base model's: refused before anything is indexed or written
+    from retrievekit.finetune import TrainConfig as _TC
+
+    with pytest.raises(ConfigError, match="the largest must be <= the dimension"):
+        run_finetune("embedder", beir_dir, out=tmp_path / "x", base=tiny_model,
+                     training=_TC(matryoshka_dims=(64, 16)))
+    with pytest.raises(ConfigError, match="eval_dims"):
+        run_finetune("embedder", beir_dir, out=tmp_path / "x", base=tiny_model, eval_dims=[64])
     with pytest.raises(InvalidInputError, match="blend_weights"):
         run_finetune("reranker", beir_dir, out=tmp_path / "x", blend_weights=(1.0, 1.5))
     assert not (tmp_path / "x").exists()
