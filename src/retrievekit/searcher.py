@@ -416,8 +416,6 @@ def _penalty_safe(top: Callable[[int], list[tuple[str, float]]], n: int, k: int,
     while True:
         found = top(m + 1)
         head = found[:m]
-        if len(head) <= n and len(found) <= m:
-            return head
         scored = [s - penalty if chunk_position(rid) else s for rid, s in head]
         order = sorted(range(len(head)), key=lambda i: (-scored[i], i))[:n]
         if len(found) <= m or found[m][1] < _kth_document_score(head, scored, order, k):

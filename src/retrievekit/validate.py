@@ -37,11 +37,9 @@ def is_int(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float that is not a bool (numpy scalars included)."""
-    try:
-        return not isinstance(value, (bool, str, bytes)) and math.isfinite(value)
-    except TypeError:
-        return False
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def integer(name: str, value: Any, minimum: int = 1, maximum: int | None = None, *,
@@ -64,8 +62,7 @@ def number(name: str, value: Any, minimum: float | None = None,
     when `optional`; returns it."""
     if value is None and optional:
         return None
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value)
+    ok = (is_number(value)
           and (minimum is None or (value > minimum if low_open else value >= minimum))
           and (maximum is None or value <= maximum))
     if not ok:
