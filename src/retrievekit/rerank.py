@@ -7,6 +7,7 @@ network (`retrievekit.onnx_backend`); `retrievekit.inference` picks the engine p
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
@@ -29,11 +30,13 @@ class RerankConfig:
 
     Args:
         model: hub name or local directory of a cross-encoder.
-        top_n: keep this many after reranking (None: as many as asked for).
+        top_n: keep at most this many (None: as many as asked for).
         threshold: drop hits scoring below this (after the sigmoid when `sigmoid`).
-        candidates: how many fused hits are reranked.
+        candidates: how many fused hits a search reranks; a search asking for more gets
+            the rest below them in fused order (see `Reranker.rerank_head`).
         batch_size: pairs per forward pass.
-        max_length: tokens per (query, passage) pair; None uses the model's.
+        max_length: tokens per (query, passage) pair, at most the model's positions
+            (refused above them when the reranker is built); None uses the model's.
         sigmoid: map raw logits to 0..1.
         weight: the cross-encoder's share of the final order. 1.0 (default): the
             cross-encoder's order alone, the usual setting for a strong reranker. Below 1,
@@ -144,6 +147,10 @@ class Reranker(ModelEngines):
         self.config = config
         self.resolved = resolve_model(config.model)
         check_available(self.resolved)  # fail here, not at the first query
+        limit = _position_limit(self.resolved)
+        if config.max_length is not None and limit is not None and config.max_length > limit:
+            v.fail("reranker.max_length", f"at most the {limit} positions of "
+                   f"{config.model!r}", config.max_length, f"use a value <= {limit} or None")
         self._init_engines()
 
     # -- the model (`model`, `dtype`, `engine_for`: see inference.ModelEngines) -------------
@@ -179,9 +186,15 @@ class Reranker(ModelEngines):
             raise model_not_found(self.config.model, self.resolved, exc) from exc
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        """Scores of (query, passage) pairs, raw logits or sigmoid per `config.sigmoid`."""
-        if not isinstance(query, str):
-            raise InvalidInputError(f"query must be str, got {type(query).__name__}")
+        """Scores of (query, passage) pairs, raw logits or sigmoid per `config.sigmoid`.
+
+        Raises:
+            InvalidInputError: an empty query, a passage that is not a str.
+            ConfigError: the model scored a pair NaN (a broken model or precision).
+        """
+        return self._scores(_query(query), _texts("passages", passages))
+
+    def _scores(self, query: str, passages: list[str]) -> np.ndarray:
         if not passages:
             return np.zeros(0, dtype=np.float32)
         pairs = [(query, p) for p in passages]
@@ -196,6 +209,13 @@ class Reranker(ModelEngines):
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim == 2:  # a 2-label head: take the "relevant" logit margin
             raw = raw[:, -1] - raw[:, 0] if raw.shape[1] == 2 else raw[:, 0]
+        bad = np.flatnonzero(np.isnan(raw))
+        if bad.size:  # NaN has no place in an order: sorting would leave it anywhere
+            raise ConfigError(
+                f"the cross-encoder {self.config.model!r} scored {bad.size} of {len(raw)} "
+                f"(query, passage) pairs NaN (the first: passage {bad[0]}); in "
+                f"reranker.dtype={self.dtype!r} a half precision can overflow: try "
+                "dtype='float32', else check the model's weights")
         return 1.0 / (1.0 + np.exp(-raw)) if self.config.sigmoid else raw
 
     def rank(self, query: str, texts: Sequence[str], *, top_n: int | None = None,
@@ -211,8 +231,7 @@ class Reranker(ModelEngines):
         v.integer("top_n", top_n, optional=True, error=InvalidInputError)
         v.number("threshold", threshold, optional=True, error=InvalidInputError)
         _check_blend(weight, self.config.rrf_k, error=InvalidInputError)
-        texts = list(texts)
-        scores = self.score(query, texts)
+        scores = self._scores(_query(query), _texts("texts", texts))
         order, rank, final = blend_order(scores, weight, self.config.rrf_k)
         out = [Ranked(i, final[i], float(scores[i]), rank[i], pos if weight < 1 else None)
                for pos, i in enumerate(order, start=1)
@@ -234,7 +253,11 @@ class Reranker(ModelEngines):
                 config.threshold).
             weight: the cross-encoder's share of the order (default: config.weight).
         """
-        hits = list(hits)
+        hits = _listed("hits", hits, "pass the hits a search returned; rank() takes texts")
+        for i, h in enumerate(hits):
+            if not isinstance(h, Hit):
+                v.fail(f"hits[{i}]", "a Hit", h, "rank() takes plain texts",
+                       error=InvalidInputError)
         out: list[Hit] = []
         for r in self.rank(query, [h.document.text for h in hits], top_n=top_n,
                            threshold=threshold, weight=weight):
@@ -246,3 +269,55 @@ class Reranker(ModelEngines):
                 stage_scores["blend"] = r.score
             out.append(replace(h, score=r.score, ranks=ranks, scores=stage_scores))
         return out
+
+    def rerank_head(self, query: str, hits: Sequence[Hit]) -> list[Hit]:
+        """Hits as a search returns them: the first `config.candidates` of `hits` (best
+        first by the first stage) reranked, then the rest in their given order, unscored
+        (none of them with a threshold: only a scored hit can pass it); `config.top_n`
+        caps the whole list."""
+        hits = list(hits)
+        n = self.config.candidates
+        out = self.rerank(query, hits[:n])
+        if self.config.threshold is None:
+            out += hits[n:]
+        return out[:self.config.top_n] if self.config.top_n is not None else out
+
+
+def _query(query: Any) -> str:
+    return v.readable("query", query, "pass the text to rank for")
+
+
+def _listed(name: str, value: Any, fix: str) -> list[Any]:
+    """`value` as a list; a str, bytes, a mapping or a non-iterable is refused (a str
+    would be read as its characters)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        v.fail(name, "a list", value, fix, error=InvalidInputError)
+    return list(value)
+
+
+def _texts(name: str, texts: Any) -> list[str]:
+    return [v.text(f"{name}[{i}]", t, error=InvalidInputError)
+            for i, t in enumerate(_listed(name, texts, "wrap a single text in a list"))]
+
+
+#: model types whose position ids start past the padding index (pad_token_id + 1)
+_PADDED_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert",
+                               "mpnet", "longformer", "data2vec-text"})
+
+
+def _position_limit(resolved: Any) -> int | None:
+    """The most tokens a pair may hold for the model's position embeddings (None when its
+    config sets no such bound, as for relative or rotary positions without a maximum)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolved.load_from,
+                                         local_files_only=resolved.is_local)
+    except Exception as exc:
+        raise model_not_found(resolved.name, resolved, exc) from exc
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if not v.is_int(positions):
+        return None
+    if cfg.model_type in _PADDED_POSITIONS:
+        positions -= (cfg.pad_token_id or 0) + 1
+    return positions

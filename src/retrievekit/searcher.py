@@ -536,7 +536,7 @@ class Searcher:
                 break
             request = request.widened(total())
         if reranker is not None:
-            hits = reranker.rerank(query, hits[:reranker.config.candidates])
+            hits = reranker.rerank_head(query, hits)
         return hits[:k]
 
     def _hits(self, ranking: Ranking, limit: int) -> list[Hit]:

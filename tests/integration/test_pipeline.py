@@ -244,6 +244,83 @@ def test_reranker_threshold_and_raw_scores(tiny_cross_encoder_path):
     assert sig.rerank("q", hits, threshold=cut) == []
 
 
+def test_search_keeps_the_hits_below_the_reranked_head(tmp_path, embedder, corpus_docs,
+                                                        tiny_cross_encoder_path):
+    """`candidates` below k once cut the page to the reranked head (3 of 5 asked for)."""
+    rr = Reranker(model=tiny_cross_encoder_path, candidates=3)
+    q = "programming"
+    with HybridRetriever(path=str(tmp_path / "r"), embedder=embedder, reranker=rr) as r:
+        r.add_documents(corpus_docs)
+        plain = r.search(q, k=5, rerank=False)
+        hits = r.search(q, k=5)
+        assert [h.id for h in hits[:3]] == [h.id for h in rr.rerank(q, plain[:3])]
+        assert [h.ranks["rerank"] for h in hits[:3]] == [1, 2, 3]
+        assert hits[3:] == plain[3:] and len(hits) == 5  # the rest in fused order, unscored
+        assert len(r.search(q, k=50)) == len(corpus_docs)  # k clamped to the store
+        r.reranker = Reranker(model=tiny_cross_encoder_path, candidates=3, top_n=4)
+        assert [h.id for h in r.search(q, k=5)] == [h.id for h in hits[:4]]  # top_n caps all
+        # only a scored hit can pass a threshold (sigmoid scores are all above -1)
+        r.reranker = Reranker(model=tiny_cross_encoder_path, candidates=3, threshold=-1.0)
+        assert [h.id for h in r.search(q, k=5)] == [h.id for h in hits[:3]]
+
+
+def test_rank_refuses_what_search_refuses(tiny_cross_encoder_path):
+    from retrievekit.types import Hit
+
+    rr = Reranker(model=tiny_cross_encoder_path)
+    for texts, where in (([1, 2], r"texts\[0\]"), (["a", None], r"texts\[1\]"),
+                         (["a\ud800b"], r"texts\[0\].*surrogate"),
+                         ("hello", "texts must be a list"), ({"a": 1}, "texts must be a list")):
+        with pytest.raises(InvalidInputError, match=where):
+            rr.rank("cats", texts)
+    for query in ("", "   ", None, "ca\udc80ts"):
+        with pytest.raises(InvalidInputError, match="query"):
+            rr.rank(query, ["a"])
+        with pytest.raises(InvalidInputError, match="query"):
+            rr.score(query, ["a"])
+    with pytest.raises(InvalidInputError, match=r"passages\[0\]"):
+        rr.score("cats", [3])
+    with pytest.raises(InvalidInputError, match=r"hits\[1\] must be a Hit"):
+        rr.rerank("cats", [Hit(Document("a", id="a"), 1.0), "b"])
+    with pytest.raises(InvalidInputError, match="hits must be a list"):
+        rr.rerank("cats", "ab")
+    assert rr.rank("cats", []) == [] and rr.rank("cats", [""])[0].index == 0
+
+
+def test_reranker_max_length_is_bounded_by_the_model(tiny_cross_encoder_path):
+    """max_length past the model's 512 positions once passed, and a long query then crashed
+    in the forward pass (tensor size 721 vs 512)."""
+    from retrievekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reranker.max_length.*100000.*512"):
+        Reranker(model=tiny_cross_encoder_path, max_length=100000)
+    with pytest.raises(ConfigError, match="reranker.max_length"):
+        Reranker(model=tiny_cross_encoder_path, max_length=513)
+    widest = Reranker(model=tiny_cross_encoder_path, max_length=512, backend="torch")
+    assert len(widest.rank("cats " * 700, ["cat " * 2000, "dogs"])) == 2
+
+
+def test_nan_scores_are_refused_not_ranked(tiny_cross_encoder_path, monkeypatch):
+    """NaN from the model (fp16 overflow, a damaged checkpoint) once came back in input
+    order ([0.2, nan, 0.9, 0.1] -> [0, 1, 2, 3]) and was dropped silently by a threshold."""
+    from retrievekit.errors import ConfigError
+
+    rr = Reranker(model=tiny_cross_encoder_path, backend="torch", dtype="float32")
+    predict = rr.model.predict
+
+    def one_nan(*args, **kwargs):  # the real model's output, its second score spoilt
+        out = np.array(predict(*args, **kwargs), dtype=np.float32)
+        out[1] = np.nan
+        return out
+
+    monkeypatch.setattr(rr.model, "predict", one_nan)
+    for call in (lambda: rr.rank("q", list("abcd")),
+                 lambda: rr.rank("q", list("abcd"), threshold=0.0, weight=0.5),
+                 lambda: rr.score("q", list("abcd"))):
+        with pytest.raises(ConfigError, match=r"NaN.*passage 1.*dtype"):
+            call()
+
+
 def test_async_search_matches_sync(retriever):
     async def run():
         return await asyncio.gather(retriever.asearch("sourdough", k=2),
