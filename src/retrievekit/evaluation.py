@@ -44,6 +44,7 @@ import numpy as np
 
 from retrievekit import validate as v
 from retrievekit.errors import InvalidInputError
+from retrievekit.records import check_document_id
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +158,17 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
 
     Args:
         path: directory holding ``corpus.jsonl[.gz]``, ``queries.jsonl`` and ``qrels/``.
-        split: which ``qrels/<split>.tsv`` to read.
+        split: which ``qrels/<split>.tsv`` to read (a name, not a path).
 
     Returns:
         The dataset, with `queries` restricted to the queries judged (grade > 0) in the split.
 
     Raises:
-        InvalidInputError: a file is missing or malformed, or a judged query has no text.
+        InvalidInputError: a file is missing or malformed, a judgment is given twice with
+            two grades, a judged query has no text, or a document id is one the store
+            refuses.
     """
+    qrels_path = split_file(path, split)
     root = Path(path)
     if not root.is_dir():
         raise InvalidInputError(
@@ -179,7 +183,6 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     queries_path = root / "queries.jsonl"
     if not queries_path.is_file():
         raise _layout_error(root, "queries.jsonl")
-    qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         err = _layout_error(root, f"qrels/{split}.tsv")
@@ -187,23 +190,30 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
 
     qrels = _read_qrels(qrels_path)
 
-    all_queries: dict[str, str] = {}
+    all_queries: dict[str, tuple[str, int]] = {}  # id -> (text, line)
     for lineno, rec in _read_jsonl(queries_path):
         if str(rec["_id"]) in all_queries:
             raise InvalidInputError(f"{queries_path}:{lineno} repeats query id "
                                     f"{str(rec['_id'])!r}; ids must be unique")
-        all_queries[str(rec["_id"])] = str(rec.get("text") or "")
+        all_queries[str(rec["_id"])] = (str(rec.get("text") or ""), lineno)
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:
         raise InvalidInputError(
             f"{qrels_path} judges {len(missing)} query ids absent from {queries_path} "
             f"(first: {missing[:5]}); the qrels and queries files do not belong together"
         )
-    queries = {qid: all_queries[qid] for qid in qrels}
+    queries = {qid: all_queries[qid][0] for qid in qrels}
+    for qid, text in queries.items():  # a search would refuse it, after the whole indexing
+        v.readable(f"{queries_path}:{all_queries[qid][1]} (query {qid!r}, judged in "
+                   f"{qrels_path.name}) text", text, "give the query its text, or drop its "
+                   "judgments")
 
     corpus: dict[str, dict[str, str]] = {}
     for lineno, rec in _read_jsonl(corpus_path):
         doc_id = str(rec["_id"])
+        where = f"{corpus_path}:{lineno} '_id'"  # what the store would refuse, refused here
+        v.utf8(where, doc_id, error=InvalidInputError)
+        check_document_id(doc_id, where)
         if doc_id in corpus:
             raise InvalidInputError(
                 f"{corpus_path}:{lineno} repeats document id {doc_id!r}; ids must be unique"
@@ -223,12 +233,23 @@ def load_beir(path: str | Path, split: str = "test") -> BeirDataset:
     return BeirDataset(name=root.name, corpus=corpus, queries=queries, qrels=qrels, split=split)
 
 
+def split_file(path: str | Path, split: str) -> Path:
+    """The qrels file of `split`: ``<path>/qrels/<split>.tsv``; a split is a name, so one
+    spelled as a path (``./test``, ``../qrels/dev``) is refused: it could read another
+    split's file than the one its name says."""
+    if not isinstance(split, str) or not split or "/" in split or "\\" in split:
+        v.fail("split", "the name of a qrels file without its .tsv (e.g. 'dev' for "
+               "qrels/dev.tsv), not a path", split, error=InvalidInputError)
+    return Path(path) / "qrels" / f"{split}.tsv"
+
+
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # not int()'s: it reads "1_0" as 10
-_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_HEADER = ("query-id", "corpus-id", "score")  # the first line of BEIR's qrels files
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
+    seen: dict[tuple[str, str], tuple[int, int]] = {}  # (query, doc) -> (grade, line)
     with _readable(path), open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
@@ -241,12 +262,18 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
                     "(query-id, corpus-id, score)"
                 )
             qid, doc_id, raw = (c.strip() for c in cols)
+            if lineno == 1 and (qid, doc_id, raw) == _HEADER:
+                continue
             if not _INTEGER.fullmatch(raw):
-                if lineno == 1 and not _NUMBER.fullmatch(raw):  # query-id corpus-id score
-                    continue
                 raise InvalidInputError(
-                    f"{path}:{lineno} has score {raw!r}; scores must be integers")
+                    f"{path}:{lineno} has score {raw!r}; scores must be integers (a header "
+                    f"line reads {chr(9).join(_HEADER)!r})")
             grade = int(raw)
+            first = seen.setdefault((qid, doc_id), (grade, lineno))
+            if first[0] != grade:  # which one counts would depend on the order of lines
+                raise InvalidInputError(
+                    f"{path}:{lineno} judges {qid!r} - {doc_id!r} again, with grade {grade}"
+                    f" where line {first[1]} gave grade {first[0]}; keep one of them")
             if grade > 0:
                 qrels.setdefault(qid, {})[doc_id] = grade
     if not qrels:

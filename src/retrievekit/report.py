@@ -423,7 +423,7 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
              cache_dir: str | Path | None = None, max_queries: int | None = None,
              truncate_dim: int | None = None, *, candidates: int = RECALL_DEPTH,
              rerank_candidates: int | None = None, rerank_weight: float | None = None,
-             dtype: str = "float32",
+             dtype: str = "float32", options: Mapping[str, Any] | None = None,
              progress: bool | None = None, echo: bool = True) -> dict[str, Any]:
     """Evaluate a BEIR-layout collection in several modes and write a report.
 
@@ -441,6 +441,8 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
         rerank_weight: the cross-encoder's share of the order (`RerankConfig.weight`;
             default 1.0: its order alone).
         max_queries: evaluate a seeded sample of this many queries only.
+        options: query-time `RetrieverConfig` fields (fusion, weights, rrf_k, ...), as
+            `tune` applies a trial (`tune.check_settings`); `candidates` is the argument.
         echo: print the table to stdout.
 
     Returns:
@@ -454,8 +456,24 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
     v.integer("k", k, error=InvalidInputError)
     v.integer("max_queries", max_queries, optional=True, error=InvalidInputError)
     v.integer("candidates", candidates, error=InvalidInputError)
+    v.text("model", model, optional=True, empty=False, error=InvalidInputError,
+           fix="None (no --model) for the default model")
+    v.path("cache_dir", cache_dir, optional=True, error=InvalidInputError,
+           fix="None (no --cache-dir) for <out>/cache")
     if "rerank" in modes_t and not reranker:
         raise _no_reranker()
+    if reranker is None and (rerank_candidates, rerank_weight) != (None, None):
+        raise ConfigError(f"rerank_candidates={rerank_candidates!r}, rerank_weight="
+                          f"{rerank_weight!r} set the cross-encoder of the rerank mode, and "
+                          "there is none: pass --reranker MODEL (run_eval(reranker=...)) or "
+                          "leave them out")
+    if options is not None:
+        from .tune import check_settings
+
+        if "candidates" in options:
+            v.fail("options", "settings without 'candidates'", dict(options),
+                   "pass it as candidates=", error=InvalidInputError)
+        options = check_settings(options, "options")
     from .cache import EmbeddingCache
 
     dataset = load_beir(dataset_dir, split=split)
@@ -469,7 +487,7 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
             open_eval_retriever(out_dir / "store", dataset.name, model=model,
                                 truncate_dim=truncate_dim, dtype=dtype, reranker=reranker,
                                 rerank_candidates=rerank_candidates,
-                                rerank_weight=rerank_weight) as retriever:
+                                rerank_weight=rerank_weight, options=options) as retriever:
         index_stats = index_dataset(retriever, dataset, cache=cache, progress=progress)
         results = evaluate_modes(retriever, evaluated, modes_t, k=k, candidates=candidates,
                                  progress=progress)
@@ -483,7 +501,9 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
                     "store": str(out_dir / "store"),
                     "collection": retriever.config.store.collection,
                     "cache": str(cache_file),
-                    "sparse": retriever.config.sparse.to_dict()}
+                    "sparse": retriever.config.sparse.to_dict(),
+                    **{k: retriever.config.to_dict()[k]
+                       for k in ("fusion", "weights", "rrf_k", "chunk_penalty")}}
     table = format_table(results, k)
     report: dict[str, Any] = {
         "dataset": dataset.name, "dataset_dir": str(dataset_dir), "split": split,

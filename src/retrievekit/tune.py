@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import validate as v
 from .config import RetrieverConfig
 from .errors import InvalidInputError
 from .fusion import METHODS
@@ -26,8 +28,7 @@ DEFAULT = {"fusion": _LIBRARY.fusion, "candidates": _LIBRARY.candidates,
            "weights": dict(_LIBRARY.weights)}
 #: the settings a trial may change: those of the search, not of what the index holds
 #: (model, chunking, BM25 tokenizer, store), which `retrievekit eval` compares
-QUERY_TIME = ("fusion", "candidates", "weights", "rrf_k", "chunk_penalty", "collapse_chunks",
-              "funnel_candidates")
+QUERY_TIME = ("fusion", "candidates", "weights", "rrf_k", "chunk_penalty", "collapse_chunks")
 CANDIDATES = (50, 100, 200)
 WEIGHTS = ({"dense": 1.0, "sparse": 1.0}, {"dense": 1.0, "sparse": 0.5},
            {"dense": 0.5, "sparse": 1.0})
@@ -51,6 +52,36 @@ def grid(methods: Sequence[str] = METHODS, candidates: Sequence[int] = CANDIDATE
     return out
 
 
+def check_settings(settings: Mapping[str, Any], where: str = "settings") -> dict[str, Any]:
+    """`settings` as a dict, once they are query-time settings whose scores mean what they
+    say (`tune` applies each trial this way, `retrievekit eval --config` a file's)."""
+    s = dict(settings)
+    other = sorted(set(s) - set(QUERY_TIME), key=str)
+    if other:
+        fix = (" (the evaluation index has no funnel)" if other == ["funnel_candidates"]
+               else "; settings of the index itself need one each: compare them with "
+               "`retrievekit eval` (--model, --truncate-dim, --dtype)")
+        raise InvalidInputError(f"{where} {other}: tune and eval apply query-time settings "
+                                f"only ({', '.join(QUERY_TIME)}) to one index{fix}")
+    if s.get("collapse_chunks") is False:
+        raise InvalidInputError(
+            f"{where} collapse_chunks=False: hits would be chunk ids ('<id>#chunk1'), which "
+            "qrels never judge, so every score would be wrong; leave collapse_chunks out")
+    RetrieverConfig.from_dict(s)
+    return s
+
+
+def is_test_split(dataset_dir: str | Path, split: str) -> bool:
+    """Whether `split` reads the test split's qrels file (by the file: a link counts)."""
+    from .evaluation import split_file
+
+    path, test = split_file(dataset_dir, split), split_file(dataset_dir, "test")
+    try:
+        return os.path.samefile(path, test)
+    except OSError:  # one of them is missing
+        return path.resolve() == test.resolve()
+
+
 def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune-results",
          model: str | None = None, cache_dir: str | Path | None = None,
          settings: Sequence[Mapping[str, Any]] | None = None,
@@ -65,23 +96,21 @@ def tune(dataset_dir: str | Path, *, split: str = "dev", out: str | Path = "tune
     from .evaluation import evaluate, load_beir
     from .report import index_dataset, open_eval_retriever
 
-    if split == "test":
+    if is_test_split(dataset_dir, split):
         raise InvalidInputError(
-            "split='test': tuning on the split the numbers are reported on would overstate "
-            "them; tune on a development split (--split dev) and evaluate on test")
+            f"split={split!r} reads the test split: tuning on the split the numbers are "
+            "reported on would overstate them; tune on a development split (--split dev) "
+            "and evaluate on test")
+    v.text("model", model, optional=True, empty=False, error=InvalidInputError,
+           fix="None for the default model")
+    v.path("cache_dir", cache_dir, optional=True, error=InvalidInputError,
+           fix="None for <out>/cache")
     trying = [dict(s) for s in (settings if settings is not None else grid())]
     if not trying:
         raise InvalidInputError("settings=[]: give at least one setting to try, or None for "
                                 "the whole grid")
     for s in trying:  # refused before anything is encoded, not after the last trial
-        other = sorted(set(s) - set(QUERY_TIME))
-        if other:
-            raise InvalidInputError(
-                f"settings {other}: tune tries query-time settings ({', '.join(QUERY_TIME)}) "
-                "on one index; settings of the index itself need one each: compare them "
-                "with `retrievekit eval`")
-        RetrieverConfig.from_dict(s)
-        to_toml(Trial(s, 0.0, 0.0), None, "", split)
+        to_toml(Trial(check_settings(s), 0.0, 0.0), None, "", split)
     dataset = load_beir(dataset_dir, split=split)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -281,3 +281,68 @@ def test_tune_picks_on_the_dev_split_and_writes_loadable_toml(beir_dir, tmp_path
     refused = tmp_path / "refused"
     assert main(["tune", str(data), "--split", "test", "--out", str(refused)]) == 2
     assert "tuning on the split" in capsys.readouterr().err and not refused.exists()
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (["--cache-dir", ""], "cache_dir"),
+    (["--model", ""], "model"),
+    (["--rerank-weight", "0.5"], "--reranker"),
+    (["--rerank-candidates", "7"], "--reranker"),
+])
+def test_eval_refuses_options_it_would_replace_or_ignore(beir_dir, tmp_path, monkeypatch,
+                                                        capsys, extra, match):
+    """Found by an attack: an empty --cache-dir wrote the cache into the working directory,
+    an empty --model meant the default model, and --rerank-weight / --rerank-candidates
+    without --reranker were dropped without a word."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    assert main(["eval", str(beir_dir), "--modes", "sparse", "--out", str(out), "-q",
+                 "--threads", "1", *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not any(cwd.iterdir())
+
+
+def test_eval_config_applies_a_tuned_file_s_query_time_settings(beir_dir, tmp_path, capsys):
+    """`retrievekit eval --config tuned.toml` scores the settings `tune` chose: with RRF
+    and the BM25 side's weight 0, hybrid ranks exactly as dense does (with the dense side's
+    weight 0 instead, it does not), and the file's candidates are the ones used."""
+    import shutil
+
+    data = tmp_path / "beir"
+    shutil.copytree(beir_dir, data)
+    with open(data / "queries.jsonl", "a", encoding="utf-8") as fh:  # BM25: d9 d5 d7,
+        fh.write(json.dumps({"_id": "q5", "text": "water and ice"}) + "\n")  # dense: d9 d7 d5
+    # every document judged, each with its own grade: nDCG@10 reads the whole order
+    (data / "qrels" / "test.tsv").write_text("".join(
+        f"{q}\td{d}\t{1 + (d * 5 + i * 3) % 12}\n"
+        for i, q in enumerate(("q1", "q2", "q3", "q5")) for d in range(1, 13)))
+    out = tmp_path / "out"
+    argv = ["eval", str(data), "--modes", "dense,hybrid", "--out", str(out), "-q",
+            "--threads", "1"]
+    cfg = tmp_path / "tuned.toml"
+    runs = {}
+    for side in ("dense", "sparse"):  # the other side's weight 0
+        other = "sparse" if side == "dense" else "dense"
+        cfg.write_text(f'fusion = "rrf"\ncandidates = 200\nrrf_k = 1\n\n[weights]\n'
+                       f'{side} = 1.0\n{other} = 0.0\n')
+        assert main([*argv, "--config", str(cfg)]) == 0
+        runs[side] = json.loads((out / "results.json").read_text())
+    tuned = runs["dense"]
+    assert tuned["modes"]["hybrid"]["per_query"] == tuned["modes"]["dense"]["per_query"]
+    assert runs["sparse"]["modes"]["hybrid"]["per_query"] != tuned["modes"]["hybrid"]["per_query"]
+    assert tuned["settings"]["candidates"] == 200
+    assert (tuned["settings"]["fusion"], tuned["settings"]["weights"]) == (
+        "rrf", {"dense": 1.0, "sparse": 0.0})
+    assert runs["sparse"]["index"]["written"] == 0  # one index for every query-time setting
+    capsys.readouterr()
+    for text, flags, match in (('[embedder]\nmodel = "x"\n', [], "['embedder']"),
+                               ("collapse_chunks = false\n", [], "chunk ids"),
+                               ("candidates = 200\n", ["--candidates", "300"], "--candidates"),
+                               ('fusion = "bogus"\n', [], "fusion")):
+        cfg.write_text(text)
+        bad = tmp_path / "bad"
+        assert main([*argv[:4], "--out", str(bad), "-q", "--config", str(cfg), *flags]) == 2
+        assert match in capsys.readouterr().err
+        assert not bad.exists()

@@ -74,3 +74,36 @@ def test_settings_are_refused_before_anything_is_read(tmp_path):
     with pytest.raises(InvalidInputError, match="at least one"):
         tune(missing, settings=[], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_test_split_is_refused_by_the_file_it_would_read(tmp_path):
+    """Found by an attack: `--split ./test` (or `../qrels/test`, or a dev.tsv that is a link
+    to test.tsv) tuned on the test split, since only the name "test" was refused."""
+    data = tmp_path / "beir"
+    (data / "qrels").mkdir(parents=True)
+    (data / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    (data / "qrels" / "dev.tsv").symlink_to("test.tsv")
+    for split, match in (("test", "tuning on the split"), ("dev", "tuning on the split"),
+                         ("./test", "not a path"), ("../qrels/test", "not a path")):
+        with pytest.raises(InvalidInputError, match=match):
+            tune(data, split=split, settings=[DEFAULT], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ({"collapse_chunks": False}, "chunk ids"),
+    ({"funnel_candidates": 400}, "no funnel"),
+    ({"cache_dir": ""}, "cache_dir"),
+    ({"model": ""}, "model"),
+])
+def test_settings_that_would_score_nothing_they_say_are_refused(tmp_path, setting, match):
+    """Found by an attack: collapse_chunks=False scored chunk ids ('d1#chunk1') against
+    qrels that judge documents; funnel_candidates changed nothing (the evaluation index has
+    no funnel); an empty cache_dir wrote into the working directory and an empty model
+    meant the default one."""
+    missing = tmp_path / "no-such-collection"
+    options = {k: x for k, x in setting.items() if k in ("cache_dir", "model")}
+    settings = [{k: x for k, x in setting.items() if k not in options}]
+    with pytest.raises(InvalidInputError, match=match):
+        tune(missing, settings=settings, out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
