@@ -40,17 +40,35 @@ def _label(args: argparse.Namespace) -> str:
         f"{args.collection!r})"
 
 
-def _config_changes(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings a --config file sets (its tables and keys, validated), minus [store]."""
-    import tomllib
-
+def _settle_store(args: argparse.Namespace) -> dict[str, Any]:
+    """The store a command opens: each of --store, --collection, --host and --port as given,
+    else as the --config file's [store] table sets it, else StoreConfig's default. The
+    table's other keys (ssl, auth_token, replica_dir, private, hnsw_*) come along in the
+    [store] table returned, kept as `args.store_table`."""
     from .config import RetrieverConfig
+    from .store import StoreConfig
 
-    cfg = RetrieverConfig.from_toml(args.config)  # validates, with a one-line error
-    with open(args.config, "rb") as fh:
-        given = tomllib.load(fh)
-    full = cfg.to_dict()
-    changes = {k: full[k] for k in given if k != "store" and k in full}
+    if hasattr(args, "store_table"):
+        return args.store_table
+    store = RetrieverConfig.from_toml(args.config).store if args.config else StoreConfig()
+    table = {**store.to_dict(), "auth_token": store.auth_token}
+    flags = {"path": args.store, "collection": args.collection, "host": args.host,
+             "port": args.port}
+    table.update({k: x for k, x in flags.items() if x is not None})
+    args.store, args.collection = table["path"], table["collection"]
+    args.host, args.port = table["host"], table["port"]
+    args.store_table = table
+    return table
+
+
+def _config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a --config file names, as it names them (the file is validated whole
+    first), minus [store]: an existing store keeps every recorded setting the file leaves
+    out, where a whole table of defaults would conflict with them."""
+    from .config import RetrieverConfig, read_toml
+
+    cfg = RetrieverConfig.from_toml(args.config)
+    changes = {k: x for k, x in read_toml(args.config).items() if k != "store"}
     if "reranker" in changes:
         changes["reranker"] = cfg.reranker
     return changes
@@ -60,13 +78,14 @@ def _open_existing(args: argparse.Namespace) -> tuple[Any, StoreError | None]:
     """(the store's retriever with its recorded settings, None), or (None, why not)."""
     from .pipeline import HybridRetriever
 
-    kwargs: dict[str, Any] = {"collection": args.collection}
-    if args.host:
-        kwargs.update(host=args.host, port=args.port)
+    t = _settle_store(args)
+    kwargs: dict[str, Any] = {"collection": t["collection"], "private": t["private"]}
+    if t["host"]:
+        kwargs.update({k: t[k] for k in ("host", "port", "ssl", "auth_token", "replica_dir")})
     if args.config:
         kwargs.update(_config_changes(args))
     try:
-        return HybridRetriever.open(args.store, **kwargs), None
+        return HybridRetriever.open(t["path"], **kwargs), None
     except StoreError as exc:
         return None, exc
 
@@ -86,19 +105,14 @@ def _open(args: argparse.Namespace, *, write: bool = False, has_docs: bool = Tru
     assert missing is not None
     if not (write and has_docs):
         raise missing
+    from .config import RetrieverConfig
     from .pipeline import HybridRetriever
 
-    kwargs: dict[str, Any] = {"host": args.host, "port": args.port} if args.host else {}
-    if args.config:
-        from .config import RetrieverConfig
-
-        changes: dict[str, Any] = {"store": {"path": args.store, "collection": args.collection}}
-        if args.model:
-            changes["embedder"] = {"model": args.model}
-        cfg = RetrieverConfig.from_toml(args.config).replace(**changes)
-        return HybridRetriever(cfg, **kwargs), True
-    return HybridRetriever(path=args.store, collection=args.collection, model=args.model,
-                           **kwargs), True
+    cfg = RetrieverConfig.from_toml(args.config) if args.config else RetrieverConfig()
+    changes: dict[str, Any] = {"store": _settle_store(args)}
+    if args.model:
+        changes["embedder"] = {"model": args.model}
+    return HybridRetriever(cfg.replace(**changes)), True
 
 
 def _check_model(r: Any, model: str) -> None:
@@ -301,6 +315,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 # -- search, info -------------------------------------------------------------------------------
+def _reranker(args: argparse.Namespace, configured: Any) -> Any:
+    """The --config file's reranker with --rerank's model and --rerank-weight laid over
+    it (its other settings, top_n and candidates among them, kept)."""
+    from .rerank import Reranker
+
+    if configured is None and not args.rerank:
+        raise InvalidInputError(
+            f"--rerank-weight {args.rerank_weight} has no reranker to weigh; give --rerank "
+            "MODEL, or a --config file with a [reranker] table")
+    changes = {k: x for k, x in (("model", args.rerank), ("weight", args.rerank_weight))
+               if x is not None}
+    return Reranker(configured.config if configured else None, **changes)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     try:
         where = json.loads(args.where) if args.where else None
@@ -309,10 +337,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                 "Chroma filter such as '{\"topic\": \"code\"}'") from exc
     r, _ = _open(args)
     with r:
-        if args.rerank:
-            from .rerank import Reranker
-
-            r.reranker = Reranker(model=args.rerank, weight=args.rerank_weight)
+        if args.rerank or args.rerank_weight is not None:
+            r.reranker = _reranker(args, r.reranker)
         logger.info("searching %s (%d records), mode %s", _label(args), r.count(),
                     args.mode or r.config.mode)
         hits = r.search(args.query, k=args.k, mode=args.mode, where=where)
@@ -360,13 +386,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    options = _eval_options(args) if args.config else {}
+    if "candidates" in options and args.candidates is not None:
+        raise InvalidInputError(f"--candidates {args.candidates} and candidates = "
+                                f"{options['candidates']} in --config {args.config}: give one")
+    candidates = options.pop("candidates", args.candidates)
     run_eval(args.dataset, modes=args.modes.split(","), k=args.k, out=args.out,
              split=args.split, model=args.model, reranker=args.reranker,
              cache_dir=args.cache_dir, max_queries=args.max_queries, truncate_dim=args.truncate_dim,
-             candidates=args.candidates, rerank_candidates=args.rerank_candidates,
-             rerank_weight=args.rerank_weight, dtype=args.dtype,
+             candidates=100 if candidates is None else candidates,
+             rerank_candidates=args.rerank_candidates,
+             rerank_weight=args.rerank_weight, dtype=args.dtype, options=options,
              progress=False if args.quiet else None)
     return 0
+
+
+def _eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The query-time settings of `eval --config` (a `tune` trial's: tuned.toml)."""
+    from .tune import check_settings
+
+    return check_settings(_config_changes(args), f"--config {args.config}:")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -378,7 +417,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best = trials[0].settings
     print(f"\nbest on the {args.split} split: fusion={best['fusion']}, candidates="
           f"{best['candidates']}, weights={best['weights']}; written to "
-          f"{Path(args.out) / 'tuned.toml'} (use it with --config or RetrieverConfig.from_toml)")
+          f"{Path(args.out) / 'tuned.toml'} (score it on test with `retrievekit eval "
+          "--config`; it is a --config of index and search too)")
     return 0
 
 
@@ -390,11 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def store_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--store", default=".retrievekit", help="store directory (default .retrievekit/)")
-        sp.add_argument("--collection", default="retrievekit")
+        # each default is the --config file's [store] setting, else StoreConfig's
+        sp.add_argument("--store", help="store directory (default .retrievekit/)")
+        sp.add_argument("--collection", help="Chroma collection (default retrievekit)")
         sp.add_argument("--host", help="Chroma server host (instead of the embedded store)")
-        sp.add_argument("--port", type=int, default=8000)
-        sp.add_argument("--config", help="a TOML config file (see docs/configuration.md)")
+        sp.add_argument("--port", type=int, help="Chroma server port (default 8000)")
+        sp.add_argument("--config", help="a TOML config file (see docs/configuration.md); "
+                        "the flags above win over its [store] table")
+        sp.set_defaults(settle=_settle_store)
 
     def json_arg(sp: argparse.ArgumentParser, what: str) -> None:
         sp.add_argument("--json", action="store_true",
@@ -437,9 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["hybrid", "dense", "sparse"], default=None)
     sp.add_argument("--where", help='a Chroma filter as JSON, e.g. \'{"topic": "code"}\'')
     sp.add_argument("--rerank", metavar="MODEL", help="rerank with this cross-encoder")
-    sp.add_argument("--rerank-weight", type=float, default=1.0,
+    sp.add_argument("--rerank-weight", type=float, default=None,
                     help="the cross-encoder's share of the order against the hybrid order, "
-                    "in (0, 1] (default 1: its order alone)")
+                    "in (0, 1] (default: the [reranker] table's, else 1: its order alone)")
     json_arg(sp, "the hits (a list)")
     store_args(sp)
     sp.set_defaults(func=cmd_search)
@@ -474,9 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedding cache directory (default: <out>/cache)")
     sp.add_argument("--max-queries", type=int, default=None,
                     help="evaluate a seeded sample of this many queries only")
-    sp.add_argument("--candidates", type=int, default=100,
-                    help="per-side candidates fused in hybrid mode (at least 100 are used, "
-                    "so Recall@100 is meaningful)")
+    sp.add_argument("--candidates", type=int, default=None,
+                    help="per-side candidates fused in hybrid mode (default 100; at least 100 "
+                    "are used, so Recall@100 is meaningful)")
     sp.add_argument("--rerank-candidates", type=int, default=None,
                     help="fused hits the cross-encoder reorders in the rerank mode (default 50)")
     sp.add_argument("--rerank-weight", type=float, default=None,
@@ -487,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                     default="float32", help="embedding model precision")
     sp.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; 1 is steadier on a busy machine)")
+    sp.add_argument("--config", metavar="FILE",
+                    help="a TOML file of query-time settings (fusion, candidates, weights, "
+                    "rrf_k, chunk_penalty), e.g. the tuned.toml of `retrievekit tune`")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_eval)
 
@@ -528,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
+        if hasattr(args, "settle"):
+            args.settle(args)
         return int(args.func(args) or 0)
     except RetrieveKitError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)

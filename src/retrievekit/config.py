@@ -95,6 +95,10 @@ class RetrieverConfig:
         v.integer("funnel_dim", self.funnel_dim, optional=True,
                   fix="e.g. a third of the model's dimension")
         v.integer("funnel_candidates", self.funnel_candidates, optional=True)
+        if self.funnel_candidates is not None and self.funnel_dim is None:
+            v.fail("funnel_candidates", "unset without a funnel_dim (it sizes the funnel's "
+                   "first stage)", self.funnel_candidates,
+                   "set funnel_dim too, or drop funnel_candidates")
         if not isinstance(self.weights, Mapping):
             v.fail("weights", "a dict like {'dense': 1.0, 'sparse': 0.5}", self.weights)
         v.boolean("local_vectors", self.local_vectors)
@@ -149,34 +153,48 @@ class RetrieverConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "RetrieverConfig":
         """Read a TOML file whose tables mirror `to_dict()` ([embedder], [store], ...)."""
-        import tomllib
-
-        path = v.path("config file", path, fix="pass the path of a TOML file")
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not UTF-8 (byte {exc.start} is "
-                              f"{exc.object[exc.start:exc.start + 1]!r}); TOML files are "
-                              "UTF-8: save it with that encoding") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path))
 
     def replace(self, **changes: Any) -> "RetrieverConfig":
         """A copy with top-level fields changed; nested parts may be given as dicts."""
         d = self.to_dict()
         d["store"]["auth_token"] = self.store.auth_token
-        for key, value in changes.items():
-            if dataclasses.is_dataclass(value):
-                value = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
-            if isinstance(value, Mapping) and isinstance(d.get(key), dict):
-                d[key] = {**d[key], **value}
-            else:
-                d[key] = value
-        return RetrieverConfig.from_dict(d)
+        changes = {key: value.to_dict() if dataclasses.is_dataclass(value) else value
+                   for key, value in changes.items()}
+        return RetrieverConfig.from_dict(merged(d, changes))
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML config file's tables as written (not validated; `from_toml` validates), with
+    a one-line `ConfigError` for a file that cannot be read, is not UTF-8 or is not TOML.
+    A UTF-8 byte order mark, as Windows editors write, is skipped."""
+    import tomllib
+
+    path = v.path("config file", path, fix="pass the path of a TOML file")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.loads(fh.read().decode("utf-8-sig"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not UTF-8 (byte {exc.start} is "
+                          f"{exc.object[exc.start:exc.start + 1]!r}); TOML files are "
+                          "UTF-8: save it with that encoding") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
+
+
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it, table by table: a table given in part (say
+    ``{"sparse": {"tokenizer": {"stemmer": False}}}``) changes the keys it names and keeps
+    the others, at every depth."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _reject_unknown(where: str, data: Mapping[str, Any], valid: set[str]) -> None:

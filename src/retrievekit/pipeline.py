@@ -109,14 +109,14 @@ class HybridRetriever:
     Args:
         config: a `RetrieverConfig`, a dict, or a path to a TOML file (default settings if None).
         embedder / reranker: ready-made parts to use instead of building them from the config;
-            `reranker` may also be a model name.
+            `reranker` may also be a model name or a dict of `RerankConfig` settings.
         path, host, port, collection, model, truncate_dim, mode, candidates: shortcuts for the
             most used settings.
     """
 
     def __init__(self, config: RetrieverConfig | Mapping[str, Any] | str | None = None, *,
                  embedder: Embedder | None = None,
-                 reranker: Reranker | RerankConfig | str | None = None,
+                 reranker: Reranker | RerankConfig | Mapping[str, Any] | str | None = None,
                  path: str | None = None, host: str | None = None, port: int | None = None,
                  collection: str | None = None, model: str | None = None,
                  truncate_dim: int | None = None, mode: str | None = None,
@@ -124,9 +124,10 @@ class HybridRetriever:
         if embedder is not None and not isinstance(embedder, Embedder):
             v.fail("embedder", "a retrievekit Embedder or None", embedder,
                    "pass model='<name>' to choose the model by name")
-        if reranker is not None and not isinstance(reranker, (Reranker, RerankConfig, str)):
-            v.fail("reranker", "a Reranker, a RerankConfig, a cross-encoder name or None",
-                   reranker)
+        if reranker is not None and \
+                not isinstance(reranker, (Reranker, RerankConfig, Mapping, str)):
+            v.fail("reranker", "a Reranker, a RerankConfig or its dict, a cross-encoder name "
+                   "or None", reranker)
         cfg = _as_config(config)
         store_changes = {k: x for k, x in
                          {"path": path, "host": host, "port": port, "collection": collection
@@ -137,7 +138,7 @@ class HybridRetriever:
         if isinstance(reranker, str):
             top["reranker"] = {**(cfg.reranker.to_dict() if cfg.reranker else {}),
                                "model": reranker}
-        elif isinstance(reranker, RerankConfig):
+        elif isinstance(reranker, (RerankConfig, Mapping)):
             top["reranker"] = reranker
         elif isinstance(reranker, Reranker):
             top["reranker"] = reranker.config
@@ -190,7 +191,7 @@ class HybridRetriever:
         if local is not None:
             repair_if_damaged(store, local, log_name(cfg.store.collection), functools.partial(
                 chroma_vectors, self.embedder, cfg.funnel_dim))
-        log = ChangeLog(store.client, cfg.store.collection)
+        log = ChangeLog(store.client, cfg.store.collection, owner=str(store.collection.id))
         self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None)
         indexes: list[Any] = [self._sparse]
         self._funnel = None  # full vectors by record id: the funnel's, or local_vectors'
@@ -290,15 +291,16 @@ class HybridRetriever:
     def open(cls, path: str = ".retrievekit", *, collection: str = "retrievekit",
              host: str | None = None, port: int = 8000, ssl: bool = False,
              auth_token: str | None = None, replica_dir: str | None = None,
-             **changes: Any) -> "HybridRetriever":
+             private: bool = False, **changes: Any) -> "HybridRetriever":
         """Open an existing store with the settings recorded in it (model, prefixes, ...).
 
         `host`, `port`, `ssl`, `auth_token`, `replica_dir`: a Chroma server instead of the
-        directory `path` (see `StoreConfig`).
+        directory `path`; `private`: as `StoreConfig`'s.
         `changes` may set query-time options (mode, candidates, reranker, fusion, rrf_k,
-        weights).
+        weights) and settings that are not recorded (embedder batch_size, device, ...); a
+        table given in part keeps the recorded values of the keys it leaves out.
         """
-        store_cfg: dict[str, Any] = {"path": path, "collection": collection}
+        store_cfg: dict[str, Any] = {"path": path, "collection": collection, "private": private}
         if host is not None:
             store_cfg.update(host=host, port=port, ssl=ssl, auth_token=auth_token,
                              replica_dir=replica_dir)

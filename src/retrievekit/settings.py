@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from .config import RetrieverConfig
+from .config import RetrieverConfig, merged
 from .embedding import Embedder
 from .errors import ConfigError, StoreMismatchError
 from .sparse import SparseIndex
@@ -53,8 +53,7 @@ def config_from_settings(recorded: Mapping[str, Any], store: Mapping[str, Any],
         "chunking": recorded.get("chunking", {}),
         "funnel_dim": recorded.get("funnel_dim"),
     }
-    cfg.update(changes)
-    return RetrieverConfig.from_dict(cfg)
+    return RetrieverConfig.from_dict(merged(cfg, changes))
 
 
 def check_model_limits(config: RetrieverConfig, embedder: Embedder) -> None:

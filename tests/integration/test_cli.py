@@ -325,3 +325,80 @@ def test_no_log_lines_without_verbose(tmp_path):
     assert quiet.stderr == "" and "docs/a.md" in quiet.stdout
     loud = run("-v", "search", "which pets hunt mice", "--store", store)
     assert log_line.search(loud.stderr), loud.stderr  # the check above can see log lines
+
+
+# -- a --config file's [store] and [reranker] tables, and a table given in part ---------------
+def _kb(tmp_path) -> str:
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    for name, text in [("cats.txt", "Cats purr and chase mice."), ("dogs.txt", "Dogs bark."),
+                       ("fish.txt", "Fish swim in the sea."), ("owls.txt", "Owls hunt mice."),
+                       ("bees.txt", "Bees make honey.")]:
+        (kb / name).write_text(text)
+    return str(kb)
+
+
+def test_config_store_table_names_the_store_and_flags_win(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kb = _kb(tmp_path)
+    cfg = tmp_path / "rk.toml"
+    cfg.write_text('[store]\npath = "mine"\ncollection = "mycoll"\n')
+    assert main(["index", kb, "--config", str(cfg), "-q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["collection"] == "mycoll"
+    assert (tmp_path / "mine" / "chroma.sqlite3").exists()
+    assert not (tmp_path / ".retrievekit").exists()  # the default store was not made
+    assert main(["info", "--config", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 5
+    # a flag wins over the table: no store at "other", so the read is refused
+    assert main(["info", "--config", str(cfg), "--store", "other"]) == 2
+    assert "no retrievekit store" in capsys.readouterr().err
+
+
+def test_config_with_a_table_in_part_keeps_the_recorded_settings(tmp_path, capsys):
+    from retrievekit.pipeline import HybridRetriever
+
+    store = str(tmp_path / "store")
+    HybridRetriever({"store": {"path": store}, "sparse": {"tokenizer": {"stemmer": False}},
+                     "chunking": {"max_tokens": 64}, "embedder": {"truncate_dim": 128}}
+                    ).close()
+    assert main(["index", _kb(tmp_path), "--store", store, "-q"]) == 0
+    capsys.readouterr()
+    for n, table in enumerate(['[embedder]\nbatch_size = 8\n',
+                               '[sparse.tokenizer]\nmin_token_len = 1\n',
+                               '[chunking]\nenabled = true\n']):
+        cfg = tmp_path / f"part{n}.toml"
+        cfg.write_text(table)
+        assert main(["search", "mice", "--store", store, "--config", str(cfg)]) == 0, \
+            capsys.readouterr().err
+        assert "cats.txt" in capsys.readouterr().out
+    for table in ({"embedder": {"batch_size": 8}}, {"sparse": {"tokenizer": {"lowercase": True}}},
+                  {"chunking": {"enabled": True}}):
+        with HybridRetriever.open(store, **table) as r:
+            assert r.config.embedder.truncate_dim == 128
+            assert r.config.chunking.max_tokens == 64
+            assert r.config.sparse.tokenizer.stemmer is None
+
+
+def test_rerank_flags_lay_over_the_config_reranker(tmp_path, capsys, tiny_cross_encoder_path):
+    store = str(tmp_path / "store")
+    assert main(["index", _kb(tmp_path), "--store", store, "-q"]) == 0
+    capsys.readouterr()
+    cfg = tmp_path / "rr.toml"
+    cfg.write_text(f'[reranker]\nmodel = "{tiny_cross_encoder_path}"\ntop_n = 2\n'
+                   'weight = 0.5\ncandidates = 3\n')
+
+    def hits(*flags):
+        assert main(["search", "mice", "--store", store, "--config", str(cfg), "--json",
+                     *flags]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    for flags in ((), ("--rerank", tiny_cross_encoder_path)):
+        got = hits(*flags)  # top_n 2 and weight 0.5 (a blend) from the table either way
+        assert len(got) == 2 and all("blend" in h["ranks"] for h in got)
+    assert all("blend" not in h["ranks"] for h in hits("--rerank-weight", "1"))
+    # a weight with no reranker to weigh is refused, not ignored; a bad one is refused
+    assert main(["search", "mice", "--store", store, "--rerank-weight", "0.5"]) == 2
+    assert "--rerank-weight 0.5 has no reranker" in capsys.readouterr().err
+    assert main(["search", "mice", "--store", store, "--config", str(cfg),
+                 "--rerank-weight", "nan"]) == 2
+    assert "reranker.weight" in capsys.readouterr().err

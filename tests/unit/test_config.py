@@ -76,3 +76,30 @@ def test_stopwords_of_another_type_are_a_config_error():
     for bad in (np.array(["the", "a"]), np.array([]), {"the"}, 3):
         with pytest.raises(ConfigError, match="tokenizer.stopwords must be"):
             TokenizerConfig(stopwords=bad)
+
+
+def test_replace_and_open_merge_a_table_given_in_part():
+    from retrievekit.config import RetrieverConfig
+
+    cfg = RetrieverConfig.from_dict({"sparse": {"tokenizer": {"stemmer": False,
+                                                              "stopwords": False}}})
+    moved = cfg.replace(sparse={"tokenizer": {"min_token_len": 2}})
+    assert moved.sparse.tokenizer.stemmer is None and moved.sparse.tokenizer.stopwords is None
+    assert moved.sparse.tokenizer.min_token_len == 2
+
+
+def test_funnel_candidates_without_funnel_dim_is_refused():
+    from retrievekit.config import RetrieverConfig
+    from retrievekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="funnel_candidates.*set funnel_dim"):
+        RetrieverConfig(funnel_candidates=50)
+    assert RetrieverConfig(funnel_dim=128, funnel_candidates=50).funnel_candidates == 50
+
+
+def test_toml_with_a_byte_order_mark_is_read(tmp_path):
+    from retrievekit.config import RetrieverConfig
+
+    path = tmp_path / "rk.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'fusion = "rrf"\n')
+    assert RetrieverConfig.from_toml(path).fusion == "rrf"
