@@ -85,14 +85,15 @@ def _entry_id(seq: int) -> str:
 class ChangeLog:
     """The log collection of one retrievekit collection."""
 
-    def __init__(self, client: Any, collection: str) -> None:
+    def __init__(self, client: Any, collection: str, owner: str = "") -> None:
         self._client = client
         self._name = log_name(collection)
         self._col = client.get_or_create_collection(self._name, embedding_function=None)
         self.token = uuid.uuid4().hex  # this client's writer token
-        #: names this log; derived state made from another (a collection deleted and made
-        #: anew under the same name) is rebuilt, never caught up from the wrong log
-        self.origin = str(self._col.id)
+        #: names this log and `owner`, the id of the collection it logs; derived state made
+        #: from another (either collection deleted and made anew under the same name, the
+        #: log left behind) is rebuilt, never caught up from the wrong log
+        self.origin = f"{self._col.id}+{owner}" if owner else str(self._col.id)
         self._head = 0  # the highest seq this client knows of
         self._floor = 0  # the trimmed floor as last read
         #: pending seq -> (its timestamp, time.monotonic() when first seen with it)
@@ -227,13 +228,15 @@ class ChangeLog:
         if self._head - self._floor <= 2 * keep or self._head - self.floor() <= 2 * keep:
             return
         cut = self._head - keep
+        # the floor first: a client below it rebuilds, so a kill between the two leaves at
+        # worst entries no one needs, never a gap that a lagging client cannot see
+        col = self._client.get_collection(self._name, embedding_function=None)
+        col.modify(metadata={**(col.metadata or {}), _FLOOR_KEY: cut})
+        self._floor = cut
         old = self._col.get(where={"$and": [{"seq": {"$lte": cut}}, {"state": "done"}]},
                             include=[])
         if old["ids"]:
             self._col.delete(ids=old["ids"])
-        col = self._client.get_collection(self._name, embedding_function=None)
-        col.modify(metadata={**(col.metadata or {}), _FLOOR_KEY: cut})
-        self._floor = cut
         logger.info("change log trimmed to seq > %d", cut)
 
 

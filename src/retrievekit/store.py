@@ -45,6 +45,23 @@ _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 HNSW_M_MAX = 10_000
 
 
+def _check_host(host: str) -> None:
+    """A host name or address alone: chromadb builds its URL from host, port and ssl, so a
+    scheme, port or path in the host makes a URL that fails in httpx, not here."""
+    if "://" in host:
+        v.fail("store.host", "a host name or address without a scheme", host,
+               f"use {host.split('://', 1)[1].split('/')[0]!r}, with store.ssl = true for "
+               "https")
+    if any(c in host for c in "/@?#") or host != host.strip() or " " in host:
+        v.fail("store.host", "a host name or address alone (no path, user or spaces)", host)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        if host.count(":") == 1:
+            name, port = host.split(":")
+            v.fail("store.host", "a host name or address without a port", host,
+                   f"use host {name!r} and port {port}")
+        v.fail("store.host", "an IPv6 address in brackets", host, f"use '[{host}]'")
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where the vectors live and how they are indexed.
@@ -62,6 +79,9 @@ class StoreConfig:
         replica_dir: server clients only: a local directory where this client keeps its BM25
             index (and funnel vectors), so that a restart catches up from the change log
             instead of reading the whole collection. One client process per directory.
+        timeout: server clients: seconds to wait for each request to the server (to
+            connect, and between bytes of its answer) before the call fails with a
+            `StoreError`; None waits forever, as chromadb's client does by itself.
         private: make the store directory (or a server client's replica_dir) 0o700 on
             every open: the files inside, Chroma's own included, are then out of other
             users' reach whatever the umask gave them (docs/reliability.md, "File
@@ -78,6 +98,7 @@ class StoreConfig:
     hnsw_ef_construction: int = 100
     hnsw_ef_search: int = 400
     replica_dir: str | None = None
+    timeout: float | None = 60.0
     private: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +110,8 @@ class StoreConfig:
                                                 fix="e.g. '.retrievekit' or ':memory:'"))
         v.text("store.host", self.host, optional=True, empty=False,
                fix="e.g. 'localhost', or None for an embedded store")
+        if self.host is not None:
+            _check_host(self.host)
         v.integer("store.port", self.port, 1, 65535, fix="Chroma's default is 8000")
         v.boolean("store.ssl", self.ssl)
         # M=1 builds a graph that finds almost nothing; past 10,000 hnswlib warns of harm and
@@ -109,6 +132,8 @@ class StoreConfig:
             raise ConfigError(
                 "store.auth_token must be a non-empty str of printable ASCII without spaces "
                 "(it travels in an HTTP header); the value given is not shown")
+        v.number("store.timeout", self.timeout, 0, low_open=True, optional=True,
+                 fix="seconds, e.g. 60; None waits forever")
         v.boolean("store.private", self.private)
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +264,11 @@ def explain_failure(config: StoreConfig, what: str, exc: BaseException) -> str:
                 or any(code in str(exc) for code in ("401", "403", "Unauthorized")):
             return (f"{where} refused the credentials while trying to {what} ({detail}); "
                     "check store.auth_token")
+        if isinstance(exc, httpx.TimeoutException):
+            return (f"{where} did not answer within store.timeout = {config.timeout:g} s "
+                    f"while trying to {what} ({detail}); check that it is running and not "
+                    "overloaded, or raise store.timeout (writes are idempotent: repeat the "
+                    "whole call)")
         if isinstance(exc, httpx.TransportError):
             return (f"lost the connection to {where} while trying to {what} ({detail}); "
                     "retry once the server is back (writes are idempotent: repeat the "
@@ -256,6 +286,17 @@ def explain_failure(config: StoreConfig, what: str, exc: BaseException) -> str:
                 "then repeat the call (writes are idempotent)")
     return (f"{where} could not {what} ({detail}); if it persists, restore the store "
             "directory from a backup")
+
+
+def _set_timeout(client: Any, timeout: float | None) -> None:
+    """Give a chromadb HttpClient's connection pool `timeout`: chromadb 1.5.9 makes it with
+    none and has no setting for it (a stopped server would hang every call). It reaches
+    into the client's private `_server._session`; a chromadb without them keeps its own."""
+    import httpx
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if isinstance(session, httpx.Client):
+        session.timeout = httpx.Timeout(timeout)
 
 
 def _forget_failed_system(identifier: str) -> None:
@@ -340,10 +381,14 @@ class ChromaStore:
         cfg = self.config
         if cfg.is_server:
             try:
+                self._heartbeat()  # chromadb's own first requests would wait forever
                 client = chromadb.HttpClient(host=cfg.host, port=cfg.port, ssl=cfg.ssl,
                                              settings=self._settings())
+                _set_timeout(client, cfg.timeout)
                 client.heartbeat()
             except Exception as exc:
+                if isinstance(exc, RetrieveKitError):
+                    raise
                 status = self._refused_status()
                 if status is not None:
                     fix = "check store.auth_token" if cfg.auth_token else \
@@ -355,7 +400,8 @@ class ChromaStore:
                     f"could not reach the Chroma server at {cfg.host}:{cfg.port} "
                     f"({type(exc).__name__}: {str(exc)[:200]}); start it with "
                     f"`chroma run --host {cfg.host} --port {cfg.port}` or fix store.host/port"
-                ) from exc
+                    f"; if it is running, check store.ssl (now {cfg.ssl}: https against a "
+                    "plain server, or the reverse, fails this way)") from exc
             if self.local_dir is not None:
                 self.local_dir.mkdir(parents=True, exist_ok=True)
                 if cfg.private:
@@ -409,15 +455,32 @@ class ChromaStore:
             _forget_failed_system(path)
             raise
 
+    def _url(self, route: str) -> str:
+        cfg = self.config
+        return f"{'https' if cfg.ssl else 'http'}://{cfg.host}:{cfg.port}/api/v2/{route}"
+
+    def _auth_headers(self) -> dict[str, str]:
+        token = self.config.auth_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _heartbeat(self) -> None:
+        """Ask the server for its heartbeat within store.timeout."""
+        import httpx
+
+        try:
+            httpx.get(self._url("heartbeat"), headers=self._auth_headers(),
+                      timeout=self.config.timeout).raise_for_status()
+        except httpx.TimeoutException as exc:
+            raise StoreError(explain_failure(self.config, "answer its heartbeat", exc)) \
+                from exc
+
     def _refused_status(self) -> int | None:
         """401 or 403 when the server (or a proxy in front of it) refuses our credentials."""
         import httpx
 
-        cfg = self.config
-        url = f"{'https' if cfg.ssl else 'http'}://{cfg.host}:{cfg.port}/api/v2/auth/identity"
-        headers = {"Authorization": f"Bearer {cfg.auth_token}"} if cfg.auth_token else {}
         try:
-            status = httpx.get(url, headers=headers, timeout=10).status_code
+            status = httpx.get(self._url("auth/identity"), headers=self._auth_headers(),
+                               timeout=10).status_code
         except httpx.HTTPError:
             return None
         return status if status in (401, 403) else None

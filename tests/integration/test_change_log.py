@@ -86,3 +86,39 @@ def test_a_pending_entry_is_abandoned_after_the_lease_by_the_readers_own_clock(m
     # done entries are forgotten
     log._col.update(ids=[f"{3:020d}"], metadatas=[{"state": "done"}])
     assert log.since(2)[0].state == "done" and not log._first_seen
+
+
+def test_a_trim_cut_short_never_leaves_a_gap_a_lagging_reader_cannot_see(monkeypatch):
+    """A trim deletes old entries and raises the floor: a writer killed between the two
+    left the entries gone and the floor not raised, so a reader behind the cut caught up
+    past the lost entries and stayed stale for good. Whichever write it dies at now, a
+    reader at watermark 1 either reads every entry after it or sees the floor past it."""
+    from chromadb.api.models.Collection import Collection
+
+    class Killed(Exception):
+        pass
+
+    for dies_at in (1, 2):
+        client, name = _filled(10)
+        log = CL.ChangeLog(client, name)
+        log._head = 10
+        writes = []
+        for method in ("delete", "modify"):
+            real = getattr(Collection, method)
+
+            def write(self, *a, _real=real, **k):
+                if self.name == CL.log_name(name):
+                    writes.append(1)
+                    if len(writes) == dies_at:
+                        raise Killed
+                return _real(self, *a, **k)
+
+            monkeypatch.setattr(Collection, method, write)
+        try:
+            log.trim(keep=2)
+        except Killed:
+            pass
+        monkeypatch.undo()
+        reader = CL.ChangeLog(client, name)
+        entries = reader.since(1)
+        assert [e.seq for e in entries][:1] == [2] or reader.floor() > 1, dies_at

@@ -240,3 +240,88 @@ def test_unreachable_server_is_a_store_error():
     with pytest.raises(StoreError) as err:
         HybridRetriever(host="127.0.0.1", port=port, collection="rk-unreachable")
     assert f"127.0.0.1:{port}" in str(err.value) and "chroma run" in str(err.value)
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout(tmp_path, embedder, corpus_docs):
+    """chromadb's HttpClient waits forever: a server that accepts connections but never
+    answers (here a bare listening socket, then a real server stopped with SIGSTOP) hung the
+    open and every search. store.timeout bounds each request."""
+    import os
+    import signal
+    import socket
+    import threading
+
+    from chroma_server import ChromaServer, chroma_binary
+
+    def within(seconds, call):
+        done: list = []
+
+        def run():
+            try:
+                call()
+                done.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test below
+                done.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(seconds)
+        assert done, f"still waiting after {seconds} s"
+        return done[0]
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        cfg = {"store": {"host": "127.0.0.1", "port": mute.getsockname()[1],
+                         "collection": _collection(), "timeout": 1}}
+        err = within(60, lambda: HybridRetriever(cfg, embedder=embedder))
+        assert isinstance(err, StoreError) and "store.timeout = 1 s" in str(err)
+
+    binary = chroma_binary()
+    if binary is None:
+        pytest.skip("the `chroma` CLI of chromadb is not installed")
+    server = ChromaServer(tmp_path / "data", binary).start()
+    try:
+        cfg = {"store": {"host": server.host, "port": server.port,
+                         "collection": _collection(), "timeout": 2}}
+        with HybridRetriever(cfg, embedder=embedder) as r:
+            r.add_documents(corpus_docs)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            try:
+                err = within(90, lambda: r.search("flux capacitor", k=1, mode="dense"))
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            assert isinstance(err, StoreError) and "did not answer" in str(err)
+            assert _ids(r.search("flux capacitor", k=1)) == ["xq7"]  # back once it answers
+    finally:
+        server.stop()
+
+
+def test_a_collection_dropped_and_made_anew_beside_its_log_is_rebuilt(chroma_server, embedder,
+                                                                     corpus_docs, tmp_path):
+    """Dropping the collection with a plain chromadb client leaves its change log behind: a
+    replica's BM25 index, caught up to that log, then served the dropped records."""
+    import chromadb
+
+    collection = _collection()
+    kw = {"host": chroma_server.host, "port": chroma_server.port, "collection": collection}
+    replica = {"store": {**kw, "replica_dir": str(tmp_path / "replica")}}
+    with HybridRetriever(replica, embedder=embedder) as r:
+        r.add_documents(corpus_docs)
+    chromadb.HttpClient(host=chroma_server.host, port=chroma_server.port
+                        ).delete_collection(collection)
+    with HybridRetriever(embedder=embedder, **kw) as other:
+        other.add_documents([{"text": "Pangolins are covered in keratin scales.",
+                              "id": "pangolin"}])
+    with HybridRetriever(replica, embedder=embedder) as r:
+        assert r.verify()["ok"] and r.count() == 1
+        assert _ids(r.search("flux capacitor", k=3, mode="sparse")) == []
+
+
+@pytest.mark.parametrize("host, words", [
+    ("127.0.0.1:8000", "use host '127.0.0.1' and port 8000"),
+    ("http://localhost", "store.ssl"), ("::1", "'[::1]'")])
+def test_a_host_with_a_port_scheme_or_bare_ipv6_is_a_config_error(host, words):
+    with pytest.raises(ConfigError, match="store.host") as err:
+        HybridRetriever(host=host, port=8000, collection="rk-bad-host")
+    assert words in str(err.value)
