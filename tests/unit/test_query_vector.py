@@ -19,7 +19,10 @@ def test_precomputed_vector_gives_the_same_hits(retriever, mode):
     vec = retriever.embedder.embed_query(query)
     expected = retriever.search(query, k=5, mode=mode)
     got = retriever.search(query, k=5, mode=mode, query_vector=vec)
-    assert _ranked(got) == _ranked(expected)
+    # the same order and ranks; scores to float32 noise (the query is encoded again, and
+    # a last-bit difference once fell across round()'s sixth decimal: 0.496485 / 0.496484)
+    assert [(h.id, h.ranks) for h in got] == [(h.id, h.ranks) for h in expected]
+    assert [h.score for h in got] == pytest.approx([h.score for h in expected], abs=1e-5)
     assert got, "the fixture corpus should match something"
 
 
