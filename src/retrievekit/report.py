@@ -462,6 +462,10 @@ def run_eval(dataset_dir: str | Path, modes: Iterable[str] = ("sparse", "dense",
            fix="None (no --cache-dir) for <out>/cache")
     if "rerank" in modes_t and not reranker:
         raise _no_reranker()
+    if reranker and "rerank" not in modes_t:
+        raise ConfigError(f"reranker={reranker!r} serves the rerank mode only, which modes="
+                          f"{','.join(modes_t)} leaves out: add rerank to --modes, or drop "
+                          "--reranker")
     if reranker is None and (rerank_candidates, rerank_weight) != (None, None):
         raise ConfigError(f"rerank_candidates={rerank_candidates!r}, rerank_weight="
                           f"{rerank_weight!r} set the cross-encoder of the rerank mode, and "

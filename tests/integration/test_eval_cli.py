@@ -288,12 +288,14 @@ def test_tune_picks_on_the_dev_split_and_writes_loadable_toml(beir_dir, tmp_path
     (["--model", ""], "model"),
     (["--rerank-weight", "0.5"], "--reranker"),
     (["--rerank-candidates", "7"], "--reranker"),
+    (["--reranker", "cross-encoder/ms-marco-MiniLM-L-6-v2"], "add rerank to --modes"),
 ])
 def test_eval_refuses_options_it_would_replace_or_ignore(beir_dir, tmp_path, monkeypatch,
                                                         capsys, extra, match):
     """Found by an attack: an empty --cache-dir wrote the cache into the working directory,
-    an empty --model meant the default model, and --rerank-weight / --rerank-candidates
-    without --reranker were dropped without a word."""
+    an empty --model meant the default model, --rerank-weight / --rerank-candidates
+    without --reranker were dropped without a word, and so was a --reranker whose rerank
+    mode --modes left out."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
