@@ -67,8 +67,9 @@ def _config_changes(args: argparse.Namespace) -> dict[str, Any]:
     out, where a whole table of defaults would conflict with them."""
     from .config import RetrieverConfig, read_toml
 
-    cfg = RetrieverConfig.from_toml(args.config)
-    changes = {k: x for k, x in read_toml(args.config).items() if k != "store"}
+    given = read_toml(args.config)
+    cfg = RetrieverConfig.from_dict(given)
+    changes = {k: x for k, x in given.items() if k != "store"}
     if "reranker" in changes:
         changes["reranker"] = cfg.reranker
     return changes

@@ -385,7 +385,6 @@ class ChromaStore:
                 client = chromadb.HttpClient(host=cfg.host, port=cfg.port, ssl=cfg.ssl,
                                              settings=self._settings())
                 _set_timeout(client, cfg.timeout)
-                client.heartbeat()
             except Exception as exc:
                 if isinstance(exc, RetrieveKitError):
                     raise
