@@ -53,10 +53,12 @@ class ChromaServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "ChromaServer":
+    def start(self, timeout: float = 60.0, *, same_port: bool = False) -> "ChromaServer":
+        """`same_port`: restart on the port it had (clients keep their replica_dir by it)."""
         last = ""
         for _ in range(3):  # a free port can be taken between probe and bind: retry
-            self.port = free_port()
+            if not (same_port and self.port):
+                self.port = free_port()
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
                     [self.binary, "run", "--path", str(self.path), "--host", self.host,

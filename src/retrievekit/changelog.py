@@ -149,6 +149,11 @@ class ChangeLog:
             self._head = max(self._head, out[-1].seq)
         return out
 
+    def at(self, seq: int) -> Entry | None:
+        """The entry `seq`, or None (not claimed, trimmed, or 0)."""
+        got = self._col.get(ids=[_entry_id(seq)], include=["metadatas", "documents"])
+        return self._entry(got["metadatas"][0], got["documents"][0]) if got["ids"] else None
+
     def head(self) -> int:
         """The highest sequence number claimed so far (0 for an empty log)."""
         known = max(self._head, self.floor())  # below the floor nothing is left to read

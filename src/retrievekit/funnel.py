@@ -75,6 +75,7 @@ class FunnelVectors:
         self._free: list[int] = []
         self.watermark = -1
         self.origin = ""
+        self.tip = ""  # the writer of the log entry at the watermark (sync.py)
         self._changed: set[str] = set()  # ids upserted or removed since the last commit
         self._base: str | None = None  # folder names named by the manifest
         self._deltas: list[str] = []
@@ -201,13 +202,14 @@ class FunnelVectors:
             self._base = None
             self.commit(self.watermark)
 
-    def commit(self, watermark: int) -> None:
+    def commit(self, watermark: int, tip: str | None = None) -> None:
         """Record the changes since the last commit as one delta folder (O(change)); when
         the deltas outgrow a quarter of the base (a tenth with a graph), write a new base
         instead (amortized). Nothing changes here until the manifest is written: a commit
         that fails (a full disk) leaves the changes to the next one."""
+        tip = self.tip if tip is None else tip
         if self.directory is None:
-            self.watermark = watermark
+            self.watermark, self.tip = watermark, tip
             return
         with self._lock:
             rows = self._rows
@@ -229,11 +231,11 @@ class FunnelVectors:
                 delta_rows = self._delta_rows
             write_manifest(root, {"format": FORMAT_VERSION, "dim": self.dim,
                                   "count": len(self._rows), "watermark": watermark,
-                                  "origin": self.origin, "base": base,
+                                  "origin": self.origin, "tip": tip, "base": base,
                                   "deltas": deltas}, [base, *deltas])
             self._base, self._deltas, self._delta_rows = base, deltas, delta_rows
             self._changed = set()
-            self.watermark = watermark
+            self.watermark, self.tip = watermark, tip
 
     def _rows_writer(self, ids: list[str]) -> Callable[[Path], None]:
         """Writes the vectors of `ids`, in that order, as one `.npy` file, a slice at a
@@ -274,6 +276,7 @@ class FunnelVectors:
             if len(rows) != m["count"]:
                 raise ValueError(f"holds {len(rows)} vectors, {m['count']} were committed")
             watermark, origin = int(m["watermark"]), str(m.get("origin", ""))
+            tip = str(m.get("tip", ""))
         except Exception as exc:  # any damage (an empty .npy is numpy's EOFError): rebuild
             if (root / MANIFEST).exists():
                 logger.warning("funnel vectors at %s are unreadable (%s); rebuilding", root, exc)
@@ -283,7 +286,7 @@ class FunnelVectors:
             self._by_parent.setdefault(parent_of(rid), set()).add(rid)
         self._base, self._deltas = m["base"], list(m["deltas"])
         self._delta_rows = sum(len(ids) + len(removed) for removed, ids, _ in changes[1:])
-        self.watermark, self.origin = watermark, origin
+        self.watermark, self.origin, self.tip = watermark, origin, tip
         if self.graph is not None:
             self._load_graph(root / m["base"], changes)
 

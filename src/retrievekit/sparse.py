@@ -258,6 +258,7 @@ class SparseIndex:
         #: the change-log seq this index has caught up to; -1: nothing known, rebuild
         self.watermark = -1
         self.origin = ""
+        self.tip = ""  # the writer of the log entry at the watermark (sync.py)
         self._unstage()
         self._open()
 
@@ -313,6 +314,7 @@ class SparseIndex:
             if state is not None:
                 self.watermark = int(state["watermark"])
                 self.origin = str(state.get("origin", ""))
+                self.tip = str(state.get("tip", ""))
         self._schema_obj = schema
         # filters compiled for this schema, by their canonical JSON, least recently used
         # first (a comparison's term set takes ~0.2-0.5 ms to build, equality ~0.05 ms);
@@ -389,9 +391,10 @@ class SparseIndex:
             self._writer.delete_all_documents()
             self._cleared = True
 
-    def commit(self, watermark: int) -> None:
-        """Make the staged changes durable and visible; record `watermark` with them. The
-        filter memo moves to the new snapshot, patched by the staged changes (subsets.py)."""
+    def commit(self, watermark: int, tip: str | None = None) -> None:
+        """Make the staged changes durable and visible; record `watermark` and `tip` with
+        them (None keeps the tip). The filter memo moves to the new snapshot, patched by
+        the staged changes (subsets.py)."""
         with self._lock:
             old = self._view
             removed: set[str] = set()
@@ -407,9 +410,10 @@ class SparseIndex:
             self._view = view
             self._unstage()
             self.watermark = watermark
+            self.tip = self.tip if tip is None else tip
             if self.directory is not None:
                 write_json(self.directory / _STATE,
-                           {"watermark": watermark, "origin": self.origin,
+                           {"watermark": watermark, "origin": self.origin, "tip": self.tip,
                             "signature": self.signature(),
                             "count": int(self._view.searcher.num_docs)})
 

@@ -28,6 +28,7 @@ class Derived(Protocol):
 
     watermark: int
     origin: str  # the `ChangeLog.origin` its watermark refers to
+    tip: str  # the writer of the log entry at its watermark ("" for none, or not known)
 
     def replace(self, parents: Sequence[str], records: Sequence[Record],
                 vectors: Mapping[str, np.ndarray] | None = None) -> None:
@@ -35,8 +36,9 @@ class Derived(Protocol):
 
     def clear(self) -> None: ...
 
-    def commit(self, watermark: int) -> None:
-        """Make the changes durable (where persistent) and record the watermark."""
+    def commit(self, watermark: int, tip: str | None = None) -> None:
+        """Make the changes durable (where persistent) and record the watermark and its
+        tip (None: the tip it has)."""
 
 
 class Follower:
@@ -64,15 +66,7 @@ class Follower:
                      or ix.origin != self.log.origin]
             if stale:
                 self._rebuild(stale)
-            low = min((ix.watermark for ix in self.indexes), default=0)
-            entries = self.log.since(low)
-            if entries and entries[0].seq != low + 1:  # a gap: trimmed past some watermark?
-                floor = self.log.floor()
-                behind = [ix for ix in self.indexes if ix.watermark < floor]
-                if behind:
-                    self._rebuild(behind)
-                    low = min(ix.watermark for ix in self.indexes)
-                    entries = self.log.since(low)
+            low, entries = self._past_watermarks()
             if not entries:
                 return 0
             dead = [e for e in entries if e.state == "pending"
@@ -91,11 +85,40 @@ class Follower:
                 names = list(dict.fromkeys(p for e in mine for p in e.parents))
                 keep = set(names)
                 ix.replace(names, [r for r in live if r.parent in keep], vectors)
-                ix.commit(advance(ix.watermark, mine))
+                reached = advance(ix.watermark, mine)
+                ix.commit(reached, next((e.writer for e in mine if e.seq == reached), None))
             if len(entries) > 1:
                 logger.info("caught up with %d writes (%d documents)", len(entries),
                             len(parents))
             return len(entries)
+
+    def _past_watermarks(self) -> tuple[int, list[Entry]]:
+        """The lowest watermark and the entries past it. First, an index whose watermark the
+        log no longer continues is rebuilt: the entry at its watermark has another writer
+        than the one it applied (a server restored from a backup, then written on: the new
+        history reuses the old one's sequence numbers), or is gone though not trimmed; or
+        the log was trimmed past its watermark."""
+        low = min((ix.watermark for ix in self.indexes), default=0)
+        entries = self.log.since(max(low - 1, 0))  # with the entry at the lowest watermark
+        at = {e.seq: e for e in entries}
+        forked = [ix for ix in self.indexes if ix.tip and ix.watermark > 0
+                  and (at[ix.watermark].writer != ix.tip if ix.watermark in at
+                       else ix.watermark > self.log.floor())]
+        if forked:
+            logger.warning("the change log no longer holds the last write that %d derived "
+                           "index(es) applied (Chroma restored from a backup, then written "
+                           "on?): rebuilding them from Chroma", len(forked))
+            self._rebuild(forked)
+        later = [e for e in entries if e.seq > low]
+        if forked or (later and later[0].seq != low + 1):  # a gap: trimmed past a watermark?
+            floor = self.log.floor()
+            behind = [ix for ix in self.indexes if ix.watermark < floor]
+            if behind:
+                self._rebuild(behind)
+            if forked or behind:
+                low = min(ix.watermark for ix in self.indexes)
+                later = self.log.since(low)
+        return low, later
 
     @property
     def _include(self) -> list[str]:
@@ -158,8 +181,9 @@ class Follower:
                 self._hand(indexes, self.store.get(ids=missed[p:p + READ_PAGE],
                                                    include=self._include))
             seen.update(missed)
+        tip = entry.writer if (entry := self.log.at(start)) else ""
         for ix in indexes:
-            ix.commit(start)
+            ix.commit(start, tip)
         logger.info("rebuilt %d derived index(es) from %d records in Chroma", len(indexes),
                     len(seen))
 

@@ -325,3 +325,51 @@ def test_a_host_with_a_port_scheme_or_bare_ipv6_is_a_config_error(host, words):
     with pytest.raises(ConfigError, match="store.host") as err:
         HybridRetriever(host=host, port=8000, collection="rk-bad-host")
     assert words in str(err.value)
+
+
+def test_a_server_restored_from_a_backup_and_written_past_the_replica_is_noticed(
+        embedder, tmp_path):
+    """A server restored from a backup, then written past a replica's watermark before the
+    replica reopened: the log's new history reuses the sequence numbers of the old one, so
+    the replica caught up from its watermark and kept serving the records the restore
+    undid (a deleted document back in Chroma, missing from BM25; an added one gone from
+    Chroma, still found by BM25). Each derived index now keeps the writer of the entry at
+    its watermark and rebuilds when the log holds another there."""
+    import shutil
+
+    from chroma_server import ChromaServer, chroma_binary
+
+    server = ChromaServer(tmp_path / "data", chroma_binary()).start()
+    try:
+        collection = _collection()
+
+        def kw():
+            return {"host": server.host, "port": server.port, "collection": collection}
+
+        replica = lambda: {"store": {**kw(), "replica_dir": str(tmp_path / "replica")}}  # noqa: E731
+        docs = [{"id": "aardvark", "text": "Aardvarks dig burrows and eat termites."},
+                {"id": "badger", "text": "Badgers dig setts under woodland."}]
+        with HybridRetriever(replica(), embedder=embedder) as r:
+            r.add_documents(docs)
+        server.stop()
+        shutil.copytree(tmp_path / "data", tmp_path / "backup")
+        server.start(same_port=True)
+        with HybridRetriever(replica(), embedder=embedder) as r:
+            r.add_documents([{"id": "capybara",
+                              "text": "Capybaras graze on grasses beside rivers."}])
+            r.delete(["aardvark"])
+            assert _ids(r.search("termites burrows", k=3, mode="sparse")) == []
+        server.stop()
+        shutil.rmtree(tmp_path / "data")
+        shutil.copytree(tmp_path / "backup", tmp_path / "data")
+        server.start(same_port=True)
+        with HybridRetriever(embedder=embedder, **kw()) as other:  # two writes: past the mark
+            other.add_documents([{"id": "dugong", "text": "Dugongs graze on seagrass."}])
+            other.add_documents([{"id": "echidna", "text": "Echidnas lay eggs and eat ants."}])
+        with HybridRetriever(replica(), embedder=embedder) as r:
+            assert r.count() == 4 and r.verify()["ok"]
+            assert _ids(r.search("termites burrows", k=3, mode="sparse")) == ["aardvark"]
+            assert _ids(r.search("capybaras rivers", k=3, mode="sparse")) == []
+            assert "echidna" in _ids(r.search("eggs ants", k=3, mode="sparse"))
+    finally:
+        server.stop()
