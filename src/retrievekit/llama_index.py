@@ -688,7 +688,7 @@ class RetrieveKitVectorStore(ClosesOwnRetriever, BasePydanticVectorStore):
                 break
             n *= 4
         if reranker is not None:
-            kept = reranker.rerank(q.query_str, kept[:enough])
+            kept = reranker.rerank_head(q.query_str, kept[:enough])
         return kept[:want]
 
     def _searched(self, q: VectorStoreQuery, kwargs: Mapping[str, Any],

@@ -13,7 +13,8 @@ What a mode means here:
   Recall@100 would be measured on ~80 documents on nfcorpus.
 - ``rerank``: the hybrid ranking with its top ``rerank_candidates`` hits reordered by the
   cross-encoder; ranks below that keep the fused order, so Recall@100 stays comparable with
-  hybrid (reranking can only move documents inside the reranked head).
+  hybrid (reranking can only move documents inside the reranked head). With a reranker
+  threshold only the head hits that pass it count, as in a search.
 
 Latency is the wall time of one search call, query embedding (and reranking) included. The
 embedding cache serves passages only: queries are encoded live, so a rerun's latencies are real.
@@ -265,6 +266,8 @@ def mode_search_fn(retriever: Any, mode: str, *, candidates: int = RECALL_DEPTH
                                                       query_vector=vec),
                            want, candidates, records)
             head = reranker.rerank(query, hits[:depth], top_n=None)
+            if reranker.config.threshold is not None:  # only a scored hit can pass it
+                return head[:n]
             return (head + hits[depth:])[:n]
 
         return search

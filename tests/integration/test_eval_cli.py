@@ -348,3 +348,23 @@ def test_eval_config_applies_a_tuned_file_s_query_time_settings(beir_dir, tmp_pa
         assert main([*argv[:4], "--out", str(bad), "-q", "--config", str(cfg), *flags]) == 2
         assert match in capsys.readouterr().err
         assert not bad.exists()
+
+
+def test_rerank_mode_with_a_threshold_scores_what_search_returns(tmp_path, embedder,
+                                                                tiny_cross_encoder_path):
+    """With a threshold only a scored hit can pass it: search drops the hits below the
+    reranked head, and eval's rerank mode kept them (unscored), so it scored a list no
+    search gives."""
+    from retrievekit.pipeline import HybridRetriever
+    from retrievekit.report import mode_search_fn
+
+    docs = [{"id": doc_id, "text": f"{title}\n{text}"} for doc_id, (title, text) in DOCS.items()]
+    cfg = {"store": {"path": str(tmp_path / "store")},
+           "reranker": {"model": tiny_cross_encoder_path, "candidates": 2,
+                        "threshold": -1e9}}
+    with HybridRetriever(cfg, embedder=embedder) as r:
+        r.add_documents(docs)
+        searched = r.search("cats purr", k=5)
+        assert len(searched) == 2  # the head only
+        hits = mode_search_fn(r, "rerank")("cats purr", 5)
+        assert [h.id for h in hits] == [h.id for h in searched]

@@ -648,6 +648,13 @@ def test_vector_store_takes_what_llama_index_s_own_retriever_passes(embedder, co
     last = vs.client.search("animals", 8, mode="dense", rerank=False)[-1].id
     assert vs.query(VectorStoreQuery(query_str="animals", similarity_top_k=1,
                                      node_ids=[last])).ids == [last]
+    # past the candidates, hits come as a search gives them: the head reranked, the rest
+    # after it in first-stage order (all of them were reranked)
+    every = vs.query(VectorStoreQuery(query_str="animals", similarity_top_k=6,
+                                      node_ids=[d.id for d in corpus_docs]))
+    searched = vs.client.search("animals", 6, mode="dense")  # what DEFAULT means here
+    assert every.ids == [h.id for h in searched]
+    assert every.similarities == pytest.approx([h.score for h in searched])
     q = "programming languages"
     picks = {}
     for t in (0.0, 1.0):
