@@ -192,7 +192,12 @@ class HybridRetriever:
             repair_if_damaged(store, local, log_name(cfg.store.collection), functools.partial(
                 chroma_vectors, self.embedder, cfg.funnel_dim))
         log = ChangeLog(store.client, cfg.store.collection, owner=str(store.collection.id))
-        self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None)
+        # the vectors of a selective filter's records are read from the BM25 index where it
+        # persists (not in a server client's memory: each open would read them all) and no
+        # copy in this process holds them (funnel, local_vectors)
+        copy = cfg.funnel_dim is None and not cfg.local_vectors and local is not None
+        self._sparse = SparseIndex(cfg.sparse, local / "sparse" if local else None,
+                                   keep_vectors=copy)
         indexes: list[Any] = [self._sparse]
         self._funnel = None  # full vectors by record id: the funnel's, or local_vectors'
         if cfg.funnel_dim is not None or cfg.local_vectors:
@@ -202,7 +207,8 @@ class HybridRetriever:
                                          local / "funnel" if local else None, graph)
             indexes.append(self._funnel)
         self._follower = Follower(store, log, indexes, sole_writer=not cfg.store.is_server,
-                                  vectors_in_store=cfg.local_vectors and cfg.funnel_dim is None)
+                                  vectors_in_store=cfg.funnel_dim is None
+                                  and (cfg.local_vectors or copy))
         self._follower.rebuild_if_ahead()
         self._follower.catch_up()
         self._check_truth()

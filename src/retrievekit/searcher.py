@@ -13,6 +13,7 @@ docs/design.md.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection, Mapping, Protocol
 
@@ -29,7 +30,7 @@ from .records import (CHUNK_KEY, PARENT_KEY, chunk_position, is_live, live_where
 from .rerank import Reranker
 from .sparse import Snapshot, SparseIndex
 from .subsets import Filter, Subset
-from .store import ChromaStore
+from .store import ChromaStore, unit_rows
 from .types import Document, Hit
 
 
@@ -187,7 +188,7 @@ class LocalEngine:
             if sparse.claim(subset):
                 def read(dim: int = vec.size) -> None:
                     try:
-                        self._vectors_of(sparse, subset, dim)
+                        self._vectors_of(sparse, subset, dim, pause=BEHIND_PAUSE_S)
                     finally:  # a read that failed may be tried again by the next search
                         subset.reading = False
                 if not self.background(read):  # not now: a later search asks again
@@ -236,17 +237,39 @@ class LocalEngine:
         order = _top_after_penalty(ids, sims, n, self._penalty)
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int
+    def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int, pause: float = 0.0
                     ) -> tuple[list[str], np.ndarray]:
-        """A subset's vectors: read from Chroma on its first scan, and for the records
-        written since then on the first scan after."""
+        """A subset's vectors: read on its first scan, and for the records written since
+        then on the first scan after (`pause` as for `_unit_vectors`)."""
         held, missing = subset.held  # one read: another search may drop or replace them
         if held is None:
-            return sparse.hold(subset, self.store.unit_vectors(subset.ids, dim))
+            return sparse.hold(subset, self._unit_vectors(sparse, subset.ids, dim, pause))
         if not missing:
             return held
-        (ids, matrix), (more, rows) = held, self.store.unit_vectors(missing, dim)
+        (ids, matrix), (more, rows) = held, self._unit_vectors(sparse, missing, dim, pause)
         return sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
+
+    def _unit_vectors(self, sparse: Snapshot, ids: list[str], dim: int, pause: float = 0.0
+                      ) -> tuple[list[str], np.ndarray]:
+        """`ChromaStore.unit_vectors`, read from the BM25 index where it keeps them
+        (~10 us a record, against Chroma's ~45), from Chroma for the rest. With `pause`
+        (a read behind the searches), the index is read a page at a time with a sleep of
+        that long between pages: the read holds the GIL, and the searches meanwhile would
+        wait for it at each call that gives the GIL up."""
+        step = _PAGE if pause else max(len(ids), 1)
+        found, rows = [], []
+        for p in range(0, len(ids), step):
+            if p:
+                time.sleep(pause)
+            got, matrix = sparse.vectors(ids[p:p + step], dim)
+            found += got
+            rows.append(matrix)
+        matrix = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+        if len(found) < len(ids):
+            held = set(found)
+            more, rows = self.store.unit_vectors([i for i in ids if i not in held], dim)
+            return found + more, np.concatenate([unit_rows(matrix), rows])
+        return found, unit_rows(matrix)
 
     def _knn(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
              subset: Subset | None, passing: int | None,
@@ -276,7 +299,7 @@ class LocalEngine:
                                       n, passing / total, total,
                                       lambda: self._read_scan(sparse, vec, n, matching,
                                                               passing, subset, allowed))
-            # few: their vectors, read from Chroma (~20 us each) and scanned; Chroma's
+            # few: their vectors, read (`_unit_vectors`) and scanned; Chroma's
             # filtered query costs more (~200 ms at 120k records) and can miss hits
             return self._read_scan(sparse, vec, n, matching, passing, None, allowed)
         return self._nearest(vec, n)
@@ -287,7 +310,7 @@ class LocalEngine:
         """The `n` nearest of the records the filter passes, by their vectors read from
         Chroma and scanned."""
         ids = _passing_ids(sparse, matching, passing, subset, allowed)
-        return self._scanned(*self.store.unit_vectors(ids, vec.size), vec, n)
+        return self._scanned(*self._unit_vectors(sparse, ids, vec.size), vec, n)
 
     def _nearest(self, vec: np.ndarray, n: int) -> list[tuple[str, float]]:
         """The `n` nearest records, unfiltered: from the graph in this process when there
@@ -384,7 +407,8 @@ def _best_chunks(items: list[tuple[str, float]], chunk: dict[str, tuple[int, str
 
 #: a filter matching at least this share of the records is applied after an unfiltered HNSW
 #: query (over-fetched, widened until enough pass); a more selective one is an exact scan
-#: of its records' vectors, read from Chroma (at most this share of them, ~20 us each).
+#: of its records' vectors (at most this share of them), read from the BM25 index's copy
+#: (~10 us each) or Chroma (~45 us each: `_unit_vectors`).
 #: Chroma's own filtered query is never asked: it costs ~200 ms at 120k records and can
 #: return no neighbours where records match (docs/reliability.md).
 POST_FILTER_SHARE = 0.01
@@ -392,15 +416,20 @@ POST_FILTER_SHARE = 0.01
 #: this share is answered by an exact scan of the matching records: reading their ids from
 #: the BM25 index and scoring their vectors costs ~3 ms per 1,600 records, below either plan
 #: above. A filter used again is scanned at any share when its subset's vectors fit in
-#: `subsets.SUBSET_VECTOR_BYTES`: read from Chroma once (~20 us a vector), then ~0.5 ms a
+#: `subsets.SUBSET_VECTOR_BYTES`: read once (`_unit_vectors`), then ~0.5 ms a
 #: scan of 16k vectors against ~11 ms for HNSW's 879 neighbours at 100k records.
 EXACT_SCAN_SHARE = 0.05
-#: a filter seen for the first time is scanned too when reading its records' vectors from
-#: Chroma (~20 us each) costs less than the plans above: the post-filter fetches ~n / share
+#: a filter seen for the first time is scanned too when reading its records' vectors
+#: (measured at ~20 us each from Chroma; ~10 from the BM25 index) costs less than the plans
+#: above: the post-filter fetches ~n / share
 #: neighbours at ~10 us each, so reading wins while passing^2 <= n * total / 2 (2,450
 #: records for 100 candidates at 120k); below POST_FILTER_SHARE the scan reads them anyway,
 #: but keeps them only when this holds
 READ_SCAN = 0.5
+#: a read behind the searches takes the vectors of this many records at a time, and sleeps
+#: this long between (`_unit_vectors`)
+_PAGE = 256
+BEHIND_PAUSE_S = 0.001
 
 
 def _penalty_safe(top: Callable[[int], list[tuple[str, float]]], n: int, k: int,

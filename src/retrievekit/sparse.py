@@ -10,7 +10,9 @@ Each indexed record has its id (stored), its parent document id (to replace or d
 document by one term), its terms (frequencies only, no positions) and a stored copy of its
 text and metadata as Chroma holds them: the hits of a search are read from that copy, in
 tantivy's memory-mapped store, instead of a `get` from Chroma (~1.9 ms a query at 100k
-records, docs/benchmarks.md, Scale). The log watermark the index has caught up to is written
+records, docs/benchmarks.md, Scale). With `keep_vectors`, the vector Chroma holds is stored
+with them: the exact scan of a selective filter reads its records' vectors here (~6 us a
+record) rather than from Chroma (~50 us a record: docs/benchmarks.md, Filters). The log watermark the index has caught up to is written
 beside it after each commit; a crash between the two only makes the next catch-up re-apply
 entries, which is idempotent.
 """
@@ -27,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from . import validate as v
 from .errors import ConfigError, MissingDependencyError
 from .filters import compile_where, metadata_terms
@@ -41,8 +45,9 @@ logger = logging.getLogger(__name__)
 #: stored, so that hits are read here rather than from Chroma; 5: metadata keys quoted in
 #: their terms, -0.0 indexed as 0.0; 6: list elements typed (int / float), over-long
 #: metadata terms hashed, numpy floats indexed as floats; 7: ordered terms of scalar
-#: numbers (comparisons evaluated here)
-FORMAT_VERSION = 7
+#: numbers (comparisons evaluated here); 8: each record's vector stored too, where the index
+#: keeps them (`keep_vectors`)
+FORMAT_VERSION = 8
 _STATE = "state.json"
 _HEAP = 32_000_000  # tantivy's writer arena; it flushes a segment when full
 #: compiled filters kept per index (least recently used dropped first)
@@ -92,6 +97,25 @@ class Snapshot:
             return []
         return [self.id(addr) for _, addr in
                 self.searcher.search(query, limit=limit, count=False).hits]
+
+    def vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], np.ndarray]:
+        """The vectors stored with those of `ids` held here (`keep_vectors`): their ids and
+        a float32 matrix of `dim` columns, one row each, as Chroma held them when they were
+        indexed. A record held without one (or of another dimension) is left out."""
+        searcher = self.searcher
+        found: list[str] = []
+        rows: list[bytes] = []
+        if ids and searcher.num_docs:
+            width = 4 * dim
+            for _, addr in searcher.search(self._ids_query(ids), limit=len(ids),
+                                           count=False).hits:
+                doc = searcher.doc(addr)
+                stored = doc["vector"]
+                if stored and len(stored[0]) == width:
+                    found.append(doc["id"][0])
+                    rows.append(stored[0])
+        matrix = np.frombuffer(b"".join(rows), dtype=np.float32).reshape(len(rows), dim)
+        return found, matrix
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         """Text and metadata (reserved keys included) of those of `ids` held here, as Chroma
@@ -246,11 +270,14 @@ class SparseIndex:
     Args:
         config: tokenizer and BM25 settings.
         directory: where the index lives; None keeps it in memory (server clients, tests).
+        keep_vectors: store with each record the vector `replace` is given for it.
     """
 
     def __init__(self, config: SparseConfig | None = None,
-                 directory: str | os.PathLike | None = None) -> None:
+                 directory: str | os.PathLike | None = None, *,
+                 keep_vectors: bool = False) -> None:
         self.config = config or SparseConfig()
+        self.keep_vectors = keep_vectors
         self.tokenizer = Tokenizer(self.config.tokenizer)
         self.directory = Path(directory) if directory is not None else None
         self._lock = threading.RLock()
@@ -275,6 +302,7 @@ class SparseIndex:
         format or another stemmer version rebuilds it from Chroma on open (the store itself
         opens; its tokenizer settings are the same)."""
         return {"format": FORMAT_VERSION, **self.describe(self.config),
+                "vectors": self.keep_vectors,
                 "stemmer_version": self.tokenizer.stemmer_version,
                 "tokenizer_version": TOKENIZER_VERSION}
 
@@ -286,6 +314,7 @@ class SparseIndex:
         sb.add_text_field("body", stored=False, index_option="freq")
         sb.add_text_field("meta", stored=False, tokenizer_name="raw", index_option="basic")
         sb.add_bytes_field("record", stored=True, indexed=False, fast=False)
+        sb.add_bytes_field("vector", stored=True, indexed=False, fast=False)
         return sb.build()
 
     def _open(self) -> None:
@@ -355,9 +384,11 @@ class SparseIndex:
 
     # -- writes (staged until commit) -------------------------------------------------------
     def replace(self, parents: Iterable[str], records: Sequence[Record],
-                vectors: Any = None) -> None:
-        """Remove every record of `parents`, then index `records` (all of them live)."""
+                vectors: Mapping[str, np.ndarray] | None = None) -> None:
+        """Remove every record of `parents`, then index `records` (all of them live), with
+        their `vectors` (by id) where the index keeps them."""
         tv = _tantivy()
+        vectors = (vectors or {}) if self.keep_vectors else {}
         with self._lock:
             for p in parents:
                 self._writer.delete_documents_by_term("parent", p)
@@ -372,6 +403,9 @@ class SparseIndex:
                     doc.add_text("meta", term)
                 doc.add_bytes("record", json.dumps([r.text, dict(r.metadata)], ensure_ascii=False,
                                                    separators=(",", ":")).encode("utf-8"))
+                vector = vectors.get(r.id)
+                if vector is not None:
+                    doc.add_bytes("vector", np.asarray(vector, dtype=np.float32).tobytes())
                 self._writer.add_document(doc)
 
     def _unstage(self) -> None:
@@ -443,6 +477,10 @@ class SparseIndex:
             return set()
         res = searcher.search(tv.Query.all_query(), limit=n)
         return {searcher.doc(addr)["id"][0] for _, addr in res.hits}
+
+    def vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], np.ndarray]:
+        """`Snapshot.vectors` in the committed state now."""
+        return self._view.vectors(ids, dim)
 
     def records(self, ids: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
         """`Snapshot.records` in the committed state now."""

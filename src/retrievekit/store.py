@@ -665,13 +665,20 @@ class ChromaStore:
         records)."""
         found: list[str] = []
         rows: list[np.ndarray] = []
+        for got, matrix in self._vector_pages(ids):
+            found.extend(got)
+            rows.append(matrix.reshape(-1, dim))
+        return found, unit_rows(np.concatenate(rows) if rows else np.zeros((0, dim), np.float32))
+
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Record id -> vector as Chroma holds it, for those of `ids` it holds."""
+        return {rid: row for got, matrix in self._vector_pages(ids)
+                for rid, row in zip(got, matrix)}
+
+    def _vector_pages(self, ids: Sequence[str]) -> Iterator[tuple[list[str], np.ndarray]]:
         for s in range(0, len(ids), 250):
-            got = self.get(ids=ids[s:s + 250], include=["embeddings"])
-            found.extend(got["ids"])
-            rows.append(np.asarray(got["embeddings"], dtype=np.float32).reshape(-1, dim))
-        matrix = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        return found, matrix / np.maximum(norms, 1e-12)
+            got = self.get(ids=list(ids[s:s + 250]), include=["embeddings"])
+            yield got["ids"], np.asarray(got["embeddings"], dtype=np.float32)
 
     def of_parents(self, parents: Sequence[str], include: Sequence[str] = ("documents",
                                                                            "metadatas")
@@ -825,3 +832,9 @@ def _parts(parents: list[str], sizes: Mapping[str, int], limit: int) -> Iterator
         total += sizes[p]
     if part:
         yield part
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """`matrix` with each row L2-normalized (cosine by dot product), as a new array."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)

@@ -50,7 +50,7 @@ class Follower:
         self.log = log
         self.indexes = list(indexes)
         #: Chroma holds the full vectors (no funnel) and an index keeps them: read them from
-        #: Chroma with the records rather than encode the texts again
+        #: Chroma (those the caller does not give) rather than encode the texts again
         self.vectors_in_store = vectors_in_store
         #: embedded stores have one writer process (the directory lock): a pending entry
         #: found at open belongs to a writer that died
@@ -75,9 +75,11 @@ class Follower:
                 self.repair(dead)
                 entries = self.log.since(low)
             parents = list(dict.fromkeys(p for e in entries for p in e.parents))
-            got = self.store.of_parents(parents, include=self._include)
+            got = self.store.of_parents(parents, include=["documents", "metadatas"])
             live = from_chroma(got["ids"], got["documents"], got["metadatas"])
-            vectors = {**_stored_vectors(got), **(vectors or {})}
+            vectors = dict(vectors or {})
+            if self.vectors_in_store:
+                vectors.update(self.store.vectors([r.id for r in live if r.id not in vectors]))
             for ix in self.indexes:
                 mine = [e for e in entries if e.seq > ix.watermark]
                 if not mine:

@@ -183,6 +183,13 @@ def test_replica_dir_restart_catches_up_from_the_log(chroma_server, embedder, co
         assert _ids(b.search("pangolin keratin scales", k=1, mode="sparse")) == ["pangolin"]
         assert "tea" not in _ids(b.search("green tea caffeine", k=8, mode="sparse"))
         assert b.verify()["ok"] and b.count() == len(corpus_docs)
+        # the replica's BM25 index keeps the vector Chroma holds for the record caught up
+        import numpy as np
+
+        ids, held = b._sparse.vectors(["pangolin", "tea"], b.embedder.dim)
+        chroma = b.store.get(ids=["pangolin"], include=["embeddings"])["embeddings"][0]
+        assert ids == ["pangolin"]
+        np.testing.assert_allclose(held[0], np.asarray(chroma, np.float32), atol=1e-7)
     with pytest.raises(ConfigError, match="replica_dir"):
         StoreConfig(path=str(tmp_path / "x"), replica_dir=str(tmp_path / "r"))
 
