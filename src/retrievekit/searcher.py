@@ -13,7 +13,6 @@ docs/design.md.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection, Mapping, Protocol
 
@@ -188,7 +187,7 @@ class LocalEngine:
             if sparse.claim(subset):
                 def read(dim: int = vec.size) -> None:
                     try:
-                        self._vectors_of(sparse, subset, dim, pause=BEHIND_PAUSE_S)
+                        self._vectors_of(sparse, subset, dim)
                     finally:  # a read that failed may be tried again by the next search
                         subset.reading = False
                 if not self.background(read):  # not now: a later search asks again
@@ -237,34 +236,23 @@ class LocalEngine:
         order = _top_after_penalty(ids, sims, n, self._penalty)
         return [(ids[i], float(sims[i])) for i in order if np.isfinite(sims[i])]
 
-    def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int, pause: float = 0.0
+    def _vectors_of(self, sparse: Snapshot, subset: Subset, dim: int
                     ) -> tuple[list[str], np.ndarray]:
         """A subset's vectors: read on its first scan, and for the records written since
-        then on the first scan after (`pause` as for `_unit_vectors`)."""
+        then on the first scan after."""
         held, missing = subset.held  # one read: another search may drop or replace them
         if held is None:
-            return sparse.hold(subset, self._unit_vectors(sparse, subset.ids, dim, pause))
+            return sparse.hold(subset, self._unit_vectors(sparse, subset.ids, dim))
         if not missing:
             return held
-        (ids, matrix), (more, rows) = held, self._unit_vectors(sparse, missing, dim, pause)
+        (ids, matrix), (more, rows) = held, self._unit_vectors(sparse, missing, dim)
         return sparse.hold(subset, (ids + more, np.concatenate([matrix, rows])))
 
-    def _unit_vectors(self, sparse: Snapshot, ids: list[str], dim: int, pause: float = 0.0
+    def _unit_vectors(self, sparse: Snapshot, ids: list[str], dim: int
                       ) -> tuple[list[str], np.ndarray]:
         """`ChromaStore.unit_vectors`, read from the BM25 index where it keeps them
-        (~10 us a record, against Chroma's ~45), from Chroma for the rest. With `pause`
-        (a read behind the searches), the index is read a page at a time with a sleep of
-        that long between pages: the read holds the GIL, and the searches meanwhile would
-        wait for it at each call that gives the GIL up."""
-        step = _PAGE if pause else max(len(ids), 1)
-        found, rows = [], []
-        for p in range(0, len(ids), step):
-            if p:
-                time.sleep(pause)
-            got, matrix = sparse.vectors(ids[p:p + step], dim)
-            found += got
-            rows.append(matrix)
-        matrix = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+        (~10 us a record, against Chroma's ~45), from Chroma for the rest."""
+        found, matrix = sparse.vectors(ids, dim)
         if len(found) < len(ids):
             held = set(found)
             more, rows = self.store.unit_vectors([i for i in ids if i not in held], dim)
@@ -426,10 +414,6 @@ EXACT_SCAN_SHARE = 0.05
 #: records for 100 candidates at 120k); below POST_FILTER_SHARE the scan reads them anyway,
 #: but keeps them only when this holds
 READ_SCAN = 0.5
-#: a read behind the searches takes the vectors of this many records at a time, and sleeps
-#: this long between (`_unit_vectors`)
-_PAGE = 256
-BEHIND_PAUSE_S = 0.001
 
 
 def _penalty_safe(top: Callable[[int], list[tuple[str, float]]], n: int, k: int,

@@ -1016,10 +1016,10 @@ def test_reads_behind_the_search_run_one_at_a_time_and_need_no_thread(tmp_path,
     release, readers = threading.Event(), []
     real_read, real_start = r._searcher.engine._unit_vectors, threading.Thread.start
 
-    def unit_vectors(sparse, ids, dim, *more):
+    def unit_vectors(sparse, ids, dim):
         readers.append(sorted(ids)[0])
         assert release.wait(20)
-        return real_read(sparse, ids, dim, *more)
+        return real_read(sparse, ids, dim)
 
     def no_thread(self):
         raise RuntimeError("can't start new thread")
