@@ -295,8 +295,8 @@ class LocalEngine:
     def _read_scan(self, sparse: Snapshot, vec: np.ndarray, n: int, matching: Filter | None,
                    passing: int, subset: Subset | None, allowed: frozenset[str] | None
                    ) -> list[tuple[str, float]]:
-        """The `n` nearest of the records the filter passes, by their vectors read from
-        Chroma and scanned."""
+        """The `n` nearest of the records the filter passes, by their vectors read
+        (`_unit_vectors`) and scanned."""
         ids = _passing_ids(sparse, matching, passing, subset, allowed)
         return self._scanned(*self._unit_vectors(sparse, ids, vec.size), vec, n)
 

@@ -11,9 +11,9 @@ document by one term), its terms (frequencies only, no positions) and a stored c
 text and metadata as Chroma holds them: the hits of a search are read from that copy, in
 tantivy's memory-mapped store, instead of a `get` from Chroma (~1.9 ms a query at 100k
 records, docs/benchmarks.md, Scale). With `keep_vectors`, the vector Chroma holds is stored
-with them: the exact scan of a selective filter reads its records' vectors here (~6 us a
-record) rather than from Chroma (~50 us a record: docs/benchmarks.md, Filters). The log watermark the index has caught up to is written
-beside it after each commit; a crash between the two only makes the next catch-up re-apply
+with them: the exact scan of a selective filter reads its records' vectors here (~10 us a
+record) rather than from Chroma (~45 us: docs/benchmarks.md, Filters). The log watermark
+the index has caught up to is written beside it after each commit; a crash between the two only makes the next catch-up re-apply
 entries, which is idempotent.
 """
 
